@@ -1,0 +1,21 @@
+"""KL+MSE fine-tuning of SAELens sparse autoencoders through TransformerLens hook points."""
+
+from sae_lens_kl.api import kl_finetune
+from sae_lens_kl.architectures import UnsupportedSAEError, to_inference_sae, to_training_sae
+from sae_lens_kl.config import KLFinetuneConfig
+from sae_lens_kl.data import DataError
+from sae_lens_kl.evaluate import EvalResult, evaluate
+from sae_lens_kl.trainer import KLFinetuneTrainer, NonFiniteLossError
+
+__all__ = [
+    "DataError",
+    "EvalResult",
+    "KLFinetuneConfig",
+    "KLFinetuneTrainer",
+    "NonFiniteLossError",
+    "UnsupportedSAEError",
+    "evaluate",
+    "kl_finetune",
+    "to_inference_sae",
+    "to_training_sae",
+]

@@ -1,0 +1,147 @@
+"""The one configuration object of a KL fine-tune. Every keyword of `kl_finetune` maps onto a field."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+LossMode = Literal["kl+mse", "kl", "mse", "kl+mse-fixed"]
+LOSS_MODES: tuple[str, ...] = ("kl+mse", "kl", "mse", "kl+mse-fixed")
+ControllerMode = Literal["auto", "on", "off"]
+
+
+@dataclass
+class KLFinetuneConfig:
+    """Options of a KL+MSE fine-tune (Karvonen 2025, "A Short Finetune Is All You Need")."""
+
+    tokens: int
+    """Training token budget (tokens, not sequences). The paper uses the last ~25M tokens."""
+
+    loss: LossMode = "kl+mse"
+    """'kl+mse': 0.5*(mse + alpha*kl) with alpha = (mse/(kl+1e-8)).detach() every batch (paper §3.2);
+    'kl': KL only; 'mse': MSE-only continuation on the same tokens (the control);
+    'kl+mse-fixed': mse + kl_coefficient*kl (fixed beta, Braun et al. 2024). The architecture's own
+    sparsity/auxiliary losses are added unchanged in every mode."""
+
+    kl_coefficient: float = 1.0
+    """beta of the 'kl+mse-fixed' mode; ignored by the other modes."""
+
+    lr: float = 5e-5
+    """Adam learning rate, decayed linearly to 0 over the fine-tune. 5e-5 is the paper's value for
+    ~12k steps; short runs need a larger one (see README)."""
+
+    lr_warm_up_steps: int = 0
+    """Linear warm-up steps before the decay."""
+
+    batch_size: int = 2
+    """Sequences per step."""
+
+    context_size: int | None = None
+    """Tokens per sequence; default: the SAE metadata's context_size, else 1024."""
+
+    prepend_bos: bool | None = None
+    """Put BOS at the start of every sequence; default: the SAE metadata's prepend_bos, else True."""
+
+    eval_tokens: int = 65_536
+    """Held-out tokens for the before/after evaluation, taken from the start of the data stream and
+    never trained on (or from `eval_data`). 0 disables evaluation."""
+
+    eval_batch_size: int = 4
+    """Sequences per evaluation batch."""
+
+    kl_chunk_tokens: int = 256
+    """Tokens per chunk of the vocabulary projection; memory of the KL is chunk x vocab floats."""
+
+    exclude_special_tokens: bool = True
+    """Keep the clean activation at BOS/EOS/PAD positions and leave them out of every loss and metric,
+    as SAELens does when training and evaluating."""
+
+    exclude_first_positions: int = 0
+    """Also keep the first N positions of every sequence clean (attention sinks with huge norms)."""
+
+    sparsity_controller: ControllerMode = "auto"
+    """Multiplicative controller on the sparsity coefficient (paper App. E): 'auto' turns it on for
+    L1-penalised SAEs (standard, gated), 'on' also drives JumpReLU's L0 coefficient."""
+
+    target_l0: float | None = None
+    """L0 the controller holds; default: the SAE's L0 measured on the first training batch before
+    any update."""
+
+    controller_rate: float = 0.001
+    """Each step: coefficient *= (1 - rate) if L0 < target else (1 + rate)."""
+
+    sparsity_coefficient: float | None = None
+    """Initial l1 (standard, gated) or l0 (jumprelu) coefficient; default: the value recorded in the
+    SAE's metadata, else SAELens's default."""
+
+    checkpoint_every_tokens: int | None = None
+    """Save a resumable checkpoint every N training tokens (and always at the end) under
+    save_dir/checkpoints. None: only the final one."""
+
+    seed: int = 0
+    """Seeds torch before the SAE is converted and trained."""
+
+    device: str | None = None
+    """Device of the SAE and tokens; default: the model's device."""
+
+    prefix_reuse: bool = True
+    """Run the layers before the SAE's block once and continue from there with start_at_layer. False
+    (or a model without start_at_layer) runs two full hooked forwards per step."""
+
+    check_model_name: bool = True
+    """Refuse an SAE whose metadata names a different model than the one passed."""
+
+    dead_feature_window: int = 1000
+    """Steps without firing after which a latent counts as dead (SAELens trainer)."""
+
+    feature_sampling_window: int = 2000
+    """Steps per sparsity-statistics window (SAELens trainer)."""
+
+    log_to_wandb: bool = False
+    """Log through SAELens's wandb logger."""
+
+    wandb_project: str = "sae_lens_kl"
+    """wandb project when log_to_wandb is set."""
+
+    wandb_log_frequency: int = 10
+    """Steps between wandb logs."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSS_MODES:
+            raise ValueError(f"loss={self.loss!r} is not one of {LOSS_MODES}.")
+        if self.sparsity_controller not in ("auto", "on", "off"):
+            raise ValueError(
+                f"sparsity_controller={self.sparsity_controller!r}; use 'auto', 'on' or 'off'."
+            )
+        positive = {
+            "tokens": self.tokens,
+            "batch_size": self.batch_size,
+            "eval_batch_size": self.eval_batch_size,
+            "kl_chunk_tokens": self.kl_chunk_tokens,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if self.context_size is not None and self.context_size < 2:
+            raise ValueError(f"context_size={self.context_size} must be at least 2 tokens.")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be positive.")
+        if self.eval_tokens < 0:
+            raise ValueError(f"eval_tokens={self.eval_tokens} must be >= 0 (0 disables evaluation).")
+        if not 0 < self.controller_rate < 1:
+            raise ValueError(f"controller_rate={self.controller_rate} must lie in (0, 1).")
+        if self.checkpoint_every_tokens is not None and self.checkpoint_every_tokens <= 0:
+            raise ValueError("checkpoint_every_tokens must be positive or None.")
+        if self.exclude_first_positions < 0:
+            raise ValueError("exclude_first_positions must be >= 0.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> KLFinetuneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown KLFinetuneConfig fields {unknown}; known: {sorted(known)}.")
+        return cls(**values)

@@ -1,0 +1,169 @@
+"""Token sequences in dataset order from the sources users have: HF datasets (by name or object,
+streaming or not, text or pre-tokenised), lists of strings, local text files, token tensors.
+
+KL training cannot shuffle activations, so sequences come out in a fixed, reproducible order; a
+resumed run skips the sequences it already trained on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from sae_lens.tokenization_and_batching import concat_and_batch_sequences
+from transformer_lens.hook_points import HookedRootModule
+
+DataSource = Union[str, Path, Sequence[str], Sequence[Path], torch.Tensor, Any]
+TEXT_FILE_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl", ".json", ".html", ".py")
+_TOKEN_COLUMNS = ("tokens", "input_ids")
+_TEXT_COLUMNS = ("text", "content")
+
+
+class DataError(ValueError):
+    pass
+
+
+def describe(data: DataSource) -> str:
+    if isinstance(data, (str, Path)):
+        return str(data)
+    if isinstance(data, torch.Tensor):
+        return f"token tensor {tuple(data.shape)}"
+    if isinstance(data, (list, tuple)):
+        return f"{len(data)} items"
+    return type(data).__name__
+
+
+def _local_files(data: DataSource) -> list[Path] | None:
+    """The text files named by `data`, or None when it does not name local paths."""
+    candidates: list[Any]
+    if isinstance(data, (str, Path)):
+        candidates = [data]
+    elif isinstance(data, (list, tuple)) and data and all(isinstance(x, Path) for x in data):
+        candidates = list(data)
+    else:
+        return None
+    files: list[Path] = []
+    for candidate in candidates:
+        path = Path(candidate).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_FILE_SUFFIXES)
+            if not found:
+                raise DataError(
+                    f"Folder {path} holds no text files ({', '.join(TEXT_FILE_SUFFIXES)})."
+                )
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        elif isinstance(candidate, Path):
+            raise DataError(f"Data file {path} does not exist.")
+        else:
+            return None  # a string that is not a local path: a Hugging Face dataset name
+    return files
+
+
+def _rows(data: DataSource) -> Iterator[str | torch.Tensor]:
+    """Documents as text or as 1-D token tensors, in order."""
+    files = _local_files(data)
+    if files is not None:
+        for path in files:
+            yield path.read_text(encoding="utf-8", errors="replace")
+        return
+    if isinstance(data, torch.Tensor):
+        if data.ndim != 2 or data.dtype not in (torch.int32, torch.int64):
+            raise DataError(f"A token tensor must be 2-D integer [n, seq], got {data.dtype} {tuple(data.shape)}.")
+        yield from data.long()
+        return
+    if isinstance(data, (list, tuple)):
+        for item in data:
+            if not isinstance(item, str):
+                raise DataError(f"A list of data must hold strings, found {type(item).__name__}.")
+            yield item
+        return
+    if isinstance(data, str):
+        data = _load_hub_dataset(data)
+    yield from _dataset_rows(data)
+
+
+def _load_hub_dataset(name: str) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split="train", streaming=True)
+    except Exception as error:  # datasets raises many types for missing/offline datasets
+        raise DataError(
+            f"Could not load the dataset {name!r}: it is not a local file or folder, and loading it "
+            f"from the Hugging Face hub failed ({type(error).__name__}: {error}). Pass a local "
+            "folder of text files, a list of strings, a datasets.Dataset, or run where the hub is "
+            "reachable."
+        ) from error
+
+
+def _dataset_rows(dataset: Any) -> Iterator[str | torch.Tensor]:
+    import datasets
+
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if "train" not in dataset:
+            raise DataError(f"The dataset has splits {list(dataset)}; pass one split, e.g. ds['test'].")
+        dataset = dataset["train"]
+    columns = list(getattr(dataset, "column_names", None) or [])
+    token_column = next((c for c in _TOKEN_COLUMNS if c in columns), None)
+    text_column = next((c for c in _TEXT_COLUMNS if c in columns), None)
+    if token_column is None and text_column is None:
+        raise DataError(
+            f"The dataset has columns {columns}; expected a text column ({_TEXT_COLUMNS}) or a "
+            f"pre-tokenised one ({_TOKEN_COLUMNS}). Rename the column or pass the texts as a list."
+        )
+    for row in dataset:
+        if token_column is not None:
+            yield torch.as_tensor(row[token_column], dtype=torch.long)
+        else:
+            yield row[text_column]
+
+
+def token_sequences(
+    data: DataSource,
+    model: HookedRootModule,
+    context_size: int,
+    prepend_bos: bool,
+) -> Iterator[torch.Tensor]:
+    """Sequences of exactly `context_size` tokens, packed as SAELens's ActivationsStore packs them
+    (documents concatenated with BOS between them; BOS first in each sequence when prepend_bos)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    bos = None if tokenizer is None else tokenizer.bos_token_id
+
+    def documents() -> Iterator[torch.Tensor]:
+        for row in _rows(data):
+            if isinstance(row, str):
+                if tokenizer is None:
+                    raise DataError(
+                        "The data is text but the model has no tokenizer; pass token ids instead."
+                    )
+                row = model.to_tokens(row, prepend_bos=False, truncate=False, move_to_device=False)[0]
+            if row.numel():
+                yield row
+
+    yield from concat_and_batch_sequences(
+        tokens_iterator=documents(),
+        context_size=context_size,
+        begin_batch_token_id=bos if prepend_bos else None,
+        begin_sequence_token_id=None,
+        sequence_separator_token_id=bos,
+    )
+
+
+def batched(sequences: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """[batch_size, seq] batches; a final incomplete batch is dropped (steps are equal-sized)."""
+    iterator = iter(sequences)
+    while batch := list(itertools.islice(iterator, batch_size)):
+        if len(batch) < batch_size:
+            return
+        yield torch.stack(batch)
+
+
+def take(sequences: Iterator[torch.Tensor], count: int) -> torch.Tensor | None:
+    """The next `count` sequences as one tensor, or None when fewer remain."""
+    batch = list(itertools.islice(sequences, count))
+    return torch.stack(batch) if len(batch) == count and count > 0 else None

@@ -1,0 +1,284 @@
+"""SAELens's `SAETrainer` with the KL+MSE fine-tune step.
+
+The data provider yields token batches instead of activations; `step` counts tokens and
+`_train_step` runs the spliced forward pass. Optimiser, LR schedule, coefficient schedulers,
+sparsity statistics, checkpoint layout and wandb logging are SAELens's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import LoggingConfig, TrainingSAE
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from sae_lens.training.sae_trainer import SAETrainer
+from tqdm.auto import tqdm
+from transformer_lens.hook_points import HookedRootModule
+
+from sae_lens_kl.config import KLFinetuneConfig
+from sae_lens_kl.controller import SparsityController
+from sae_lens_kl.losses import combine_losses, kl_divergence
+from sae_lens_kl.splice import HookSite, VocabProjection, run_prefix, run_to_output
+
+FINETUNE_STATE_FILENAME = "kl_finetune_state.json"
+StepCallback = Callable[["KLFinetuneTrainer", TrainStepOutput], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def position_mask(
+    tokens: torch.Tensor, special_token_ids: Sequence[int], exclude_first_positions: int
+) -> torch.Tensor:
+    """[batch, pos] True where the SAE's reconstruction replaces the activation and losses count."""
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    if special_token_ids:
+        keep &= ~torch.isin(tokens, torch.tensor(list(special_token_ids), device=tokens.device))
+    keep[:, :exclude_first_positions] = False
+    return keep
+
+
+class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
+    def __init__(
+        self,
+        sae: TrainingSAE[Any],
+        model: HookedRootModule,
+        token_batches: Iterator[torch.Tensor],
+        cfg: KLFinetuneConfig,
+        *,
+        site: HookSite,
+        context_size: int,
+        prefix_reuse: bool,
+        special_token_ids: Sequence[int] = (),
+        controller: SparsityController | None = None,
+        checkpoint_dir: Path | None = None,
+        callbacks: Sequence[StepCallback] = (),
+    ) -> None:
+        tokens_per_step = cfg.batch_size * context_size
+        n_steps = cfg.tokens // tokens_per_step
+        super().__init__(
+            SAETrainerConfig(
+                total_training_samples=n_steps * tokens_per_step,
+                train_batch_size_samples=tokens_per_step,
+                lr=cfg.lr,
+                lr_end=cfg.lr,
+                # constant + decay over every step after warm-up = linear decay to 0 (paper §3.3)
+                lr_scheduler_name="constant",
+                lr_warm_up_steps=cfg.lr_warm_up_steps,
+                lr_decay_steps=n_steps - cfg.lr_warm_up_steps,
+                device=str(sae.device),
+                dead_feature_window=cfg.dead_feature_window,
+                feature_sampling_window=cfg.feature_sampling_window,
+                n_checkpoints=0,
+                checkpoint_path=None if checkpoint_dir is None else str(checkpoint_dir),
+                save_final_checkpoint=checkpoint_dir is not None,
+                logger=LoggingConfig(
+                    log_to_wandb=cfg.log_to_wandb,
+                    wandb_project=cfg.wandb_project,
+                    wandb_log_frequency=cfg.wandb_log_frequency,
+                ),
+            ),
+            sae,
+            data_provider=token_batches,
+        )
+        self.model = model
+        self.ft_cfg = cfg
+        self.site = site
+        self.prefix_reuse = prefix_reuse
+        self.projection = VocabProjection.for_run(model, prefix_reuse)
+        self.special_token_ids = list(special_token_ids)
+        self.controller = controller
+        self.callbacks = list(callbacks)
+        self.tokens_per_step = tokens_per_step
+        self.last_checkpoint: Path | None = None
+        self._next_checkpoint_tokens = cfg.checkpoint_every_tokens
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def step(self, batch: torch.Tensor) -> TrainStepOutput:
+        """One fine-tune step on a [batch, seq] token batch; counts tokens, not sequences."""
+        tokens = batch.to(self.sae.device)
+        self.n_training_samples += tokens.numel()
+        return self._train_step(sae=self.sae, sae_in=tokens)
+
+    def _train_step(self, sae: TrainingSAE[Any], sae_in: torch.Tensor) -> TrainStepOutput:
+        tokens = sae_in  # SAETrainer's seam names it sae_in; here it is the token batch
+        keep = position_mask(tokens, self.special_token_ids, self.ft_cfg.exclude_first_positions)
+        kept_rows = keep.flatten().nonzero().squeeze(1)
+
+        # Clean pass: the layers before the SAE's block once, then the clean suffix.
+        with torch.no_grad():
+            prefix = run_prefix(self.model, tokens, self.site) if self.prefix_reuse else None
+            clean_out, clean_acts = run_to_output(self.model, tokens, prefix, self.site)
+
+        # SAE on the clean activations at the kept positions, with its own sparsity/aux losses.
+        sae.train()
+        with self.autocast_if_enabled:
+            out = sae.training_forward_pass(
+                TrainStepInput(
+                    sae_in=clean_acts.flatten(0, 1)[kept_rows],
+                    dead_neuron_mask=self.dead_neurons,
+                    coefficients=self.get_coefficients(),
+                    n_training_steps=self.n_training_steps,
+                    is_logging_step=self._is_logging_step(),
+                )
+            )
+        mse = out.losses["mse_loss"]
+
+        # Spliced suffix from the same prefix; KL(p_clean || p_spliced) over the kept positions.
+        kl = None
+        if self.ft_cfg.loss != "mse":
+
+            def splice(acts: torch.Tensor) -> torch.Tensor:
+                flat = acts.flatten(0, 1).index_put((kept_rows,), out.sae_out.to(acts.dtype))
+                return flat.view_as(acts)
+
+            spliced_out, _ = run_to_output(self.model, tokens, prefix, self.site, splice)
+            kl = kl_divergence(
+                clean_out.flatten(0, 1)[kept_rows],
+                spliced_out.flatten(0, 1)[kept_rows],
+                self.projection,
+                self.ft_cfg.kl_chunk_tokens,
+            )
+
+        loss, alpha = combine_losses(
+            self.ft_cfg.loss, mse, kl, out.loss - mse, self.ft_cfg.kl_coefficient
+        )
+        l0 = (out.feature_acts != 0).float().sum(-1).mean()
+        # One host sync per step, for the finiteness check, the controller and the progress bar.
+        nan = torch.tensor(float("nan"))
+        loss_value, kl_value, alpha_value, l0_value = (
+            torch.stack([t.detach().float().cpu() if t is not None else nan for t in (loss, kl, alpha, l0)])
+            .tolist()
+        )
+        if not torch.isfinite(torch.tensor(loss_value)):
+            raise NonFiniteLossError(
+                f"The loss became {loss_value} at step {self.n_training_steps} (after "
+                f"{self.n_training_samples - self.tokens_per_step} training tokens); the SAE was not "
+                f"updated. Last good checkpoint: {self.last_checkpoint or 'none saved'}. Resume from "
+                "it with a lower lr, or check the data and the model's dtype."
+            )
+
+        self._record_firing(out.feature_acts)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.lr_scheduler.step()
+        for scheduler in self.coefficient_schedulers.values():
+            scheduler.step()
+        if self.controller is not None:
+            self.controller.update(self.coefficient_schedulers[self.controller.coefficient_name], l0_value)
+
+        out.loss = loss.detach()
+        if kl is not None:
+            out.losses["kl_loss"] = kl.detach()
+        out.metrics.update(kl=kl_value, alpha=alpha_value, l0=l0_value, loss=loss_value)
+        return out
+
+    @torch.no_grad()
+    def _record_firing(self, feature_acts: torch.Tensor) -> None:
+        """SAELens's dead-latent and firing-frequency statistics, over the rows actually trained."""
+        firing = feature_acts.bool().float()
+        did_fire = firing.sum(0).bool()
+        self.n_forward_passes_since_fired += 1
+        self.n_forward_passes_since_fired[did_fire] = 0
+        self.act_freq_scores += firing.sum(0)
+        self.n_frac_active_samples += feature_acts.shape[0]
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _checkpoint_if_needed(self) -> None:
+        every = self.ft_cfg.checkpoint_every_tokens
+        if every is None or self.cfg.checkpoint_path is None:
+            return
+        if self.n_training_samples >= (self._next_checkpoint_tokens or every):
+            if self.n_training_samples < self.cfg.total_training_samples:  # the final one follows
+                self.save_checkpoint(checkpoint_name=str(self.n_training_samples))
+            while self._next_checkpoint_tokens <= self.n_training_samples:  # type: ignore[operator]
+                self._next_checkpoint_tokens += every  # type: ignore[operator]
+
+    def save_checkpoint(
+        self,
+        checkpoint_name: str,
+        base_path: Path | str | None = None,
+        wandb_aliases: list[str] | None = None,
+    ) -> None:
+        """SAELens's checkpoint, written to a temporary folder and renamed into place, so a run
+        killed mid-write never leaves a half checkpoint."""
+        base = base_path if base_path is not None else self.cfg.checkpoint_path
+        if base is None:
+            super().save_checkpoint(checkpoint_name, base_path, wandb_aliases)
+            return
+        base = Path(base)
+        base.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=base, prefix=".partial-"))
+        try:
+            super().save_checkpoint(checkpoint_name, staging, wandb_aliases)
+            final = base / checkpoint_name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging / checkpoint_name, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.last_checkpoint = final
+
+    def save_trainer_state(self, checkpoint_path: Path) -> None:
+        super().save_trainer_state(checkpoint_path)
+        state: dict[str, Any] = {
+            "config": self.ft_cfg.to_dict(),
+            "train_sequences_consumed": self.n_training_steps_done * self.ft_cfg.batch_size,
+            "training_tokens": self.n_training_samples,
+            "controller": None,
+        }
+        if self.controller is not None:
+            scheduler = self.coefficient_schedulers[self.controller.coefficient_name]
+            state["controller"] = self.controller.state_dict(scheduler)
+        (checkpoint_path / FINETUNE_STATE_FILENAME).write_text(json.dumps(state, indent=2))
+
+    def load_trainer_state(self, checkpoint_path: Path | str) -> None:
+        super().load_trainer_state(checkpoint_path)
+        # SAETrainer.fit saves checkpoints before advancing n_training_steps (sae-lens 6.54), so the
+        # stored count is one behind the steps taken; continue from the true count.
+        self.n_training_steps = self.n_training_steps_done
+        state = json.loads((Path(checkpoint_path) / FINETUNE_STATE_FILENAME).read_text())
+        if self.controller is not None and state["controller"] is not None:
+            scheduler = self.coefficient_schedulers[self.controller.coefficient_name]
+            self.controller.load_state_dict(state["controller"], scheduler)
+        every = self.ft_cfg.checkpoint_every_tokens
+        if every is not None:
+            self._next_checkpoint_tokens = (self.n_training_samples // every + 1) * every
+
+    @property
+    def n_training_steps_done(self) -> int:
+        """Completed optimiser steps. `fit` advances n_training_steps only after checkpointing, so
+        inside a step's checkpoint the step just taken is counted here."""
+        return self.n_training_samples // self.tokens_per_step
+
+    # ---- progress -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _update_pbar(self, step_output: TrainStepOutput, pbar: tqdm, update_interval: int = 1) -> None:  # noqa: ARG002
+        # The last call of each iteration of SAETrainer.fit: progress, then user callbacks.
+        metrics = step_output.metrics
+        pbar.update(self.tokens_per_step)
+        pbar.set_postfix(
+            kl=f"{metrics['kl']:.4g}",
+            mse=f"{step_output.losses['mse_loss'].item():.4g}",
+            alpha=f"{metrics['alpha']:.3g}",
+            l0=f"{metrics['l0']:.1f}",
+            lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+            refresh=False,
+        )
+        for callback in self.callbacks:
+            callback(self, step_output)
