@@ -1,0 +1,102 @@
+"""The loss terms: chunked KL equals the unchunked reference in value and gradient; alpha."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sae_lens_kl.losses import combine_losses, cross_entropy_per_token, kl_divergence, kl_per_token
+from sae_lens_kl.splice import VocabProjection
+
+
+def projection(softcap: float = 0.0, dtype: torch.dtype = torch.float32) -> VocabProjection:
+    generator = torch.Generator().manual_seed(0)
+    W_U = torch.randn(16, 50, generator=generator, dtype=dtype)
+    b_U = torch.randn(50, generator=generator, dtype=dtype) * 0.1
+    return VocabProjection(W_U, b_U, softcap)
+
+
+def reference_kl(clean: torch.Tensor, spliced: torch.Tensor, proj: VocabProjection) -> torch.Tensor:
+    """The reference step's formula: full [n, vocab] log-probs, F.kl_div, autograd."""
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        z = (h @ proj.W_U + proj.b_U).float()
+        return proj.softcap * torch.tanh(z / proj.softcap) if proj.softcap else z
+
+    log_p = F.log_softmax(logits(clean), -1)
+    log_q = F.log_softmax(logits(spliced), -1)
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1).mean()
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_chunked_kl_equals_unchunked(softcap: float, chunk: int) -> None:
+    proj = projection(softcap)
+    generator = torch.Generator().manual_seed(1)
+    clean = torch.randn(64, 16, generator=generator)
+    spliced = (clean + 0.5 * torch.randn(64, 16, generator=generator)).requires_grad_()
+    ours = kl_divergence(clean, spliced, proj, chunk)
+    (grad_ours,) = torch.autograd.grad(ours * 2.5, spliced)
+    spliced_ref = spliced.detach().clone().requires_grad_()
+    ref = reference_kl(clean, spliced_ref, proj)
+    (grad_ref,) = torch.autograd.grad(ref * 2.5, spliced_ref)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-4, atol=1e-7)
+    per_token = kl_per_token(clean, spliced.detach(), proj, chunk)
+    torch.testing.assert_close(per_token.mean(), ref.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_kl_gradient_passes_gradcheck() -> None:
+    proj = projection(2.0, torch.float64)
+    generator = torch.Generator().manual_seed(2)
+    clean = torch.randn(9, 16, generator=generator, dtype=torch.float64)
+    spliced = torch.randn(9, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    # the forward computes in float32 (by design), so compare to finite differences loosely
+    assert torch.autograd.gradcheck(lambda s: kl_divergence(clean, s, proj, 4).double(), (spliced,),
+                                    eps=1e-3, atol=1e-3, rtol=1e-2)
+
+
+def test_kl_is_zero_for_identical_runs_and_positive_otherwise() -> None:
+    proj = projection()
+    h = torch.randn(10, 16)
+    assert kl_divergence(h, h.clone(), proj, 3).item() == pytest.approx(0.0, abs=1e-6)
+    assert kl_divergence(h, h + 1.0, proj, 3).item() > 1e-3
+
+
+def test_kl_is_float32_for_half_precision_models() -> None:
+    proj = projection(dtype=torch.bfloat16)
+    h = torch.randn(8, 16, dtype=torch.bfloat16)
+    spliced = (h + 0.3).requires_grad_()
+    kl = kl_divergence(h, spliced, proj, 3)
+    kl.backward()
+    assert kl.dtype == torch.float32
+    assert spliced.grad is not None and spliced.grad.dtype == torch.bfloat16
+
+
+def test_cross_entropy_matches_torch() -> None:
+    proj = projection()
+    h = torch.randn(12, 16)
+    targets = torch.randint(0, 50, (12,))
+    expected = F.cross_entropy(h @ proj.W_U + proj.b_U, targets, reduction="none")
+    torch.testing.assert_close(cross_entropy_per_token(h, targets, proj, 5), expected)
+
+
+def test_alpha_makes_the_loss_equal_the_mse() -> None:
+    mse = torch.tensor(3.7, requires_grad=True)
+    kl = torch.tensor(0.02, requires_grad=True)
+    loss, alpha = combine_losses("kl+mse", mse, kl, torch.tensor(0.0), kl_coefficient=1.0)
+    assert alpha is not None
+    assert loss.item() == pytest.approx(mse.item(), rel=1e-6)
+    assert alpha.item() == pytest.approx(3.7 / (0.02 + 1e-8), rel=1e-6)
+    loss.backward()
+    # alpha is detached: d loss / d kl = 0.5 * alpha, d loss / d mse = 0.5
+    assert mse.grad.item() == pytest.approx(0.5)
+    assert kl.grad.item() == pytest.approx(0.5 * alpha.item(), rel=1e-6)
+
+
+def test_loss_modes() -> None:
+    mse, kl, aux = torch.tensor(2.0), torch.tensor(0.5), torch.tensor(0.25)
+    assert combine_losses("mse", mse, None, aux, 1.0)[0].item() == pytest.approx(2.25)
+    assert combine_losses("kl", mse, kl, aux, 1.0)[0].item() == pytest.approx(0.75)
+    assert combine_losses("kl+mse-fixed", mse, kl, aux, 4.0)[0].item() == pytest.approx(4.25)
+    assert combine_losses("kl+mse", mse, kl, aux, 1.0)[0].item() == pytest.approx(2.25, rel=1e-6)
