@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from sae_lens import SAE, TrainingSAE
 from sae_lens.constants import SPARSITY_FILENAME, TRAINER_STATE_FILENAME
+from safetensors.torch import save_file
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl.architectures import (
@@ -36,9 +36,20 @@ from sae_lens_kl.trainer import FINETUNE_STATE_FILENAME, KLFinetuneTrainer, Step
 CONFIG_FILENAME = "kl_finetune_config.json"
 METRICS_FILENAME = "kl_finetune_metrics.json"
 CHECKPOINTS_DIRNAME = "checkpoints"
-_RESUME_MUST_MATCH = ("tokens", "loss", "kl_coefficient", "lr", "lr_warm_up_steps", "batch_size",
-                      "context_size", "prepend_bos", "eval_tokens", "exclude_special_tokens",
-                      "exclude_first_positions", "seed")
+_RESUME_MUST_MATCH = (
+    "tokens",
+    "loss",
+    "kl_coefficient",
+    "lr",
+    "lr_warm_up_steps",
+    "batch_size",
+    "context_size",
+    "prepend_bos",
+    "eval_tokens",
+    "exclude_special_tokens",
+    "exclude_first_positions",
+    "seed",
+)
 
 
 @dataclass
@@ -93,10 +104,18 @@ def kl_finetune(
     known = {f.name for f in fields(KLFinetuneConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise TypeError(f"kl_finetune got unknown options {unknown}; see KLFinetuneConfig for {sorted(known)}.")
+        raise TypeError(
+            f"kl_finetune got unknown options {unknown}; see KLFinetuneConfig for {sorted(known)}."
+        )
     cfg = KLFinetuneConfig(
-        tokens=tokens, loss=loss, lr=lr, batch_size=batch_size, context_size=context_size,  # type: ignore[arg-type]
-        eval_tokens=eval_tokens, seed=seed, **options,
+        tokens=tokens,
+        loss=loss,
+        lr=lr,
+        batch_size=batch_size,
+        context_size=context_size,  # type: ignore[arg-type]
+        eval_tokens=eval_tokens,
+        seed=seed,
+        **options,
     )
     plan = _plan(sae, model, data, cfg, save_dir, resume_from, overwrite)
     return _run(sae, model, plan, eval_data, callbacks)
@@ -114,31 +133,40 @@ def _plan(
     check_supported(sae)
     metadata = sae.cfg.metadata
     if not metadata.hook_name:
-        raise ValueError("The SAE's metadata has no hook_name; set sae.cfg.metadata.hook_name to the "
-                         "TransformerLens hook point it reads.")
+        raise ValueError(
+            "The SAE's metadata has no hook_name; set sae.cfg.metadata.hook_name to the "
+            "TransformerLens hook point it reads."
+        )
     site = HookSite.for_model(model, metadata.hook_name, metadata.hook_head_index)
     width = hook_width(model, site)
     if width != sae.cfg.d_in:
-        raise ValueError(f"The SAE reads {sae.cfg.d_in}-dimensional activations but {site.hook_name}"
-                         f"{'' if site.head_index is None else f' head {site.head_index}'} is {width} wide "
-                         "in this model. Pass the model the SAE was trained on.")
+        raise ValueError(
+            f"The SAE reads {sae.cfg.d_in}-dimensional activations but {site.hook_name}"
+            f"{'' if site.head_index is None else f' head {site.head_index}'} is {width} wide "
+            "in this model. Pass the model the SAE was trained on."
+        )
     model_cfg = getattr(model, "cfg", None)
     if cfg.check_model_name and metadata.model_name and model_cfg is not None:
         _check_model_name(metadata.model_name, model_cfg.model_name)
     context_size = cfg.context_size or metadata.context_size or 1024
     n_ctx = getattr(model_cfg, "n_ctx", None)
     if n_ctx is not None and context_size > n_ctx:
-        raise ValueError(f"context_size={context_size} exceeds the model's n_ctx={n_ctx}; pass "
-                         f"context_size<={n_ctx}.")
+        raise ValueError(
+            f"context_size={context_size} exceeds the model's n_ctx={n_ctx}; pass context_size<={n_ctx}."
+        )
     tokens_per_step = cfg.batch_size * context_size
     if cfg.tokens < tokens_per_step:
-        raise ValueError(f"tokens={cfg.tokens} is less than one batch ({cfg.batch_size} x {context_size} "
-                         f"= {tokens_per_step} tokens); raise tokens or lower batch_size/context_size.")
+        raise ValueError(
+            f"tokens={cfg.tokens} is less than one batch ({cfg.batch_size} x {context_size} "
+            f"= {tokens_per_step} tokens); raise tokens or lower batch_size/context_size."
+        )
     if data is None:
         data = metadata.dataset_path
         if not data:
-            raise ValueError("No data given and the SAE's metadata names no dataset_path; pass data "
-                             "(a dataset name or object, a list of strings, or local text files).")
+            raise ValueError(
+                "No data given and the SAE's metadata names no dataset_path; pass data "
+                "(a dataset name or object, a list of strings, or local text files)."
+            )
     out_dir = None if save_dir is None else Path(save_dir).expanduser()
     checkpoint = None if resume_from is None else _find_checkpoint(Path(resume_from).expanduser())
     resuming_into_out = (
@@ -148,8 +176,10 @@ def _plan(
         if not out_dir.is_dir():
             raise FileExistsError(f"save_dir {out_dir} exists and is not a folder.")
         if any(out_dir.iterdir()) and not overwrite and not resuming_into_out:
-            raise FileExistsError(f"save_dir {out_dir} exists and is not empty; pass overwrite=True to "
-                                  "replace its SAE files, resume_from to continue its run, or another save_dir.")
+            raise FileExistsError(
+                f"save_dir {out_dir} exists and is not empty; pass overwrite=True to "
+                "replace its SAE files, resume_from to continue its run, or another save_dir."
+            )
     if checkpoint is not None:
         _check_resume_config(checkpoint, cfg, context_size)
     return _Plan(
@@ -174,8 +204,10 @@ def _check_model_name(sae_model: str, model_name: str) -> None:
             return name.split("/")[-1].lower()
 
     if canonical(sae_model) != canonical(model_name):
-        raise ValueError(f"The SAE was trained on {sae_model!r} but the model is {model_name!r}. Pass "
-                         "the matching model, or check_model_name=False if they are the same weights.")
+        raise ValueError(
+            f"The SAE was trained on {sae_model!r} but the model is {model_name!r}. Pass "
+            "the matching model, or check_model_name=False if they are the same weights."
+        )
 
 
 def _find_checkpoint(path: Path) -> Path:
@@ -185,9 +217,14 @@ def _find_checkpoint(path: Path) -> Path:
     candidates = [p.parent for p in (path / CHECKPOINTS_DIRNAME).glob(f"*/{FINETUNE_STATE_FILENAME}")]
     candidates += [p.parent for p in path.glob(f"*/{FINETUNE_STATE_FILENAME}")]
     if not candidates:
-        raise FileNotFoundError(f"resume_from={path} holds no kl_finetune checkpoint (a folder with "
-                                f"{TRAINER_STATE_FILENAME} and {FINETUNE_STATE_FILENAME}).")
-    return max(candidates, key=lambda p: json.loads((p / FINETUNE_STATE_FILENAME).read_text())["training_tokens"])
+        raise FileNotFoundError(
+            f"resume_from={path} holds no kl_finetune checkpoint (a folder with "
+            f"{TRAINER_STATE_FILENAME} and {FINETUNE_STATE_FILENAME})."
+        )
+    return max(
+        candidates,
+        key=lambda p: json.loads((p / FINETUNE_STATE_FILENAME).read_text())["training_tokens"],
+    )
 
 
 def _check_resume_config(checkpoint: Path, cfg: KLFinetuneConfig, context_size: int) -> None:
@@ -195,15 +232,16 @@ def _check_resume_config(checkpoint: Path, cfg: KLFinetuneConfig, context_size: 
     current = {**cfg.to_dict(), "context_size": cfg.context_size}
     saved_ctx = saved.get("context_size")
     differing = [
-        name for name in _RESUME_MUST_MATCH
-        if name != "context_size" and saved.get(name) != current.get(name)
+        name for name in _RESUME_MUST_MATCH if name != "context_size" and saved.get(name) != current.get(name)
     ]
     if saved_ctx is not None and saved_ctx != context_size:
         differing.append("context_size")
     if differing:
         detail = ", ".join(f"{n}: checkpoint {saved.get(n)!r} vs now {current.get(n)!r}" for n in differing)
-        raise ValueError(f"Cannot resume from {checkpoint}: settings differ ({detail}). Resume with "
-                         "the settings of the original run.")
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: settings differ ({detail}). Resume with "
+            "the settings of the original run."
+        )
 
 
 @contextmanager
@@ -237,21 +275,33 @@ def _run(
     n_eval_seq = -(-cfg.eval_tokens // plan.context_size)
     eval_sequences = None
     if n_eval_seq:
-        eval_source = sequences if eval_data is None else token_sequences(
-            eval_data, model, plan.context_size, plan.prepend_bos)
+        eval_source = (
+            sequences
+            if eval_data is None
+            else token_sequences(eval_data, model, plan.context_size, plan.prepend_bos)
+        )
         eval_sequences = take(eval_source, n_eval_seq)
         if eval_sequences is None:
-            raise DataError(f"The {'evaluation ' if eval_data is not None else ''}data "
-                            f"({describe(eval_data if eval_data is not None else plan.data)}) holds fewer "
-                            f"than {n_eval_seq} sequences of {plan.context_size} tokens for eval_tokens="
-                            f"{cfg.eval_tokens}; lower eval_tokens or pass more data.")
+            raise DataError(
+                f"The {'evaluation ' if eval_data is not None else ''}data "
+                f"({describe(eval_data if eval_data is not None else plan.data)}) holds fewer "
+                f"than {n_eval_seq} sequences of {plan.context_size} tokens for eval_tokens="
+                f"{cfg.eval_tokens}; lower eval_tokens or pass more data."
+            )
 
     def run_eval(target: SAE[Any]) -> EvalResult | None:
         if eval_sequences is None:
             return None
-        return evaluate_tokens(target, model, eval_sequences, batch_size=cfg.eval_batch_size,
-                               special_token_ids=ignored, exclude_first_positions=cfg.exclude_first_positions,
-                               chunk_tokens=cfg.kl_chunk_tokens, prefix_reuse=plan.prefix_reuse)
+        return evaluate_tokens(
+            target,
+            model,
+            eval_sequences,
+            batch_size=cfg.eval_batch_size,
+            special_token_ids=ignored,
+            exclude_first_positions=cfg.exclude_first_positions,
+            chunk_tokens=cfg.kl_chunk_tokens,
+            prefix_reuse=plan.prefix_reuse,
+        )
 
     if plan.checkpoint is not None:
         training = TrainingSAE.load_from_disk(plan.checkpoint, device=str(device))
@@ -262,18 +312,23 @@ def _run(
     batches = batched(sequences, cfg.batch_size)
     first = next(batches, None)
     if first is None:
-        raise DataError(f"The data ({describe(plan.data)}) has no training batch of {cfg.batch_size} x "
-                        f"{plan.context_size} tokens after the {n_eval_seq} held-out sequences; pass more "
-                        "data or lower eval_tokens.")
+        raise DataError(
+            f"The data ({describe(plan.data)}) has no training batch of {cfg.batch_size} x "
+            f"{plan.context_size} tokens after the {n_eval_seq} held-out sequences; pass more "
+            "data or lower eval_tokens."
+        )
     batches = _exhaustion_guarded(itertools.chain([first], batches), cfg, plan)
 
     before = run_eval(sae)
     coefficient = SPARSITY_COEFFICIENT.get(training.cfg.architecture())
     wants_controller = cfg.sparsity_controller == "on" or (
-        cfg.sparsity_controller == "auto" and coefficient == "l1")
+        cfg.sparsity_controller == "auto" and coefficient == "l1"
+    )
     if cfg.sparsity_controller == "on" and coefficient is None:
-        raise ValueError(f"sparsity_controller='on' needs an L1 or L0 penalised SAE; "
-                         f"{training.cfg.architecture()!r} has no sparsity coefficient.")
+        raise ValueError(
+            f"sparsity_controller='on' needs an L1 or L0 penalised SAE; "
+            f"{training.cfg.architecture()!r} has no sparsity coefficient."
+        )
     controller = None
     if wants_controller and coefficient is not None:
         target = cfg.target_l0 if cfg.target_l0 is not None else (before.l0 if before else None)
@@ -281,9 +336,17 @@ def _run(
 
     checkpoint_dir = None if plan.save_dir is None else plan.save_dir / CHECKPOINTS_DIRNAME
     trainer = KLFinetuneTrainer(
-        training, model, batches, cfg, site=plan.site, context_size=plan.context_size,
-        prefix_reuse=plan.prefix_reuse, special_token_ids=ignored, controller=controller,
-        checkpoint_dir=checkpoint_dir, callbacks=callbacks,
+        training,
+        model,
+        batches,
+        cfg,
+        site=plan.site,
+        context_size=plan.context_size,
+        prefix_reuse=plan.prefix_reuse,
+        special_token_ids=ignored,
+        controller=controller,
+        checkpoint_dir=checkpoint_dir,
+        callbacks=callbacks,
     )
     if plan.checkpoint is not None:
         trainer.load_trainer_state(plan.checkpoint)
@@ -299,24 +362,37 @@ def _run(
         trainer.sae.cfg.add_training_info_to_metadata()
     tuned = to_inference_sae(trainer.sae)
     after = run_eval(tuned)
-    report = _report(cfg, plan, before, after, trainer, controller, train_seconds, resumed_tokens,
-                     time.perf_counter() - started)
+    report = _report(
+        cfg,
+        plan,
+        before,
+        after,
+        trainer,
+        controller,
+        train_seconds,
+        resumed_tokens,
+        time.perf_counter() - started,
+    )
     tuned.cfg.metadata.kl_finetune = report
     if plan.save_dir is not None:
         _save_artifact(tuned, trainer, report, plan.save_dir)
     return tuned
 
 
-def _exhaustion_guarded(batches: Iterator[torch.Tensor], cfg: KLFinetuneConfig, plan: _Plan) -> Iterator[torch.Tensor]:
+def _exhaustion_guarded(
+    batches: Iterator[torch.Tensor], cfg: KLFinetuneConfig, plan: _Plan
+) -> Iterator[torch.Tensor]:
     """Token batches; running out before the budget is an error naming both numbers."""
     steps_needed = cfg.tokens // (cfg.batch_size * plan.context_size)
     for served, batch in enumerate(batches, start=1):
         yield batch
         if served == steps_needed:
             return
-    raise DataError(f"The data ({describe(plan.data)}) ran out before the token budget tokens="
-                    f"{cfg.tokens}. Checkpoints written so far are kept; pass more data and "
-                    "resume_from, or lower tokens.")
+    raise DataError(
+        f"The data ({describe(plan.data)}) ran out before the token budget tokens="
+        f"{cfg.tokens}. Checkpoints written so far are kept; pass more data and "
+        "resume_from, or lower tokens."
+    )
 
 
 def _report(
@@ -332,7 +408,11 @@ def _report(
 ) -> dict[str, Any]:
     trained_now = trainer.n_training_samples - resumed_tokens
     report: dict[str, Any] = {
-        "config": {**cfg.to_dict(), "context_size": plan.context_size, "prepend_bos": plan.prepend_bos},
+        "config": {
+            **cfg.to_dict(),
+            "context_size": plan.context_size,
+            "prepend_bos": plan.prepend_bos,
+        },
         "hook_name": plan.site.hook_name,
         "training_tokens": trainer.n_training_samples,
         "steps": trainer.n_training_steps,
@@ -352,7 +432,9 @@ def _report(
     return report
 
 
-def _save_artifact(tuned: SAE[Any], trainer: KLFinetuneTrainer, report: dict[str, Any], save_dir: Path) -> None:
+def _save_artifact(
+    tuned: SAE[Any], trainer: KLFinetuneTrainer, report: dict[str, Any], save_dir: Path
+) -> None:
     """Write the SAELens folder next to save_dir, then move each file in with an atomic rename."""
     save_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=save_dir, prefix=".partial-final-"))

@@ -51,10 +51,7 @@ def check_supported(sae: SAE[Any]) -> None:
 def to_training_sae(sae: SAE[Any], sparsity_coefficient: float | None = None) -> TrainingSAE[Any]:
     """A new TrainingSAE with the weights and behaviour of `sae` (which is left untouched)."""
     check_supported(sae)
-    if isinstance(sae, TrainingSAE):
-        training = copy.deepcopy(sae)
-    else:
-        training = _training_from_inference(sae)
+    training = copy.deepcopy(sae) if isinstance(sae, TrainingSAE) else _training_from_inference(sae)
     if training.cfg.normalize_activations in _INERT_NORMALISATIONS:
         training.cfg.normalize_activations = "none"
     coefficient_field = {"l1": "l1_coefficient", "l0": "l0_coefficient"}.get(

@@ -110,9 +110,7 @@ class KLFinetuneConfig:
         if self.loss not in LOSS_MODES:
             raise ValueError(f"loss={self.loss!r} is not one of {LOSS_MODES}.")
         if self.sparsity_controller not in ("auto", "on", "off"):
-            raise ValueError(
-                f"sparsity_controller={self.sparsity_controller!r}; use 'auto', 'on' or 'off'."
-            )
+            raise ValueError(f"sparsity_controller={self.sparsity_controller!r}; use 'auto', 'on' or 'off'.")
         positive = {
             "tokens": self.tokens,
             "batch_size": self.batch_size,

@@ -10,13 +10,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from sae_lens.tokenization_and_batching import concat_and_batch_sequences
 from transformer_lens.hook_points import HookedRootModule
 
-DataSource = Union[str, Path, Sequence[str], Sequence[Path], torch.Tensor, Any]
+DataSource = str | Path | Sequence[str] | Sequence[Path] | torch.Tensor | Any
 TEXT_FILE_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl", ".json", ".html", ".py")
 _TOKEN_COLUMNS = ("tokens", "input_ids")
 _TEXT_COLUMNS = ("text", "content")
@@ -51,9 +51,7 @@ def _local_files(data: DataSource) -> list[Path] | None:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_FILE_SUFFIXES)
             if not found:
-                raise DataError(
-                    f"Folder {path} holds no text files ({', '.join(TEXT_FILE_SUFFIXES)})."
-                )
+                raise DataError(f"Folder {path} holds no text files ({', '.join(TEXT_FILE_SUFFIXES)}).")
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -73,7 +71,9 @@ def _rows(data: DataSource) -> Iterator[str | torch.Tensor]:
         return
     if isinstance(data, torch.Tensor):
         if data.ndim != 2 or data.dtype not in (torch.int32, torch.int64):
-            raise DataError(f"A token tensor must be 2-D integer [n, seq], got {data.dtype} {tuple(data.shape)}.")
+            raise DataError(
+                f"A token tensor must be 2-D integer [n, seq], got {data.dtype} {tuple(data.shape)}."
+            )
         yield from data.long()
         return
     if isinstance(data, (list, tuple)):
@@ -108,15 +108,18 @@ def _dataset_rows(dataset: Any) -> Iterator[str | torch.Tensor]:
         if "train" not in dataset:
             raise DataError(f"The dataset has splits {list(dataset)}; pass one split, e.g. ds['test'].")
         dataset = dataset["train"]
-    columns = list(getattr(dataset, "column_names", None) or [])
-    token_column = next((c for c in _TOKEN_COLUMNS if c in columns), None)
-    text_column = next((c for c in _TEXT_COLUMNS if c in columns), None)
-    if token_column is None and text_column is None:
-        raise DataError(
-            f"The dataset has columns {columns}; expected a text column ({_TEXT_COLUMNS}) or a "
-            f"pre-tokenised one ({_TOKEN_COLUMNS}). Rename the column or pass the texts as a list."
-        )
+    token_column = text_column = None
     for row in dataset:
+        if token_column is None and text_column is None:
+            # Streaming datasets may not know their columns until the first row.
+            columns = list(row)
+            token_column = next((c for c in _TOKEN_COLUMNS if c in columns), None)
+            text_column = next((c for c in _TEXT_COLUMNS if c in columns), None)
+            if token_column is None and text_column is None:
+                raise DataError(
+                    f"The dataset has columns {columns}; expected a text column {_TEXT_COLUMNS} or a "
+                    f"pre-tokenised one {_TOKEN_COLUMNS}. Rename the column or pass the texts as a list."
+                )
         if token_column is not None:
             yield torch.as_tensor(row[token_column], dtype=torch.long)
         else:

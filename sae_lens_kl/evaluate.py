@@ -12,7 +12,7 @@ from sae_lens.util import get_special_token_ids
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl.architectures import flat_activations, to_inference_sae
-from sae_lens_kl.data import DataSource, DataError, take, token_sequences
+from sae_lens_kl.data import DataError, DataSource, take, token_sequences
 from sae_lens_kl.losses import cross_entropy_per_token, kl_per_token
 from sae_lens_kl.splice import (
     HookSite,
@@ -140,12 +140,16 @@ def evaluate_tokens(
             feature_acts = sae.encode(acts.to(sae.device))
             recon = sae.decode(feature_acts).to(acts.device, acts.dtype)
         spliced_acts = torch.where(keep[..., None], recon, acts)
-        spliced_out, _ = run_to_output(model, tokens, prefix, site, lambda _: spliced_acts)
+        spliced_out, _ = run_to_output(model, tokens, prefix, site, lambda _, new=spliced_acts: new)
         ablated_out, _ = run_to_output(model, tokens, prefix, site, torch.zeros_like)
 
         ce_rows = keep[:, :-1].flatten()
         targets = tokens[:, 1:].flatten()
-        for name, output in (("clean", clean_out), ("spliced", spliced_out), ("ablated", ablated_out)):
+        for name, output in (
+            ("clean", clean_out),
+            ("spliced", spliced_out),
+            ("ablated", ablated_out),
+        ):
             per_token = cross_entropy_per_token(
                 output[:, :-1].flatten(0, 1), targets, projection, chunk_tokens
             )

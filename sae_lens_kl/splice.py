@@ -166,7 +166,9 @@ class VocabProjection:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
 
-    def backward(self, grad_logits: torch.Tensor, logits: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def backward(
+        self, grad_logits: torch.Tensor, logits: torch.Tensor, out_dtype: torch.dtype
+    ) -> torch.Tensor:
         """Gradient w.r.t. the run output given the gradient w.r.t. this chunk's logits."""
         if self.softcap > 0:
             grad_logits = grad_logits * (1 - (logits / self.softcap) ** 2)

@@ -150,16 +150,13 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
                 self.ft_cfg.kl_chunk_tokens,
             )
 
-        loss, alpha = combine_losses(
-            self.ft_cfg.loss, mse, kl, out.loss - mse, self.ft_cfg.kl_coefficient
-        )
+        loss, alpha = combine_losses(self.ft_cfg.loss, mse, kl, out.loss - mse, self.ft_cfg.kl_coefficient)
         l0 = (out.feature_acts != 0).float().sum(-1).mean()
         # One host sync per step, for the finiteness check, the controller and the progress bar.
         nan = torch.tensor(float("nan"))
-        loss_value, kl_value, alpha_value, l0_value = (
-            torch.stack([t.detach().float().cpu() if t is not None else nan for t in (loss, kl, alpha, l0)])
-            .tolist()
-        )
+        loss_value, kl_value, alpha_value, l0_value = torch.stack(
+            [t.detach().float().cpu() if t is not None else nan for t in (loss, kl, alpha, l0)]
+        ).tolist()
         if not torch.isfinite(torch.tensor(loss_value)):
             raise NonFiniteLossError(
                 f"The loss became {loss_value} at step {self.n_training_steps} (after "
@@ -268,7 +265,12 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
     # ---- progress -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _update_pbar(self, step_output: TrainStepOutput, pbar: tqdm, update_interval: int = 1) -> None:  # noqa: ARG002
+    def _update_pbar(
+        self,
+        step_output: TrainStepOutput,
+        pbar: tqdm,
+        update_interval: int = 1,  # noqa: ARG002 (SAETrainer's signature; we update every step)
+    ) -> None:
         # The last call of each iteration of SAETrainer.fit: progress, then user callbacks.
         metrics = step_output.metrics
         pbar.update(self.tokens_per_step)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Nothing in the suite may reach the network; the hub libraries must fail fast, not hang.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,9 +28,18 @@ N_CTX = 64
 def tiny_model(seed: int = 0, **overrides: Any) -> HookedTransformer:
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(
-        n_layers=3, d_model=D_MODEL, n_heads=N_HEADS, d_head=D_HEAD, d_mlp=64, d_vocab=VOCAB,
-        n_ctx=N_CTX, act_fn="gelu", normalization_type="LN", model_name="tiny-test-model",
-        seed=seed, **overrides,
+        n_layers=3,
+        d_model=D_MODEL,
+        n_heads=N_HEADS,
+        d_head=D_HEAD,
+        d_mlp=64,
+        d_vocab=VOCAB,
+        n_ctx=N_CTX,
+        act_fn="gelu",
+        normalization_type="LN",
+        model_name="tiny-test-model",
+        seed=seed,
+        **overrides,
     )
     model = HookedTransformer(cfg)
     model.eval()
@@ -48,12 +63,24 @@ def make_sae(
     defaults: dict[str, Any] = {"k": 8} if "topk" in architecture else {}
     if architecture == "matryoshka_batchtopk":
         defaults["matryoshka_widths"] = [32, d_sae]
-    cfg = cfg_cls.from_dict({
-        "architecture": architecture, "d_in": d_in, "d_sae": d_sae, "dtype": "float32",
-        "device": "cpu", **defaults, **cfg_fields,
-        "metadata": {"hook_name": hook_name, "hook_head_index": head_index,
-                     "model_name": "tiny-test-model", "context_size": 16, "prepend_bos": False},
-    })
+    cfg = cfg_cls.from_dict(
+        {
+            "architecture": architecture,
+            "d_in": d_in,
+            "d_sae": d_sae,
+            "dtype": "float32",
+            "device": "cpu",
+            **defaults,
+            **cfg_fields,
+            "metadata": {
+                "hook_name": hook_name,
+                "hook_head_index": head_index,
+                "model_name": "tiny-test-model",
+                "context_size": 16,
+                "prepend_bos": False,
+            },
+        }
+    )
     sae = sae_cls(cfg)
     with torch.no_grad():
         for name, param in sae.named_parameters():
@@ -77,10 +104,50 @@ def model() -> HookedTransformer:
 
 
 WORDS = (
-    "the model reads a token and writes its prediction while the sparse autoencoder splits the "
-    "residual stream into latent features that people can read and interpret across many layers "
-    "of attention heads and small multilayer perceptrons trained on text from books and code"
-).split()
+    "the",
+    "model",
+    "reads",
+    "a",
+    "token",
+    "and",
+    "writes",
+    "its",
+    "prediction",
+    "while",
+    "the",
+    "sparse",
+    "autoencoder",
+    "splits",
+    "the",
+    "residual",
+    "stream",
+    "into",
+    "latent",
+    "features",
+    "that",
+    "people",
+    "can",
+    "read",
+    "and",
+    "interpret",
+    "across",
+    "many",
+    "layers",
+    "of",
+    "attention",
+    "heads",
+    "and",
+    "small",
+    "multilayer",
+    "perceptrons",
+    "trained",
+    "on",
+    "text",
+    "from",
+    "books",
+    "and",
+    "code",
+)
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
@@ -103,12 +170,14 @@ def tiny_tokenizer() -> Any:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|bos|>", "<|pad|>"],
+        vocab_size=320,
+        special_tokens=["<|bos|>", "<|pad|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(sentences(200, seed=99), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|bos|>",
-                                   eos_token="<|bos|>", pad_token="<|pad|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|bos|>", eos_token="<|bos|>", pad_token="<|pad|>"
+    )
     # TransformerLens re-loads tokenizers by name_or_path, so give it a real local folder.
     folder = Path(tempfile.mkdtemp(prefix="tiny-tokenizer-"))
     fast.save_pretrained(folder)
@@ -119,8 +188,16 @@ def tiny_text_model(seed: int = 0) -> HookedTransformer:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=D_MODEL, n_heads=N_HEADS, d_head=D_HEAD, d_mlp=64,
-        d_vocab=len(tokenizer), n_ctx=N_CTX, act_fn="gelu", normalization_type="LN",
-        model_name="tiny-text-model", seed=seed,
+        n_layers=2,
+        d_model=D_MODEL,
+        n_heads=N_HEADS,
+        d_head=D_HEAD,
+        d_mlp=64,
+        d_vocab=len(tokenizer),
+        n_ctx=N_CTX,
+        act_fn="gelu",
+        normalization_type="LN",
+        model_name="tiny-text-model",
+        seed=seed,
     )
     return HookedTransformer(cfg, tokenizer=tokenizer)

@@ -50,8 +50,9 @@ def test_topk_decoder_norm_rescaling_is_preserved_both_ways() -> None:
     # A TopK *training* SAE that rescales folds the norms when it becomes an inference SAE.
     training = make_sae("topk", training=True, rescale_acts_by_decoder_norm=True)
     with torch.no_grad():
-        torch.testing.assert_close(to_inference_sae(training)(X), training_output(training),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            to_inference_sae(training)(X), training_output(training), rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka_batchtopk"])
@@ -70,10 +71,21 @@ def test_pre_6_topk_config_loads_and_converts_without_changing_outputs(tmp_path)
     sae = make_sae("topk")
     sae.save_model(tmp_path)
     # Rewrite cfg.json the way SAELens < 6 wrote TopK SAEs: no architecture, no rescale flag.
-    old = {"d_in": 32, "d_sae": 96, "dtype": "float32", "device": "cpu", "hook_point": "blocks.1.hook_resid_pre",
-           "hook_point_layer": 1, "model_name": "tiny-test-model", "activation_fn_str": "topk",
-           "activation_fn_kwargs": {"k": 8}, "apply_b_dec_to_input": True, "context_size": 16,
-           "normalize_activations": "none", "sae_lens_version": "5.3.0"}
+    old = {
+        "d_in": 32,
+        "d_sae": 96,
+        "dtype": "float32",
+        "device": "cpu",
+        "hook_point": "blocks.1.hook_resid_pre",
+        "hook_point_layer": 1,
+        "model_name": "tiny-test-model",
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 8},
+        "apply_b_dec_to_input": True,
+        "context_size": 16,
+        "normalize_activations": "none",
+        "sae_lens_version": "5.3.0",
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(old))
     loaded = SAE.load_from_disk(tmp_path)
     assert loaded.cfg.architecture() == "topk"

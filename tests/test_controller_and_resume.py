@@ -73,7 +73,9 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(architecture: str,
     model = tiny_model()
     sae = make_sae(architecture)
     options: dict[str, Any] = {
-        "tokens": 8 * STEP_TOKENS, "lr": 2e-3, "checkpoint_every_tokens": 2 * STEP_TOKENS,
+        "tokens": 8 * STEP_TOKENS,
+        "lr": 2e-3,
+        "checkpoint_every_tokens": 2 * STEP_TOKENS,
         "dead_feature_window": 2,  # makes TopK's dead-latent aux loss depend on restored statistics
         **FAST,
     }
@@ -86,20 +88,32 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(architecture: str,
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        kl_finetune(sae, model, DATA, save_dir=tmp_path / "run", callbacks=[crash_after_five_steps], **options)
+        kl_finetune(
+            sae,
+            model,
+            DATA,
+            save_dir=tmp_path / "run",
+            callbacks=[crash_after_five_steps],
+            **options,
+        )
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert checkpoints == [str(2 * STEP_TOKENS), str(4 * STEP_TOKENS)]
     assert not (tmp_path / "run" / "cfg.json").exists()  # no final artifact from the killed run
 
-    resumed = kl_finetune(sae, model, DATA, save_dir=tmp_path / "run", resume_from=tmp_path / "run", **options)
+    resumed = kl_finetune(
+        sae, model, DATA, save_dir=tmp_path / "run", resume_from=tmp_path / "run", **options
+    )
     for name, tensor in whole.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
     assert resumed.cfg.metadata.kl_finetune["training_tokens"] == 8 * STEP_TOKENS
     if architecture in ("standard", "jumprelu"):
-        assert (resumed.cfg.metadata.kl_finetune["sparsity_controller"]
-                == whole.cfg.metadata.kl_finetune["sparsity_controller"])
-        state = json.loads((tmp_path / "run" / "checkpoints" / str(4 * STEP_TOKENS)
-                            / "kl_finetune_state.json").read_text())
+        assert (
+            resumed.cfg.metadata.kl_finetune["sparsity_controller"]
+            == whole.cfg.metadata.kl_finetune["sparsity_controller"]
+        )
+        state = json.loads(
+            (tmp_path / "run" / "checkpoints" / str(4 * STEP_TOKENS) / "kl_finetune_state.json").read_text()
+        )
         # the controller had moved the coefficient (SAELens's default 1.0) by the checkpoint
         assert state["controller"]["coefficient"] != pytest.approx(1.0)
     loaded = SAE.load_from_disk(tmp_path / "run")

@@ -78,8 +78,13 @@ def test_every_inference_architecture_round_trips_through_disk(architecture: str
     tuned = kl_finetune(sae, model, DATA, tokens=3 * 4 * SEQ, lr=1e-3, save_dir=tmp_path / "out", **FAST)
     assert type(tuned) is type(sae)
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {
-        "cfg.json", "sae_weights.safetensors", "sparsity.safetensors",
-        "kl_finetune_config.json", "kl_finetune_metrics.json", "checkpoints"}
+        "cfg.json",
+        "sae_weights.safetensors",
+        "sparsity.safetensors",
+        "kl_finetune_config.json",
+        "kl_finetune_metrics.json",
+        "checkpoints",
+    }
     loaded = SAE.load_from_disk(tmp_path / "out")
     x = torch.randn(20, 32)
     with torch.no_grad():
@@ -130,7 +135,8 @@ def test_every_hook_kind_trains_and_plugs_into_hooked_sae_transformer(hook_name,
             spliced_logits = sae_model(tokens)
             result = evaluate(tuned, model, tokens, n_tokens=4 * SEQ, exclude_special_tokens=False)
             ce = torch.nn.functional.cross_entropy(
-                spliced_logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+                spliced_logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()
+            )
         assert ce.item() == pytest.approx(result.ce_spliced, rel=1e-5)
 
 

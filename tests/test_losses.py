@@ -19,6 +19,7 @@ def projection(softcap: float = 0.0, dtype: torch.dtype = torch.float32) -> Voca
 
 def reference_kl(clean: torch.Tensor, spliced: torch.Tensor, proj: VocabProjection) -> torch.Tensor:
     """The reference step's formula: full [n, vocab] log-probs, F.kl_div, autograd."""
+
     def logits(h: torch.Tensor) -> torch.Tensor:
         z = (h @ proj.W_U + proj.b_U).float()
         return proj.softcap * torch.tanh(z / proj.softcap) if proj.softcap else z
@@ -52,8 +53,13 @@ def test_kl_gradient_passes_gradcheck() -> None:
     clean = torch.randn(9, 16, generator=generator, dtype=torch.float64)
     spliced = torch.randn(9, 16, generator=generator, dtype=torch.float64, requires_grad=True)
     # the forward computes in float32 (by design), so compare to finite differences loosely
-    assert torch.autograd.gradcheck(lambda s: kl_divergence(clean, s, proj, 4).double(), (spliced,),
-                                    eps=1e-3, atol=1e-3, rtol=1e-2)
+    assert torch.autograd.gradcheck(
+        lambda s: kl_divergence(clean, s, proj, 4).double(),
+        (spliced,),
+        eps=1e-3,
+        atol=1e-3,
+        rtol=1e-2,
+    )
 
 
 def test_kl_is_zero_for_identical_runs_and_positive_otherwise() -> None:

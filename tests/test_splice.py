@@ -54,8 +54,9 @@ def test_prefix_reuse_equals_full_hooked_forward(hook_name: str, head: int | Non
     assert acts.shape == (3, 12, expected_width)
     assert hook_width(model, site) == expected_width
     projection = VocabProjection.for_run(model, prefix_reuse=True)
-    torch.testing.assert_close(projection.logits(ours.flatten(0, 1)), full_logits.flatten(0, 1),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        projection.logits(ours.flatten(0, 1)), full_logits.flatten(0, 1), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_clean_run_records_the_hook_activation() -> None:
@@ -85,5 +86,6 @@ def test_softcapped_logits_match_the_model() -> None:
         out, _ = run_to_output(model, tokens, run_prefix(model, tokens, site), site)
         logits = model(tokens)
     projection = VocabProjection.for_run(model, prefix_reuse=True)
-    torch.testing.assert_close(projection.logits(out.flatten(0, 1)), logits.flatten(0, 1),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        projection.logits(out.flatten(0, 1)), logits.flatten(0, 1), rtol=1e-5, atol=1e-5
+    )
