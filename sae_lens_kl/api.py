@@ -352,7 +352,7 @@ def _run(
         trainer.load_trainer_state(plan.checkpoint)
     train_started = time.perf_counter()
     resumed_tokens = trainer.n_training_samples
-    with frozen(model):
+    with frozen(model), _wandb_run(cfg, plan):
         trainer.fit()
     train_seconds = time.perf_counter() - train_started
 
@@ -377,6 +377,24 @@ def _run(
     if plan.save_dir is not None:
         _save_artifact(tuned, trainer, report, plan.save_dir)
     return tuned
+
+
+@contextmanager
+def _wandb_run(cfg: KLFinetuneConfig, plan: _Plan) -> Iterator[None]:
+    """A wandb run for SAELens's logger when logging is on and the caller has not started one."""
+    if not cfg.log_to_wandb:
+        yield
+        return
+    import wandb
+
+    own_run = wandb.run is None
+    if own_run:
+        wandb.init(project=cfg.wandb_project, config={**cfg.to_dict(), "hook_name": plan.site.hook_name})
+    try:
+        yield
+    finally:
+        if own_run:
+            wandb.finish()
 
 
 def _exhaustion_guarded(

@@ -149,3 +149,24 @@ def test_prefix_reuse_and_two_full_forwards_train_identically() -> None:
     assert full.cfg.metadata.kl_finetune["prefix_reuse"] is False
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         torch.testing.assert_close(getattr(reused, name), getattr(full, name), rtol=1e-4, atol=1e-6)
+
+
+def test_wandb_logging_through_sae_lens_logger(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    kl_finetune(
+        make_sae("topk"),
+        tiny_model(),
+        DATA,
+        tokens=4 * 4 * SEQ,
+        lr=1e-3,
+        log_to_wandb=True,
+        wandb_log_frequency=1,
+        **FAST,
+    )
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    history = runs[0].read_bytes()
+    for key in (b"losses/kl_loss", b"losses/mse_loss", b"metrics/alpha", b"metrics/l0"):
+        assert key in history, key
