@@ -9,6 +9,7 @@ import torch
 from sae_lens import SAE, TrainingSAE
 from sae_lens.evals import ExplainedVarianceCalculator
 from sae_lens.util import get_special_token_ids
+from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl.architectures import flat_activations, to_inference_sae
@@ -131,7 +132,7 @@ def evaluate_tokens(
     variance = ExplainedVarianceCalculator()
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
 
-    for batch in sequences.split(batch_size):
+    for batch in tqdm(sequences.split(batch_size), desc="Evaluating", leave=False):
         tokens = batch.to(device)
         keep = position_mask(tokens, special_token_ids, exclude_first_positions)
         prefix = run_prefix(model, tokens, site) if reuse else None

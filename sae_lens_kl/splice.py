@@ -136,6 +136,31 @@ def run_to_output(
     return output, seen["acts"]
 
 
+def run_to_hook(
+    model: HookedRootModule, tokens: torch.Tensor, prefix: Prefix | None, site: HookSite
+) -> torch.Tensor:
+    """The SAE input at the hook [batch, pos, d_in], running no further than the hook's block."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(raw: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # noqa: ARG001
+        seen["acts"] = site.read(raw)
+        return raw
+
+    with model.hooks(fwd_hooks=[(site.hook_name, keep)]):
+        if prefix is None:
+            model(tokens)
+        else:
+            assert isinstance(model, HookedTransformer) and site.block is not None
+            model(
+                prefix.residual,
+                start_at_layer=prefix.start_layer,
+                stop_at_layer=site.block + 1,
+                shortformer_pos_embed=prefix.shortformer_pos_embed,
+                attention_mask=prefix.attention_mask,
+            )
+    return seen["acts"]
+
+
 @dataclass(frozen=True)
 class VocabProjection:
     """Maps a run's output to logits: the model's unembedding (+ softcap), or nothing for logits."""

@@ -26,7 +26,7 @@ from transformer_lens.hook_points import HookedRootModule
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.losses import combine_losses, kl_divergence
-from sae_lens_kl.splice import HookSite, VocabProjection, run_prefix, run_to_output
+from sae_lens_kl.splice import HookSite, VocabProjection, run_prefix, run_to_hook, run_to_output
 
 FINETUNE_STATE_FILENAME = "kl_finetune_state.json"
 StepCallback = Callable[["KLFinetuneTrainer", TrainStepOutput], None]
@@ -115,10 +115,15 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         keep = position_mask(tokens, self.special_token_ids, self.ft_cfg.exclude_first_positions)
         kept_rows = keep.flatten().nonzero().squeeze(1)
 
-        # Clean pass: the layers before the SAE's block once, then the clean suffix.
+        # Clean pass: the layers before the SAE's block once, then the clean suffix (only up to the
+        # hook for the MSE-only control, which needs no distribution).
+        needs_kl = self.ft_cfg.loss != "mse"
         with torch.no_grad():
             prefix = run_prefix(self.model, tokens, self.site) if self.prefix_reuse else None
-            clean_out, clean_acts = run_to_output(self.model, tokens, prefix, self.site)
+            if needs_kl:
+                clean_out, clean_acts = run_to_output(self.model, tokens, prefix, self.site)
+            else:
+                clean_acts = run_to_hook(self.model, tokens, prefix, self.site)
 
         # SAE on the clean activations at the kept positions, with its own sparsity/aux losses.
         sae.train()
@@ -136,7 +141,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
 
         # Spliced suffix from the same prefix; KL(p_clean || p_spliced) over the kept positions.
         kl = None
-        if self.ft_cfg.loss != "mse":
+        if needs_kl:
 
             def splice(acts: torch.Tensor) -> torch.Tensor:
                 flat = acts.flatten(0, 1).index_put((kept_rows,), out.sae_out.to(acts.dtype))

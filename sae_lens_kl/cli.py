@@ -1,0 +1,308 @@
+"""`sae-lens-kl`: demo, finetune, train and eval from the command line.
+
+Every fine-tune option is a field of `KLFinetuneConfig`; its flag and --help text are generated
+from the field and its docstring, and any option can also come from a YAML/JSON file (--config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import inspect
+import json
+import os
+import sys
+import textwrap
+import time
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+from sae_lens_kl.config import LOSS_MODES, KLFinetuneConfig
+
+_OWN_FLAGS = {"tokens", "loss", "lr", "batch_size", "context_size", "eval_tokens", "seed"}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the string literal under each field)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:], strict=False):
+        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        if is_field and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(following.value.value).split())  # type: ignore[union-attr]
+    return docs
+
+
+def _parse_type(annotation: str) -> tuple[Any, list[str] | None]:
+    if annotation == "LossMode":
+        return str, list(LOSS_MODES)
+    if annotation == "ControllerMode":
+        return str, ["auto", "on", "off"]
+    base = annotation.replace(" | None", "")
+    return {"int": int, "float": float, "str": str, "bool": bool}[base], None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, required_tokens: bool = True) -> None:
+    """One flag per KLFinetuneConfig field, with its docstring and default as help."""
+    docs = field_docs(KLFinetuneConfig)
+    group = parser.add_argument_group("fine-tune options (KLFinetuneConfig)")
+    for field in fields(KLFinetuneConfig):
+        kind, choices = _parse_type(str(field.type))
+        flag = "--" + field.name.replace("_", "-")
+        default = None if field.default is MISSING else field.default
+        help_text = f"{docs.get(field.name, '')} (default: {default})"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            group.add_argument(
+                flag,
+                type=kind,
+                choices=choices,
+                default=default,
+                help=help_text,
+                required=field.name == "tokens" and required_tokens,
+            )
+
+
+def config_from_args(args: argparse.Namespace) -> KLFinetuneConfig:
+    return KLFinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(KLFinetuneConfig)})
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config {path}: expected a mapping of option names to values.")
+    return {key.replace("-", "_"): value for key, value in values.items()}
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", help="YAML or JSON file of option values (flags on the command line win)."
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: all cores). Oversubscribed threads slow a step many times.",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sae-lens-kl",
+        description="KL+MSE fine-tuning of SAELens SAEs (Karvonen 2025). Each subcommand has --help.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser(
+        "demo",
+        help="Offline end-to-end demo on SmolLM2-135M and Django's docs (~10 min on 2 CPU cores).",
+        description="Trains a TopK SAE with SAELens's runner (MSE phase, cached after the first run), "
+        "then runs the KL+MSE phase and an MSE-only control of the same length, evaluates all on "
+        "held-out text, and writes report.json, report.md and PNG plots. Needs no hub access.",
+    )
+    _common(demo)
+    demo.add_argument("--out", default="sae_lens_kl_demo", help="Output folder (default: %(default)s).")
+    demo.add_argument("--overwrite", action="store_true", help="Replace an existing output folder's files.")
+    demo.add_argument(
+        "--lr",
+        type=float,
+        default=5e-4,
+        help="KL-phase learning rate (default: %(default)s; the paper's 5e-5 is for ~12k steps).",
+    )
+    demo.add_argument(
+        "--kl-steps", type=int, default=24, help="KL-phase steps of 8 x 128 tokens (default: %(default)s)."
+    )
+    demo.add_argument(
+        "--mse-tokens", type=int, default=184_320, help="MSE-phase training tokens (default: %(default)s)."
+    )
+    demo.add_argument(
+        "--eval-tokens", type=int, default=20_480, help="Held-out evaluation tokens (default: %(default)s)."
+    )
+    demo.add_argument("--no-control", action="store_true", help="Skip the MSE-only control run.")
+
+    finetune = sub.add_parser(
+        "finetune",
+        help="Fine-tune a pretrained or local SAE.",
+        description="Fine-tune an SAE (SAELens release:sae_id, or a local SAELens folder) on a model.",
+    )
+    _common(finetune)
+    finetune.add_argument(
+        "--sae", required=False, help="RELEASE:SAE_ID (needs the hub) or a local SAE folder."
+    )
+    finetune.add_argument(
+        "--model",
+        default=None,
+        help="TransformerLens model name, local HF folder, .gguf "
+        "file, or 'smollm2' (default: the SAE metadata's model_name).",
+    )
+    finetune.add_argument(
+        "--data",
+        default=None,
+        help="Dataset name, local text file/folder (default: the SAE metadata's dataset_path).",
+    )
+    finetune.add_argument(
+        "--eval-data",
+        default=None,
+        help="Held-out evaluation data (default: the first --eval-tokens of --data, never trained on).",
+    )
+    finetune.add_argument("--out", required=False, help="Output folder: SAELens SAE, checkpoints, report.")
+    finetune.add_argument(
+        "--resume", default=None, help="Continue a killed run from its output folder or a checkpoint."
+    )
+    finetune.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing output folder's files."
+    )
+    add_config_flags(finetune, required_tokens=False)
+
+    train = sub.add_parser(
+        "train",
+        help="SAELens training run whose last --kl-fraction of tokens is the KL+MSE phase.",
+        description="Runs SAELens's LanguageModelSAETrainingRunner (MSE on shuffled activations) for "
+        "(1 - kl_fraction) of --training-tokens, then the KL+MSE phase on the following tokens. "
+        "--kl-fraction 1 trains end to end.",
+    )
+    _common(train)
+    train.add_argument(
+        "--model", default="smollm2", help="Model (default: %(default)s, the offline SmolLM2)."
+    )
+    train.add_argument(
+        "--hook", default="blocks.15.hook_resid_post", help="Hook point (default: %(default)s)."
+    )
+    train.add_argument(
+        "--architecture",
+        default="topk",
+        choices=["topk", "batchtopk", "standard", "jumprelu", "gated", "matryoshka_batchtopk"],
+        help="SAE architecture (default: %(default)s).",
+    )
+    train.add_argument("--k", type=float, default=32, help="TopK/BatchTopK k (default: %(default)s).")
+    train.add_argument("--d-sae", type=int, default=4608, help="Latents (default: %(default)s).")
+    train.add_argument(
+        "--training-tokens",
+        type=int,
+        default=200_000,
+        help="Total tokens, both phases (default: %(default)s).",
+    )
+    train.add_argument(
+        "--kl-fraction",
+        type=float,
+        default=0.05,
+        help="Share of tokens in the KL+MSE phase (default: %(default)s).",
+    )
+    train.add_argument(
+        "--mse-lr", type=float, default=4e-4, help="MSE-phase learning rate (default: %(default)s)."
+    )
+    train.add_argument(
+        "--train-batch-size-tokens", type=int, default=1024, help="MSE-phase batch (default: %(default)s)."
+    )
+    train.add_argument("--data", default=None, help="Training text (default: the Django docs corpus).")
+    train.add_argument(
+        "--eval-data", default=None, help="Held-out text (default: the corpus's held-out files)."
+    )
+    train.add_argument("--out", required=False, help="Output folder.")
+    train.add_argument("--overwrite", action="store_true", help="Replace an existing output folder's files.")
+    add_config_flags(train, required_tokens=False)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="Evaluate one or more SAEs side by side on held-out text.",
+        description="Spliced CE/KL, L0, MSE, explained variance, dead latents.",
+    )
+    _common(evaluate)
+    evaluate.add_argument(
+        "--sae",
+        action="append",
+        required=False,
+        help="RELEASE:SAE_ID or a local SAE folder; repeat to compare.",
+    )
+    evaluate.add_argument(
+        "--model", default=None, help="Model (default: the first SAE's metadata model_name)."
+    )
+    evaluate.add_argument(
+        "--data", default=None, help="Evaluation data (default: the corpus's held-out files)."
+    )
+    evaluate.add_argument(
+        "--n-tokens", type=int, default=20_480, help="Tokens to evaluate (default: %(default)s)."
+    )
+    evaluate.add_argument(
+        "--context-size", type=int, default=None, help="Tokens per sequence (default: the SAE's)."
+    )
+    evaluate.add_argument(
+        "--batch-size", type=int, default=4, help="Sequences per batch (default: %(default)s)."
+    )
+    evaluate.add_argument(
+        "--exclude-first-positions",
+        type=int,
+        default=0,
+        help="Positions left out at the start of each sequence.",
+    )
+    evaluate.add_argument(
+        "--out", default=None, help="Folder for report.json/report.md (default: print only)."
+    )
+    return parser
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        values = _read_config_file(args.config)
+        sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+        known = {action.dest for action in sub._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"--config {args.config}: unknown options {unknown}")
+        sub.set_defaults(**values)
+        args = parser.parse_args(argv)
+    return args
+
+
+def load_sae(spec: str, device: str = "cpu") -> Any:
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    if Path(spec).expanduser().is_dir():
+        return SAE.load_from_disk(Path(spec).expanduser(), device=device)
+    if ":" not in spec:
+        raise SystemExit(f"--sae {spec!r} is neither a local SAE folder nor RELEASE:SAE_ID.")
+    release, sae_id = spec.split(":", 1)
+    directory = get_pretrained_saes_directory()
+    if release not in directory and "/" not in release:
+        close = difflib.get_close_matches(release, list(directory), n=5, cutoff=0.4)
+        raise SystemExit(f"Unknown SAELens release {release!r}. Close matches: {close}.")
+    if release in directory and sae_id not in directory[release].saes_map:
+        close = difflib.get_close_matches(sae_id, list(directory[release].saes_map), n=5, cutoff=0.4)
+        raise SystemExit(f"Unknown sae_id {sae_id!r} in release {release!r}. Close matches: {close}.")
+    return SAE.from_pretrained(release, sae_id, device=device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    import torch
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    from sae_lens_kl import commands
+
+    handler = {
+        "demo": commands.demo,
+        "finetune": commands.finetune,
+        "train": commands.train,
+        "eval": commands.evaluate,
+    }[args.command]
+    started = time.perf_counter()
+    handler(args)
+    print(f"done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

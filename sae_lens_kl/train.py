@@ -1,0 +1,140 @@
+"""An ordinary SAELens training run whose last tokens switch to the KL+MSE phase (the paper's
+recipe: MSE on shuffled activations for most of the budget, then `kl_finetune` on the rest), or
+KL+MSE from the first token ("end-to-end") through the same path."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, TrainingSAE
+from transformer_lens import HookedTransformer
+
+from sae_lens_kl.api import kl_finetune
+from sae_lens_kl.data import DataError, DataSource, take, token_sequences
+from sae_lens_kl.trainer import StepCallback
+
+
+@dataclasses.dataclass
+class TrainResult:
+    mse_sae: TrainingSAE[Any] | None
+    """The SAE at the end of the MSE phase (None for end-to-end training)."""
+    sae: SAE[Any]
+    """The final inference SAE, after the KL+MSE phase."""
+    mse_tokens: int
+    kl_tokens: int
+    kl_data: Any
+    """The token sequences of the KL phase (for an MSE-only control on the same tokens)."""
+    eval_data: Any
+    """The held-out evaluation data used before and after."""
+
+
+def as_hf_dataset(data: DataSource) -> datasets.Dataset | datasets.IterableDataset:
+    """SAELens's ActivationsStore reads Hugging Face datasets; wrap local text the same way
+    `kl_finetune` reads it (one document per file or string)."""
+    if isinstance(data, (datasets.Dataset, datasets.IterableDataset)):
+        return data
+    from sae_lens_kl.data import _rows
+
+    texts = [row for row in _rows(data)]
+    if texts and not isinstance(texts[0], str):
+        return datasets.Dataset.from_dict({"tokens": [t.tolist() for t in texts]})
+    return datasets.Dataset.from_dict({"text": texts})
+
+
+def mse_phase(
+    runner_cfg: LanguageModelSAERunnerConfig[Any],
+    model: HookedTransformer,
+    data: DataSource,
+    mse_tokens: int,
+) -> TrainingSAE[Any]:
+    """SAELens's own runner: MSE on shuffled activations for `mse_tokens` tokens."""
+    dataset = as_hf_dataset(data)
+    cfg = dataclasses.replace(
+        runner_cfg, training_tokens=mse_tokens, is_dataset_tokenized="tokens" in (dataset.column_names or [])
+    )
+    runner = LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model)
+    return runner.run()
+
+
+def fresh_sae(
+    runner_cfg: LanguageModelSAERunnerConfig[Any], model: HookedTransformer, data: DataSource
+) -> TrainingSAE[Any]:
+    """The SAE SAELens's runner would start from, with the metadata it would record."""
+    runner = LanguageModelSAETrainingRunner(
+        runner_cfg, override_dataset=as_hf_dataset(data), override_model=model
+    )
+    runner._set_sae_metadata()  # sae-lens 6.54: metadata is only set inside run(); same fields here
+    return runner.sae
+
+
+def train_with_kl_phase(
+    runner_cfg: LanguageModelSAERunnerConfig[Any],
+    model: HookedTransformer,
+    data: DataSource,
+    *,
+    kl_fraction: float = 0.05,
+    eval_data: DataSource | None = None,
+    save_dir: Path | None = None,
+    mse_sae: TrainingSAE[Any] | None = None,
+    callbacks: Sequence[StepCallback] = (),
+    **kl_options: Any,
+) -> TrainResult:
+    """Train an SAE with SAELens for (1 - kl_fraction) of `runner_cfg.training_tokens`, then
+    fine-tune it with KL+MSE on the following `kl_fraction` of the token stream.
+
+    kl_fraction=1.0 trains end to end (KL+MSE from SAELens's initialisation). Pass `mse_sae` to
+    reuse a cached MSE phase. `kl_options` go to `kl_finetune` (loss, lr, batch_size, ...).
+    """
+    if not 0 < kl_fraction <= 1:
+        raise ValueError(f"kl_fraction={kl_fraction} must lie in (0, 1].")
+    total = runner_cfg.training_tokens
+    kl_tokens = round(total * kl_fraction)
+    mse_tokens = total - kl_tokens
+    if mse_sae is None:
+        mse_sae = mse_phase(runner_cfg, model, data, mse_tokens) if mse_tokens > 0 else None
+    start = mse_sae if mse_sae is not None else fresh_sae(runner_cfg, model, data)
+    context_size = runner_cfg.context_size
+    # The KL phase reads the token stream after the sequences the MSE phase consumed (SAELens's
+    # store packs sequences the same way; its read-ahead buffer makes the boundary approximate).
+    skip = -(-mse_tokens // context_size)
+    n_seq = -(-kl_tokens // context_size)
+    stream = token_sequences(data, model, context_size, runner_cfg.prepend_bos)
+    kl_sequences = take(itertools.islice(stream, skip, None), n_seq)
+    if kl_sequences is None:
+        raise DataError(
+            f"The training data has fewer than {skip + n_seq} sequences of {context_size} "
+            "tokens, needed for the MSE phase and the KL phase after it; pass more data or "
+            "lower training_tokens."
+        )
+    if eval_data is None:
+        # Held out: the sequences after the KL phase's, never trained on by either phase.
+        eval_tokens = kl_options.get("eval_tokens", 65_536)
+        eval_data = take(stream, -(-eval_tokens // context_size)) if eval_tokens else None
+        if eval_tokens and eval_data is None:
+            raise DataError(
+                "The training data has no sequences left for the held-out evaluation; pass "
+                "eval_data or more data, or eval_tokens=0."
+            )
+    tuned = kl_finetune(
+        start,
+        model,
+        kl_sequences,
+        tokens=n_seq * context_size,
+        eval_data=eval_data,
+        save_dir=save_dir,
+        callbacks=callbacks,
+        **kl_options,
+    )
+    return TrainResult(
+        mse_sae=mse_sae,
+        sae=tuned,
+        mse_tokens=mse_tokens,
+        kl_tokens=n_seq * context_size,
+        kl_data=kl_sequences,
+        eval_data=eval_data,
+    )

