@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -180,13 +181,19 @@ def _plan(
                 f"save_dir {out_dir} exists and is not empty; pass overwrite=True to "
                 "replace its SAE files, resume_from to continue its run, or another save_dir."
             )
+    # Everything downstream (trainer, checkpoints, reports) sees the resolved values.
+    cfg = dataclasses.replace(
+        cfg,
+        context_size=context_size,
+        prepend_bos=cfg.prepend_bos if cfg.prepend_bos is not None else metadata.prepend_bos is not False,
+    )
     if checkpoint is not None:
-        _check_resume_config(checkpoint, cfg, context_size)
+        _check_resume_config(checkpoint, cfg)
     return _Plan(
         cfg=cfg,
         site=site,
         context_size=context_size,
-        prepend_bos=cfg.prepend_bos if cfg.prepend_bos is not None else metadata.prepend_bos is not False,
+        prepend_bos=bool(cfg.prepend_bos),
         prefix_reuse=cfg.prefix_reuse and supports_prefix_reuse(model, site),
         data=data,
         save_dir=out_dir,
@@ -227,17 +234,12 @@ def _find_checkpoint(path: Path) -> Path:
     )
 
 
-def _check_resume_config(checkpoint: Path, cfg: KLFinetuneConfig, context_size: int) -> None:
+def _check_resume_config(checkpoint: Path, cfg: KLFinetuneConfig) -> None:
     saved = json.loads((checkpoint / FINETUNE_STATE_FILENAME).read_text())["config"]
-    current = {**cfg.to_dict(), "context_size": cfg.context_size}
-    saved_ctx = saved.get("context_size")
-    differing = [
-        name for name in _RESUME_MUST_MATCH if name != "context_size" and saved.get(name) != current.get(name)
-    ]
-    if saved_ctx is not None and saved_ctx != context_size:
-        differing.append("context_size")
+    current = cfg.to_dict()
+    differing = [name for name in _RESUME_MUST_MATCH if saved.get(name) != current[name]]
     if differing:
-        detail = ", ".join(f"{n}: checkpoint {saved.get(n)!r} vs now {current.get(n)!r}" for n in differing)
+        detail = ", ".join(f"{n}: checkpoint {saved.get(n)!r} vs now {current[n]!r}" for n in differing)
         raise ValueError(
             f"Cannot resume from {checkpoint}: settings differ ({detail}). Resume with "
             "the settings of the original run."
