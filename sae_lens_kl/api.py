@@ -30,7 +30,7 @@ from sae_lens_kl.architectures import (
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataError, DataSource, batched, describe, take, token_sequences
-from sae_lens_kl.evaluate import EvalResult, evaluate_tokens, special_token_ids
+from sae_lens_kl.evaluate import EvalResult, HeldOutEvaluator, special_token_ids
 from sae_lens_kl.splice import HookSite, hook_width, supports_prefix_reuse
 from sae_lens_kl.trainer import FINETUNE_STATE_FILENAME, KLFinetuneTrainer, StepCallback
 
@@ -291,11 +291,9 @@ def _run(
                 f"{cfg.eval_tokens}; lower eval_tokens or pass more data."
             )
 
-    def run_eval(target: SAE[Any]) -> EvalResult | None:
-        if eval_sequences is None:
-            return None
-        return evaluate_tokens(
-            target,
+    evaluator = None
+    if eval_sequences is not None:
+        evaluator = HeldOutEvaluator(
             model,
             eval_sequences,
             batch_size=cfg.eval_batch_size,
@@ -304,6 +302,9 @@ def _run(
             chunk_tokens=cfg.kl_chunk_tokens,
             prefix_reuse=plan.prefix_reuse,
         )
+
+    def run_eval(target: SAE[Any]) -> EvalResult | None:
+        return None if evaluator is None else evaluator(target)
 
     if plan.checkpoint is not None:
         training = TrainingSAE.load_from_disk(plan.checkpoint, device=str(device))

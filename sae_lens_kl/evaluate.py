@@ -96,8 +96,7 @@ def evaluate(
         if sequences is None:
             raise DataError(f"The evaluation data holds fewer than {n_seq} sequences of {ctx} tokens.")
     ignored = special_token_ids(model) if exclude_special_tokens else []
-    return evaluate_tokens(
-        sae,
+    evaluator = HeldOutEvaluator(
         model,
         sequences,
         batch_size=batch_size,
@@ -106,86 +105,115 @@ def evaluate(
         chunk_tokens=chunk_tokens,
         prefix_reuse=prefix_reuse,
     )
+    return evaluator(sae)
 
 
-@torch.no_grad()
-def evaluate_tokens(
-    sae: SAE[Any],
-    model: HookedRootModule,
-    sequences: torch.Tensor,
-    *,
-    batch_size: int,
-    special_token_ids: list[int],
-    exclude_first_positions: int,
-    chunk_tokens: int,
-    prefix_reuse: bool = True,
-) -> EvalResult:
-    if isinstance(sae, TrainingSAE):
-        sae = to_inference_sae(sae)
-    site = HookSite.for_model(model, sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_head_index)
-    reuse = prefix_reuse and supports_prefix_reuse(model, site)
-    projection = VocabProjection.for_run(model, reuse)
-    device = next(model.parameters()).device
-    ce: dict[str, list[torch.Tensor]] = {"clean": [], "spliced": [], "ablated": []}
-    kls: dict[str, list[torch.Tensor]] = {"spliced": [], "ablated": []}
-    l0s, sq_errors = [], []
-    variance = ExplainedVarianceCalculator()
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
+class HeldOutEvaluator:
+    """Evaluates SAEs on fixed token sequences. What does not depend on the SAE (clean and
+    zero-ablation CE, ablation KL: per-token numbers) is computed by the first call and reused, so
+    an "after" evaluation runs only the clean and spliced suffixes."""
 
-    for batch in tqdm(sequences.split(batch_size), desc="Evaluating", leave=False):
-        tokens = batch.to(device)
-        keep = position_mask(tokens, special_token_ids, exclude_first_positions)
-        prefix = run_prefix(model, tokens, site) if reuse else None
-        clean_out, acts = run_to_output(model, tokens, prefix, site)
-        with flat_activations(sae):
-            feature_acts = sae.encode(acts.to(sae.device))
-            recon = sae.decode(feature_acts).to(acts.device, acts.dtype)
-        spliced_acts = torch.where(keep[..., None], recon, acts)
-        spliced_out, _ = run_to_output(model, tokens, prefix, site, lambda _, new=spliced_acts: new)
-        ablated_out, _ = run_to_output(model, tokens, prefix, site, torch.zeros_like)
+    def __init__(
+        self,
+        model: HookedRootModule,
+        sequences: torch.Tensor,
+        *,
+        batch_size: int,
+        special_token_ids: list[int],
+        exclude_first_positions: int,
+        chunk_tokens: int,
+        prefix_reuse: bool = True,
+    ) -> None:
+        self.model = model
+        self.batches = sequences.split(batch_size)
+        self.special_token_ids = special_token_ids
+        self.exclude_first_positions = exclude_first_positions
+        self.chunk_tokens = chunk_tokens
+        self.prefix_reuse = prefix_reuse
+        self._baseline: dict[tuple[str, int | None], list[dict[str, torch.Tensor]]] = {}
 
-        ce_rows = keep[:, :-1].flatten()
-        targets = tokens[:, 1:].flatten()
-        for name, output in (
-            ("clean", clean_out),
-            ("spliced", spliced_out),
-            ("ablated", ablated_out),
-        ):
-            per_token = cross_entropy_per_token(
-                output[:, :-1].flatten(0, 1), targets, projection, chunk_tokens
+    @torch.no_grad()
+    def __call__(self, sae: SAE[Any]) -> EvalResult:
+        if isinstance(sae, TrainingSAE):
+            sae = to_inference_sae(sae)
+        model, metadata = self.model, sae.cfg.metadata
+        site = HookSite.for_model(model, metadata.hook_name, metadata.hook_head_index)
+        reuse = self.prefix_reuse and supports_prefix_reuse(model, site)
+        projection = VocabProjection.for_run(model, reuse)
+        device = next(model.parameters()).device
+        baseline = self._baseline.get((site.hook_name, site.head_index))
+        new_baseline: list[dict[str, torch.Tensor]] = []
+        parts: dict[str, list[torch.Tensor]] = {
+            name: [] for name in ("ce_clean", "ce_ablated", "kl_ablated", "ce_spliced", "kl", "l0", "mse")
+        }
+        variance = ExplainedVarianceCalculator()
+        fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
+
+        for index, batch in enumerate(tqdm(self.batches, desc="Evaluating", leave=False)):
+            tokens = batch.to(device)
+            keep = position_mask(tokens, self.special_token_ids, self.exclude_first_positions)
+            kept, ce_rows = keep.flatten(), keep[:, :-1].flatten()
+            targets = tokens[:, 1:].flatten()
+            prefix = run_prefix(model, tokens, site) if reuse else None
+            clean_out, acts = run_to_output(model, tokens, prefix, site)
+            clean_flat = clean_out.flatten(0, 1)
+
+            def ce(
+                output: torch.Tensor, rows: torch.Tensor = ce_rows, targets: torch.Tensor = targets
+            ) -> torch.Tensor:
+                per_token = cross_entropy_per_token(
+                    output[:, :-1].flatten(0, 1), targets, projection, self.chunk_tokens
+                )
+                return per_token[rows]
+
+            if baseline is None:
+                ablated_out, _ = run_to_output(model, tokens, prefix, site, torch.zeros_like)
+                batch_baseline = {
+                    "ce_clean": ce(clean_out),
+                    "ce_ablated": ce(ablated_out),
+                    "kl_ablated": kl_per_token(
+                        clean_flat, ablated_out.flatten(0, 1), projection, self.chunk_tokens
+                    )[kept],
+                }
+                new_baseline.append(batch_baseline)
+            else:
+                batch_baseline = baseline[index]
+            for name, values in batch_baseline.items():
+                parts[name].append(values)
+
+            with flat_activations(sae):
+                feature_acts = sae.encode(acts.to(sae.device))
+                recon = sae.decode(feature_acts).to(acts.device, acts.dtype)
+            spliced_acts = torch.where(keep[..., None], recon, acts)
+            spliced_out, _ = run_to_output(model, tokens, prefix, site, lambda _, new=spliced_acts: new)
+            parts["ce_spliced"].append(ce(spliced_out))
+            parts["kl"].append(
+                kl_per_token(clean_flat, spliced_out.flatten(0, 1), projection, self.chunk_tokens)[kept]
             )
-            ce[name].append(per_token[ce_rows])
-        kept = keep.flatten()
-        clean_flat = clean_out.flatten(0, 1)
-        for name, output in (("spliced", spliced_out), ("ablated", ablated_out)):
-            per_token = kl_per_token(clean_flat, output.flatten(0, 1), projection, chunk_tokens)
-            kls[name].append(per_token[kept])
 
-        x = acts[keep].float()
-        x_hat = recon[keep].float()
-        active = feature_acts[keep.to(feature_acts.device)] != 0
-        l0s.append(active.sum(-1).float())
-        sq_errors.append((x - x_hat).pow(2).sum(-1))
-        variance.add_batch(sae_output=x_hat, hidden_acts=x)
-        fired |= active.any(0)
+            x, x_hat = acts[keep].float(), recon[keep].float()
+            active = feature_acts[keep.to(feature_acts.device)] != 0
+            parts["l0"].append(active.sum(-1).float())
+            parts["mse"].append((x - x_hat).pow(2).sum(-1))
+            variance.add_batch(sae_output=x_hat, hidden_acts=x)
+            fired |= active.any(0)
 
-    def mean(parts: list[torch.Tensor]) -> float:
-        return torch.cat(parts).float().mean().item()
-
-    ce_clean, ce_spliced, ce_ablated = mean(ce["clean"]), mean(ce["spliced"]), mean(ce["ablated"])
-    kl, kl_ablated = mean(kls["spliced"]), mean(kls["ablated"])
-    return EvalResult(
-        ce_clean=ce_clean,
-        ce_spliced=ce_spliced,
-        ce_ablated=ce_ablated,
-        ce_gap=ce_spliced - ce_clean,
-        ce_score=(ce_ablated - ce_spliced) / (ce_ablated - ce_clean),
-        kl=kl,
-        kl_ablated=kl_ablated,
-        kl_score=(kl_ablated - kl) / kl_ablated,
-        l0=mean(l0s),
-        mse=mean(sq_errors),
-        explained_variance=variance.compute(),
-        dead_latents=int((~fired).sum().item()),
-        n_tokens=int(sum(part.numel() for part in l0s)),
-    )
+        if baseline is None:
+            self._baseline[(site.hook_name, site.head_index)] = new_baseline
+        means = {name: torch.cat(values).float().mean().item() for name, values in parts.items()}
+        ce_clean, ce_spliced, ce_ablated = means["ce_clean"], means["ce_spliced"], means["ce_ablated"]
+        return EvalResult(
+            ce_clean=ce_clean,
+            ce_spliced=ce_spliced,
+            ce_ablated=ce_ablated,
+            ce_gap=ce_spliced - ce_clean,
+            ce_score=(ce_ablated - ce_spliced) / (ce_ablated - ce_clean),
+            kl=means["kl"],
+            kl_ablated=means["kl_ablated"],
+            kl_score=(means["kl_ablated"] - means["kl"]) / means["kl_ablated"],
+            l0=means["l0"],
+            mse=means["mse"],
+            explained_variance=variance.compute(),
+            dead_latents=int((~fired).sum().item()),
+            n_tokens=sum(part.numel() for part in parts["l0"]),
+        )

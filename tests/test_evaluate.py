@@ -95,3 +95,20 @@ def test_evaluate_agrees_with_sae_lens_evals(architecture: str) -> None:
         assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     assert ours.ce_gap == pytest.approx(ours.ce_spliced - ours.ce_clean)
     assert ours.kl > 0 and ours.ce_gap != 0
+
+
+def test_reused_baseline_gives_the_same_numbers_as_a_fresh_evaluation() -> None:
+    from sae_lens_kl.evaluate import HeldOutEvaluator
+
+    model = tiny_text_model()
+    tokens = take(token_sequences(sentences(100), model, CTX, prepend_bos=True), 8)
+    first, second = make_sae("topk", seed=1), make_sae("standard", seed=2)
+    options = {
+        "batch_size": BATCH,
+        "special_token_ids": [0, 1],
+        "exclude_first_positions": 1,
+        "chunk_tokens": 7,
+    }
+    shared = HeldOutEvaluator(model, tokens, **options)
+    shared(first)
+    assert shared(second) == HeldOutEvaluator(model, tokens, **options)(second)
