@@ -199,10 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Share of tokens in the KL+MSE phase (default: %(default)s).",
     )
     train.add_argument(
-        "--mse-lr", type=float, default=4e-4, help="MSE-phase learning rate (default: %(default)s)."
+        "--mse-lr", type=float, default=2e-3, help="MSE-phase learning rate (default: %(default)s)."
     )
     train.add_argument(
-        "--train-batch-size-tokens", type=int, default=1024, help="MSE-phase batch (default: %(default)s)."
+        "--train-batch-size-tokens", type=int, default=512, help="MSE-phase batch (default: %(default)s)."
     )
     train.add_argument("--data", default=None, help="Training text (default: the Django docs corpus).")
     train.add_argument(

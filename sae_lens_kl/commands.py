@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 from dataclasses import fields
@@ -117,6 +118,9 @@ def demo(args: argparse.Namespace) -> None:
     context_size, batch_size, sinks = 128, 8, 2
     hook = "blocks.15.hook_resid_post"
     kl_tokens = args.kl_steps * batch_size * context_size
+    # MSE phase settings measured here: lr 2e-3 with 512-token batches reaches explained variance
+    # ~0.76 on 184k tokens (lr 4e-4 with 1024-token batches: ~0.54).
+    mse_lr, mse_batch_tokens = 2e-3, 512
     runner_cfg = runner_config(
         model,
         hook,
@@ -125,8 +129,8 @@ def demo(args: argparse.Namespace) -> None:
         32,
         args.mse_tokens,
         context_size,
-        4e-4,
-        1024,
+        mse_lr,
+        mse_batch_tokens,
         sinks,
         f"django-{DJANGO_VERSION}-docs",
     )
@@ -145,19 +149,7 @@ def demo(args: argparse.Namespace) -> None:
     history = History()
     print(f"KL+MSE phase: {args.kl_steps} steps of {batch_size}x{context_size} tokens, lr {args.lr}")
     result = train_with_kl_phase(
-        runner_config(
-            model,
-            hook,
-            "topk",
-            4608,
-            32,
-            total,
-            context_size,
-            4e-4,
-            1024,
-            sinks,
-            f"django-{DJANGO_VERSION}-docs",
-        ),
+        dataclasses.replace(runner_cfg, training_tokens=total),
         model,
         corpus.train,
         kl_fraction=kl_tokens / total,

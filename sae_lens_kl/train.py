@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, TrainingSAE
 from transformer_lens import HookedTransformer
 
@@ -57,6 +58,8 @@ def mse_phase(
     cfg = dataclasses.replace(
         runner_cfg, training_tokens=mse_tokens, is_dataset_tokenized="tokens" in (dataset.column_names or [])
     )
+    # The runner's SAE initialisation and activation shuffling draw from torch's global generator.
+    torch.manual_seed(cfg.seed)
     runner = LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model)
     return runner.run()
 

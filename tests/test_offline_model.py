@@ -37,10 +37,10 @@ def test_train_with_kl_phase_on_the_real_model(smollm2, tmp_path) -> None:
         "topk",
         1152,
         16,
-        tokens=12 * 1024 + 4 * 4 * 64,
+        tokens=16 * 1024 + 4 * 4 * 64,
         context_size=64,
-        lr=1e-3,
-        batch_tokens=512,
+        lr=4e-3,
+        batch_tokens=256,
         sink_positions=2,
         dataset_name="django-docs",
     )
@@ -52,7 +52,7 @@ def test_train_with_kl_phase_on_the_real_model(smollm2, tmp_path) -> None:
         eval_data=corpus.eval,
         save_dir=tmp_path / "sae",
         batch_size=4,
-        lr=5e-4,
+        lr=2e-3,
         eval_tokens=8 * 64,
         eval_batch_size=4,
         exclude_first_positions=2,
@@ -63,7 +63,7 @@ def test_train_with_kl_phase_on_the_real_model(smollm2, tmp_path) -> None:
     # a real, MSE-trained SAE: it explains variance and costs CE when spliced in
     assert before["explained_variance"] > 0.3 and before["ce_gap"] > 0
     assert 2.0 < before["ce_clean"] < 5.0
-    assert after["kl"] < before["kl"]
+    assert after["kl"] < 0.99 * before["kl"]
     loaded = SAE.load_from_disk(tmp_path / "sae")
     x = torch.randn(8, 576) * 100
     with torch.no_grad():
