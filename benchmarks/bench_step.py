@@ -1,0 +1,291 @@
+"""Benchmark one KL+MSE fine-tune step: the reference step vs sae_lens_kl's engine.
+
+The reference step is how every public implementation computes it (Karvonen 2025's code, e2e_sae,
+sparsify, LoRA-for-SAEs): a clean full forward under no-grad, a spliced full forward with the SAE
+run once inside the hook (its MSE taken from that call), F.kl_div on full [B, T, V] log-probs,
+loss 0.5*(mse + alpha*kl), backward, Adam step. Ours goes through the public engine
+(`KLFinetuneTrainer.step`) with the same SAE weights and tokens.
+
+Model: GPT-2-small-shaped HookedTransformer with random weights (speed does not depend on trained
+weights); SAE: TopK, d_sae = 16*768, k = 64, at blocks.{2,6,10}.hook_resid_pre.
+
+    python benchmarks/bench_step.py --threads 2            # T=256, table
+    python benchmarks/bench_step.py --threads 2 --json      # plus one JSON object on the last line
+    python benchmarks/bench_step.py --threads 2 --long      # also peak memory at T=1024
+
+Timings alternate reference and ours in one process after warm-up (median of --repeats). Peak
+memory is measured per variant in its own subprocess: peak RSS above the baseline after model
+construction (CPU; /proc/self/clear_refs resets the high-water mark), or
+torch.cuda.max_memory_allocated (GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from sae_lens.saes.sae import TrainStepInput
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from sae_lens_kl import KLFinetuneConfig, KLFinetuneTrainer
+from sae_lens_kl.splice import HookSite
+
+D_MODEL, VOCAB = 768, 50257
+
+
+def build_model(device: str) -> HookedTransformer:
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=12,
+        d_model=D_MODEL,
+        n_heads=12,
+        d_head=64,
+        d_mlp=3072,
+        d_vocab=VOCAB,
+        n_ctx=1024,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        model_name="gpt2-shaped-random",
+        device=device,
+    )
+    model = HookedTransformer(cfg)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def build_sae(layer: int, device: str) -> TopKTrainingSAE:
+    torch.manual_seed(1)
+    cfg = TopKTrainingSAEConfig(
+        d_in=D_MODEL, d_sae=16 * D_MODEL, k=64, device=device, rescale_acts_by_decoder_norm=False
+    )
+    cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_pre"
+    return TopKTrainingSAE(cfg)
+
+
+class ReferenceStep:
+    """Two full forwards with hooks; the SAE runs once, inside the spliced forward's hook."""
+
+    def __init__(self, model: HookedTransformer, sae: TopKTrainingSAE) -> None:
+        self.model, self.sae = model, sae
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=5e-5)
+
+    def __call__(self, tokens: torch.Tensor) -> float:
+        hook_name = self.sae.cfg.metadata.hook_name
+        with torch.no_grad():
+            clean_logits = self.model(tokens)
+        captured: dict[str, Any] = {}
+
+        def splice(acts: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG001
+            out = self.sae.training_forward_pass(
+                TrainStepInput(
+                    sae_in=acts.flatten(0, 1),
+                    coefficients={},
+                    dead_neuron_mask=None,
+                    n_training_steps=0,
+                    is_logging_step=False,
+                )
+            )
+            captured["out"] = out
+            return out.sae_out.view_as(acts)
+
+        spliced_logits = self.model.run_with_hooks(tokens, fwd_hooks=[(hook_name, splice)])
+        log_p = F.log_softmax(clean_logits.float(), dim=-1)
+        log_q = F.log_softmax(spliced_logits.float(), dim=-1)
+        kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1).mean()
+        out = captured["out"]
+        mse = out.losses["mse_loss"]
+        alpha = (mse / (kl + 1e-8)).detach()
+        loss = 0.5 * (mse + alpha * kl) + (out.loss - mse)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return kl.item()
+
+
+class OurStep:
+    """The public engine: SAELens trainer subclass, prefix reuse, chunked KL."""
+
+    def __init__(self, model: HookedTransformer, sae: TopKTrainingSAE, seq: int, batch: int) -> None:
+        cfg = KLFinetuneConfig(
+            tokens=10**12, batch_size=batch, context_size=seq, exclude_special_tokens=False
+        )
+        self.trainer = KLFinetuneTrainer(
+            sae,
+            model,
+            iter(()),
+            cfg,
+            site=HookSite.for_model(model, sae.cfg.metadata.hook_name, None),
+            context_size=seq,
+            prefix_reuse=True,
+        )
+
+    def __call__(self, tokens: torch.Tensor) -> float:
+        output = self.trainer.step(tokens)
+        self.trainer.n_training_steps += 1
+        return float(output.metrics["kl"])
+
+
+VARIANTS: dict[str, Callable[..., Callable[[torch.Tensor], float]]] = {
+    "reference": lambda model, sae, seq, batch: ReferenceStep(model, sae),  # noqa: ARG005
+    "ours": OurStep,
+}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_variants(args: argparse.Namespace, layer: int, model: HookedTransformer) -> dict[str, float]:
+    tokens = torch.randint(0, VOCAB, (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
+    tokens = tokens.to(args.device)
+    steps = {
+        name: make(model, build_sae(layer, args.device), args.seq, args.batch)
+        for name, make in VARIANTS.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for repeat in range(args.warmup + args.repeats):
+        for name, step in steps.items():  # alternate, so drift hits both alike
+            sync(args.device)
+            started = time.perf_counter()
+            step(tokens)
+            sync(args.device)
+            if repeat >= args.warmup:
+                times[name].append((time.perf_counter() - started) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_memory_child(args: argparse.Namespace) -> None:
+    """Run in a subprocess: setup, then two steps of one variant; print peak memory above setup."""
+    model = build_model(args.device)
+    tokens = torch.randint(0, VOCAB, (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
+    step = VARIANTS[args.variant](model, build_sae(args.layer, args.device), args.seq, args.batch)
+    tokens = tokens.to(args.device)
+    if args.device.startswith("cuda"):
+        sync(args.device)
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        for _ in range(2):
+            step(tokens)
+        sync(args.device)
+        peak = torch.cuda.max_memory_allocated() - baseline
+    else:
+
+        def status(field: str) -> int:
+            lines = open("/proc/self/status").read().splitlines()  # noqa: SIM115
+            return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field))
+
+        baseline = status("VmRSS:")
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset the peak-RSS high-water mark
+        for _ in range(2):
+            step(tokens)
+        peak = status("VmHWM:") - baseline
+    print(json.dumps({"peak_bytes": peak}))
+
+
+def peak_memory(args: argparse.Namespace, variant: str, layer: int, seq: int) -> int:
+    command = [
+        sys.executable,
+        __file__,
+        "--_memory-child",
+        "--variant",
+        variant,
+        "--layer",
+        str(layer),
+        "--seq",
+        str(seq),
+        "--batch",
+        str(args.batch),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--layers", default="2,6,10")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--long", action="store_true", help="also measure peak memory at T=1024")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    parser.add_argument("--_memory-child", dest="memory_child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="ours", help=argparse.SUPPRESS)
+    parser.add_argument("--layer", type=int, default=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        peak_memory_child(args)
+        return
+
+    model = build_model(args.device)
+    layers = [int(x) for x in args.layers.split(",")]
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"machine: {cpu}, {os.cpu_count()} cores, device {args.device}, torch threads {args.threads}, "
+        f"torch {torch.__version__}; B={args.batch} T={args.seq}; median of {args.repeats} after "
+        f"{args.warmup} warm-up"
+    )
+    print(f"{'layer':>5} {'variant':>10} {'ms/step':>9} {'tokens/s':>9} {'speedup':>8}")
+    speedups: dict[str, float] = {}
+    for layer in layers:
+        medians = time_variants(args, layer, model)
+        reference = medians["reference"]
+        for name, ms in medians.items():
+            speedup = reference / ms
+            print(
+                f"{layer:>5} {name:>10} {ms:>9.1f} {args.batch * args.seq / ms * 1000:>9.0f} {speedup:>8.2f}"
+            )
+        speedups[str(layer)] = reference / medians["ours"]
+
+    results: dict[str, Any] = {
+        "online_speedup": speedups,
+        "online_peak_mem_ratio_T1024": None,
+        "cached_speedup": {"6": None},
+        "multi_sae_speedup_n4": None,
+        "vs_sparsify": {"online": None, "cached": None},
+        "machine": {
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "device": args.device,
+            "threads": args.threads,
+            "torch": torch.__version__,
+        },
+        "shape": {"batch": args.batch, "seq": args.seq, "repeats": args.repeats},
+    }
+    if args.long:
+        peaks = {name: peak_memory(args, name, 6, 1024) for name in VARIANTS}
+        for name, peak in peaks.items():
+            print(f"peak memory above setup, layer 6, T=1024, {name}: {peak / 2**20:.0f} MiB")
+        results["online_peak_mem_ratio_T1024"] = peaks["ours"] / peaks["reference"]
+        results["peak_mem_bytes_T1024"] = peaks
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
