@@ -38,9 +38,12 @@ class _ChunkedKL(torch.autograd.Function):
             log_p = F.log_softmax(projection.logits(clean[rows]), dim=-1)
             spliced_logits = projection.logits(spliced[rows])
             log_q = F.log_softmax(spliced_logits, dim=-1)
-            total += F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+            # One exp per distribution serves both the value and the gradient (F.kl_div would
+            # exponentiate log_p again): sum p * (log_p - log_q), and (q - p) / n.
+            p = log_p.exp()
+            total += torch.sum(p * (log_p - log_q))
             if grad_spliced is not None:
-                grad_logits = (log_q.exp() - log_p.exp()) / n_tokens
+                grad_logits = log_q.exp_().sub_(p).div_(n_tokens)
                 grad_spliced[rows] = projection.backward(grad_logits, spliced_logits, spliced.dtype)
         ctx.save_for_backward(grad_spliced)
         return total / n_tokens
