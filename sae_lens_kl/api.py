@@ -155,6 +155,16 @@ def _plan(
         raise ValueError(
             f"context_size={context_size} exceeds the model's n_ctx={n_ctx}; pass context_size<={n_ctx}."
         )
+    if cfg.sparsity_controller == "on" and sae.cfg.architecture() not in SPARSITY_COEFFICIENT:
+        raise ValueError(
+            f"sparsity_controller='on' needs an L1 or L0 penalised SAE "
+            f"({sorted(SPARSITY_COEFFICIENT)}); {sae.cfg.architecture()!r} has no sparsity coefficient."
+        )
+    if cfg.exclude_first_positions >= context_size:
+        raise ValueError(
+            f"exclude_first_positions={cfg.exclude_first_positions} leaves no position of a "
+            f"{context_size}-token sequence to train on; lower it or raise context_size."
+        )
     tokens_per_step = cfg.batch_size * context_size
     if cfg.tokens < tokens_per_step:
         raise ValueError(
@@ -327,11 +337,6 @@ def _run(
     wants_controller = cfg.sparsity_controller == "on" or (
         cfg.sparsity_controller == "auto" and coefficient == "l1"
     )
-    if cfg.sparsity_controller == "on" and coefficient is None:
-        raise ValueError(
-            f"sparsity_controller='on' needs an L1 or L0 penalised SAE; "
-            f"{training.cfg.architecture()!r} has no sparsity coefficient."
-        )
     controller = None
     if wants_controller and coefficient is not None:
         target = cfg.target_l0 if cfg.target_l0 is not None else (before.l0 if before else None)

@@ -8,6 +8,7 @@ sparsity statistics, checkpoint layout and wandb logging are SAELens's.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -162,7 +163,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         loss_value, kl_value, alpha_value, l0_value = torch.stack(
             [t.detach().float().cpu() if t is not None else nan for t in (loss, kl, alpha, l0)]
         ).tolist()
-        if not torch.isfinite(torch.tensor(loss_value)):
+        if not math.isfinite(loss_value):
             raise NonFiniteLossError(
                 f"The loss became {loss_value} at step {self.n_training_steps} (after "
                 f"{self.n_training_samples - self.tokens_per_step} training tokens); the SAE was not "

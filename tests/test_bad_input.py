@@ -114,3 +114,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path) -> N
         )
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["128"]
     assert not (tmp_path / "run" / "cfg.json").exists()
+
+
+def test_excluding_every_position() -> None:
+    with pytest.raises(ValueError, match="exclude_first_positions=16 leaves no position"):
+        finetune(exclude_first_positions=16)
+
+
+def test_controller_on_an_sae_without_a_sparsity_coefficient() -> None:
+    with pytest.raises(ValueError, match="'topk' has no sparsity coefficient"):
+        finetune(sparsity_controller="on")
