@@ -170,3 +170,12 @@ def test_wandb_logging_through_sae_lens_logger(tmp_path, monkeypatch) -> None:
     history = runs[0].read_bytes()
     for key in (b"losses/kl_loss", b"losses/mse_loss", b"metrics/alpha", b"metrics/l0"):
         assert key in history, key
+
+
+def test_bfloat16_language_model_with_float32_sae() -> None:
+    model = tiny_model(dtype=torch.bfloat16)
+    sae = make_sae("topk")
+    tuned = kl_finetune(sae, model, DATA, tokens=8 * 4 * SEQ, lr=2e-3, **FAST)
+    report = tuned.cfg.metadata.kl_finetune
+    assert tuned.W_dec.dtype == torch.float32
+    assert report["after"]["kl"] < report["before"]["kl"]
