@@ -84,6 +84,12 @@ class KLFinetuneConfig:
     device: str | None = None
     """Device of the SAE and tokens; default: the model's device."""
 
+    sparse_topk: bool | None = None
+    """TopK SAEs train with SAELens's sparse activations (use_sparse_activations: COO latents and a
+    sparse decode) — the same outputs, fewer FLOPs when k << d_sae. None: on for CPU, where it
+    measured faster (GPT-2-small shape, k=64 of 12288 latents: 2223 -> 2080 ms per step on 2
+    threads); off on GPU, where it has not been measured."""
+
     prefix_reuse: bool = True
     """Run the layers before the SAE's block once and continue from there with start_at_layer. False
     (or a model without start_at_layer) runs two full hooked forwards per step."""

@@ -20,6 +20,7 @@ import torch
 from sae_lens import LoggingConfig, TrainingSAE
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from sae_lens.saes.topk_sae import TopK, TopKTrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookedRootModule
@@ -48,6 +49,19 @@ def position_mask(
     return keep
 
 
+def use_sparse_topk(sae: TrainingSAE[Any], enabled: bool) -> None:
+    """Switch a TopK training SAE to (or from) SAELens's sparse activations; other SAEs untouched."""
+    if isinstance(sae, TopKTrainingSAE) and type(sae.activation_fn) is TopK:
+        sae.cfg.use_sparse_activations = enabled
+        sae.activation_fn = sae.get_activation_fn()
+
+
+@torch.no_grad()
+def _firing(feature_acts: torch.Tensor) -> torch.Tensor:
+    """[rows, d_sae] bool: which latents fired; accepts SAELens's sparse TopK activations."""
+    return (feature_acts.to_dense() if feature_acts.is_sparse else feature_acts) != 0
+
+
 class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
     def __init__(
         self,
@@ -66,6 +80,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
     ) -> None:
         tokens_per_step = cfg.batch_size * context_size
         n_steps = cfg.tokens // tokens_per_step
+        use_sparse_topk(sae, cfg.sparse_topk if cfg.sparse_topk is not None else sae.device.type == "cpu")
         super().__init__(
             SAETrainerConfig(
                 total_training_samples=n_steps * tokens_per_step,
@@ -157,7 +172,8 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
             )
 
         loss, alpha = combine_losses(self.ft_cfg.loss, mse, kl, out.loss - mse, self.ft_cfg.kl_coefficient)
-        l0 = (out.feature_acts != 0).float().sum(-1).mean()
+        firing = _firing(out.feature_acts)
+        l0 = firing.sum(-1).float().mean()
         # One host sync per step, for the finiteness check, the controller and the progress bar.
         nan = torch.tensor(float("nan"))
         loss_value, kl_value, alpha_value, l0_value = torch.stack(
@@ -171,7 +187,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
                 "it with a lower lr, or check the data and the model's dtype."
             )
 
-        self._record_firing(out.feature_acts)
+        self._record_firing(firing)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         self.optimizer.step()
@@ -189,14 +205,12 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         return out
 
     @torch.no_grad()
-    def _record_firing(self, feature_acts: torch.Tensor) -> None:
+    def _record_firing(self, firing: torch.Tensor) -> None:
         """SAELens's dead-latent and firing-frequency statistics, over the rows actually trained."""
-        firing = feature_acts.bool().float()
-        did_fire = firing.sum(0).bool()
         self.n_forward_passes_since_fired += 1
-        self.n_forward_passes_since_fired[did_fire] = 0
+        self.n_forward_passes_since_fired[firing.any(0)] = 0
         self.act_freq_scores += firing.sum(0)
-        self.n_frac_active_samples += feature_acts.shape[0]
+        self.n_frac_active_samples += firing.shape[0]
 
     # ---- checkpoints ----------------------------------------------------------------------------
 

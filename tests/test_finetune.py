@@ -179,3 +179,14 @@ def test_bfloat16_language_model_with_float32_sae() -> None:
     report = tuned.cfg.metadata.kl_finetune
     assert tuned.W_dec.dtype == torch.float32
     assert report["after"]["kl"] < report["before"]["kl"]
+
+
+def test_sparse_topk_activations_train_like_dense_ones() -> None:
+    model = tiny_model()
+    sae = make_sae("topk")
+    options = {"tokens": 6 * 4 * SEQ, "lr": 2e-3, **FAST}
+    sparse = kl_finetune(sae, model, DATA, sparse_topk=True, **options)
+    dense = kl_finetune(sae, model, DATA, sparse_topk=False, **options)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), rtol=1e-4, atol=1e-6)
+    assert not torch.equal(sparse.W_dec, sae.W_dec)
