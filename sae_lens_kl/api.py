@@ -27,6 +27,7 @@ from sae_lens_kl.architectures import (
     to_inference_sae,
     to_training_sae,
 )
+from sae_lens_kl.cache import CleanPassCache, CleanRun
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataError, DataSource, batched, describe, take, token_sequences
@@ -149,6 +150,20 @@ def _plan(
     model_cfg = getattr(model, "cfg", None)
     if cfg.check_model_name and metadata.model_name and model_cfg is not None:
         _check_model_name(metadata.model_name, model_cfg.model_name)
+    cache_bos = None
+    if isinstance(data, CleanPassCache):
+        if not (cfg.prefix_reuse and supports_prefix_reuse(model, site)):
+            raise ValueError(
+                "Fine-tuning from a clean-pass cache needs a HookedTransformer and prefix_reuse=True."
+            )
+        data.check_compatible(model, site)
+        if cfg.context_size not in (None, data.context_size):
+            raise ValueError(
+                f"context_size={cfg.context_size}, but the cache holds {data.context_size}-token "
+                "sequences; leave context_size unset."
+            )
+        cfg = dataclasses.replace(cfg, context_size=data.context_size)
+        cache_bos = data.meta["prepend_bos"]
     context_size = cfg.context_size or metadata.context_size or 1024
     n_ctx = getattr(model_cfg, "n_ctx", None)
     if n_ctx is not None and context_size > n_ctx:
@@ -195,7 +210,11 @@ def _plan(
     cfg = dataclasses.replace(
         cfg,
         context_size=context_size,
-        prepend_bos=cfg.prepend_bos if cfg.prepend_bos is not None else metadata.prepend_bos is not False,
+        prepend_bos=cache_bos
+        if cache_bos is not None
+        else cfg.prepend_bos
+        if cfg.prepend_bos is not None
+        else metadata.prepend_bos is not False,
     )
     if checkpoint is not None:
         _check_resume_config(checkpoint, cfg)
@@ -282,24 +301,15 @@ def _run(
     device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
     ignored = special_token_ids(model) if cfg.exclude_special_tokens else []
 
-    # Held-out evaluation tokens come first in the stream (or from eval_data); training follows.
-    sequences = token_sequences(plan.data, model, plan.context_size, plan.prepend_bos)
-    n_eval_seq = -(-cfg.eval_tokens // plan.context_size)
-    eval_sequences = None
-    if n_eval_seq:
-        eval_source = (
-            sequences
-            if eval_data is None
-            else token_sequences(eval_data, model, plan.context_size, plan.prepend_bos)
-        )
-        eval_sequences = take(eval_source, n_eval_seq)
-        if eval_sequences is None:
-            raise DataError(
-                f"The {'evaluation ' if eval_data is not None else ''}data "
-                f"({describe(eval_data if eval_data is not None else plan.data)}) holds fewer "
-                f"than {n_eval_seq} sequences of {plan.context_size} tokens for eval_tokens="
-                f"{cfg.eval_tokens}; lower eval_tokens or pass more data."
-            )
+    consumed = 0
+    if plan.checkpoint is not None:
+        training = TrainingSAE.load_from_disk(plan.checkpoint, device=str(device))
+        state = json.loads((plan.checkpoint / FINETUNE_STATE_FILENAME).read_text())
+        consumed = state["train_sequences_consumed"]
+    else:
+        training = to_training_sae(sae, cfg.sparsity_coefficient).to(device)
+    eval_sequences, batches = _data_streams(plan, model, eval_data, consumed)
+    n_eval_seq = 0 if eval_sequences is None else len(eval_sequences)
 
     evaluator = None
     if eval_sequences is not None:
@@ -316,13 +326,6 @@ def _run(
     def run_eval(target: SAE[Any]) -> EvalResult | None:
         return None if evaluator is None else evaluator(target)
 
-    if plan.checkpoint is not None:
-        training = TrainingSAE.load_from_disk(plan.checkpoint, device=str(device))
-        state = json.loads((plan.checkpoint / FINETUNE_STATE_FILENAME).read_text())
-        sequences = itertools.islice(sequences, state["train_sequences_consumed"], None)
-    else:
-        training = to_training_sae(sae, cfg.sparsity_coefficient).to(device)
-    batches = batched(sequences, cfg.batch_size)
     first = next(batches, None)
     if first is None:
         raise DataError(
@@ -385,6 +388,42 @@ def _run(
     if plan.save_dir is not None:
         _save_artifact(tuned, trainer, report, plan.save_dir)
     return tuned
+
+
+def _data_streams(
+    plan: _Plan, model: HookedRootModule, eval_data: DataSource | None, consumed: int
+) -> tuple[torch.Tensor | None, Iterator[torch.Tensor | CleanRun]]:
+    """(held-out evaluation sequences, training batches after the `consumed` sequences). Held-out
+    sequences come first in the stream unless `eval_data` is given; training follows them."""
+    cfg = plan.cfg
+    n_eval_seq = -(-cfg.eval_tokens // plan.context_size)
+    described = describe(eval_data if eval_data is not None else plan.data)
+    too_short = DataError(
+        f"The {'evaluation ' if eval_data is not None else ''}data ({described}) holds fewer than "
+        f"{n_eval_seq} sequences of {plan.context_size} tokens for eval_tokens={cfg.eval_tokens}; "
+        "lower eval_tokens or pass more data."
+    )
+    eval_sequences = None
+    if eval_data is not None and n_eval_seq:
+        eval_sequences = take(
+            token_sequences(eval_data, model, plan.context_size, plan.prepend_bos), n_eval_seq
+        )
+        if eval_sequences is None:
+            raise too_short
+    if isinstance(plan.data, CleanPassCache):
+        held_out = 0
+        if eval_data is None and n_eval_seq:
+            eval_sequences, held_out = plan.data.tokens(n_eval_seq), n_eval_seq
+            if len(eval_sequences) < n_eval_seq:
+                raise too_short
+        # The cache is read epoch after epoch until the token budget is spent.
+        return eval_sequences, plan.data.runs(cfg.batch_size, held_out, consumed)
+    sequences = token_sequences(plan.data, model, plan.context_size, plan.prepend_bos)
+    if eval_data is None and n_eval_seq:
+        eval_sequences = take(sequences, n_eval_seq)
+        if eval_sequences is None:
+            raise too_short
+    return eval_sequences, batched(itertools.islice(sequences, consumed, None), cfg.batch_size)
 
 
 @contextmanager

@@ -74,6 +74,17 @@ class Prefix:
     start_layer: int
 
 
+@torch.no_grad()
+def cached_prefix(
+    model: HookedTransformer, tokens: torch.Tensor, residual: torch.Tensor, site: HookSite
+) -> Prefix:
+    """The Prefix of a cached clean pass: the stored residual, with the attention mask and
+    positional inputs that `input_to_embed` derives from the tokens (an embedding lookup)."""
+    assert site.block is not None
+    _, tokens, shortformer_pos_embed, attention_mask = model.input_to_embed(tokens)
+    return Prefix(residual, tokens, shortformer_pos_embed, attention_mask, site.block)
+
+
 def supports_prefix_reuse(model: HookedRootModule, site: HookSite) -> bool:
     return isinstance(model, HookedTransformer) and site.block is not None
 

@@ -25,10 +25,18 @@ from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookedRootModule
 
+from sae_lens_kl.cache import CleanRun
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.losses import combine_losses, kl_divergence
-from sae_lens_kl.splice import HookSite, VocabProjection, run_prefix, run_to_hook, run_to_output
+from sae_lens_kl.splice import (
+    HookSite,
+    VocabProjection,
+    cached_prefix,
+    run_prefix,
+    run_to_hook,
+    run_to_output,
+)
 
 FINETUNE_STATE_FILENAME = "kl_finetune_state.json"
 StepCallback = Callable[["KLFinetuneTrainer", TrainStepOutput], None]
@@ -120,26 +128,31 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
 
     # ---- the step -------------------------------------------------------------------------------
 
-    def step(self, batch: torch.Tensor) -> TrainStepOutput:
-        """One fine-tune step on a [batch, seq] token batch; counts tokens, not sequences."""
-        tokens = batch.to(self.sae.device)
-        self.n_training_samples += tokens.numel()
-        return self._train_step(sae=self.sae, sae_in=tokens)
+    def step(self, batch: torch.Tensor | CleanRun) -> TrainStepOutput:  # type: ignore[override]
+        """One fine-tune step on a [batch, seq] token batch (or a cached clean pass of one);
+        counts tokens, not sequences."""
+        batch = batch.to(self.sae.device)
+        self.n_training_samples += batch.numel()
+        return self._train_step(sae=self.sae, sae_in=batch)  # type: ignore[arg-type]
 
-    def _train_step(self, sae: TrainingSAE[Any], sae_in: torch.Tensor) -> TrainStepOutput:
-        tokens = sae_in  # SAETrainer's seam names it sae_in; here it is the token batch
-        keep = position_mask(tokens, self.special_token_ids, self.ft_cfg.exclude_first_positions)
-        kept_rows = keep.flatten().nonzero().squeeze(1)
-
-        # Clean pass: the layers before the SAE's block once, then the clean suffix (only up to the
-        # hook for the MSE-only control, which needs no distribution).
+    def _train_step(self, sae: TrainingSAE[Any], sae_in: torch.Tensor | CleanRun) -> TrainStepOutput:  # type: ignore[override]
+        # SAETrainer's seam names it sae_in; here it is the token batch or its cached clean pass.
         needs_kl = self.ft_cfg.loss != "mse"
         with torch.no_grad():
-            prefix = run_prefix(self.model, tokens, self.site) if self.prefix_reuse else None
-            if needs_kl:
-                clean_out, clean_acts = run_to_output(self.model, tokens, prefix, self.site)
+            if isinstance(sae_in, CleanRun):
+                tokens, clean_out, clean_acts = sae_in.tokens, sae_in.final, sae_in.acts
+                prefix = cached_prefix(self.model, tokens, sae_in.residual, self.site)
             else:
-                clean_acts = run_to_hook(self.model, tokens, prefix, self.site)
+                # Clean pass: the layers before the SAE's block once, then the clean suffix (only
+                # up to the hook for the MSE-only control, which needs no distribution).
+                tokens = sae_in
+                prefix = run_prefix(self.model, tokens, self.site) if self.prefix_reuse else None
+                if needs_kl:
+                    clean_out, clean_acts = run_to_output(self.model, tokens, prefix, self.site)
+                else:
+                    clean_acts = run_to_hook(self.model, tokens, prefix, self.site)
+        keep = position_mask(tokens, self.special_token_ids, self.ft_cfg.exclude_first_positions)
+        kept_rows = keep.flatten().nonzero().squeeze(1)
 
         # SAE on the clean activations at the kept positions, with its own sparsity/aux losses.
         sae.train()

@@ -1,0 +1,243 @@
+"""A cached clean pass ("amortised KL"): run the model once over a token budget and store what a
+KL fine-tune needs to skip the clean forward pass afterwards, exactly.
+
+Per token it stores, in the model's dtype: the residual stream entering the SAE's block (the
+suffix restarts from it), the activation at the hook point when that is not the same tensor, and
+the unembedding input after the final norm (the clean next-token distribution is recomputed from
+it with the model's own unembedding, exactly — no top-k logit approximation). Fine-tuning from a
+cache runs only the spliced suffix, the SAE and the unembedding of the clean logits; any number of
+SAEs at that hook, for any number of epochs, can reuse one cache.
+
+Disk format (version 1), a folder:
+  cache.json               model name, hook, block, context size, BOS, dtype, d_model, d_in,
+                           sequences per shard, shard names, total sequences (written last)
+  shard_00000.safetensors  tokens [n, seq] int64; residual [n, seq, d_model]; acts [n, seq, d_in]
+                           (absent for hook_resid_pre, where it equals residual); final [n, seq, d_model]
+Shards are written to temporary names and renamed, and cache.json last, so an interrupted build
+is never mistaken for a complete cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from sae_lens_kl.data import DataSource, take, token_sequences
+from sae_lens_kl.splice import HookSite, run_prefix, run_to_output
+
+FORMAT_VERSION = 1
+CACHE_FILENAME = "cache.json"
+
+
+@dataclass
+class CleanRun:
+    """One batch of the clean forward pass, read from a cache."""
+
+    tokens: torch.Tensor
+    residual: torch.Tensor
+    acts: torch.Tensor
+    final: torch.Tensor
+
+    def to(self, device: torch.device | str) -> CleanRun:
+        return CleanRun(*(t.to(device) for t in (self.tokens, self.residual, self.acts, self.final)))
+
+    def numel(self) -> int:
+        return self.tokens.numel()
+
+
+def _stores_acts(hook_name: str) -> bool:
+    return not hook_name.endswith("hook_resid_pre")
+
+
+def estimate_bytes(model: HookedTransformer, site: HookSite, d_in: int, n_tokens: int) -> int:
+    per_token = 2 * model.cfg.d_model + (d_in if _stores_acts(site.hook_name) else 0)
+    element = torch.empty((), dtype=model.cfg.dtype).element_size()
+    return n_tokens * (per_token * element + 8)
+
+
+def build_cache(
+    model: HookedTransformer,
+    data: DataSource,
+    hook_name: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    tokens: int,
+    context_size: int = 1024,
+    prepend_bos: bool = True,
+    hook_head_index: int | None = None,
+    batch_size: int = 8,
+    shard_sequences: int = 256,
+    overwrite: bool = False,
+) -> CleanPassCache:
+    """Run `model` once over the first `tokens` tokens of `data` and store the clean pass."""
+    site = HookSite.for_model(model, hook_name, hook_head_index)
+    if not isinstance(model, HookedTransformer) or site.block is None:
+        raise ValueError("A clean-pass cache needs a HookedTransformer and a hook inside a block.")
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True or another folder.")
+    n_seq = tokens // context_size
+    if n_seq < 1:
+        raise ValueError(f"tokens={tokens} is less than one sequence of {context_size} tokens.")
+    sequences = take(token_sequences(data, model, context_size, prepend_bos), n_seq)
+    if sequences is None:
+        raise ValueError(f"The data holds fewer than {n_seq} sequences of {context_size} tokens.")
+    probe_width = run_to_output(model, sequences[:1, :2].to(model.cfg.device), None, site)[1].shape[-1]
+    size = estimate_bytes(model, site, probe_width, n_seq * context_size)
+    print(
+        f"clean-pass cache: {n_seq} sequences x {context_size} tokens at {hook_name}, about "
+        f"{size / 2**30:.2f} GiB on disk in {out}"
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    shards: list[str] = []
+    try:
+        pending: dict[str, list[torch.Tensor]] = {"tokens": [], "residual": [], "acts": [], "final": []}
+
+        def flush() -> None:
+            if not pending["tokens"]:
+                return
+            tensors = {name: torch.cat(parts).contiguous() for name, parts in pending.items() if parts}
+            name = f"shard_{len(shards):05d}.safetensors"
+            save_file(tensors, staging / name)
+            os.replace(staging / name, out / name)
+            shards.append(name)
+            for parts in pending.values():
+                parts.clear()
+
+        with torch.no_grad():
+            for batch in tqdm(sequences.split(batch_size), desc="Caching clean pass"):
+                batch = batch.to(model.cfg.device)
+                prefix = run_prefix(model, batch, site)
+                final, acts = run_to_output(model, batch, prefix, site)
+                pending["tokens"].append(batch.cpu())
+                pending["residual"].append(prefix.residual.cpu())
+                if _stores_acts(hook_name):
+                    pending["acts"].append(acts.cpu())
+                pending["final"].append(final.cpu())
+                if sum(len(t) for t in pending["tokens"]) >= shard_sequences:
+                    flush()
+            flush()
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model_name": model.cfg.model_name,
+            "hook_name": hook_name,
+            "hook_head_index": hook_head_index,
+            "block": site.block,
+            "context_size": context_size,
+            "prepend_bos": prepend_bos,
+            "dtype": str(model.cfg.dtype).removeprefix("torch."),
+            "d_model": model.cfg.d_model,
+            "d_in": probe_width,
+            "n_sequences": n_seq,
+            "shards": shards,
+        }
+        (staging / CACHE_FILENAME).write_text(json.dumps(meta, indent=2))
+        os.replace(staging / CACHE_FILENAME, out / CACHE_FILENAME)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return CleanPassCache(out)
+
+
+class CleanPassCache:
+    """A finished clean-pass cache folder, read in order, shard by shard."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser()
+        meta_path = self.path / CACHE_FILENAME
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"{self.path} is not a finished clean-pass cache (no {CACHE_FILENAME}); "
+                "build one with sae_lens_kl.cache.build_cache or `sae-lens-kl cache`."
+            )
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{self.path}: cache format {self.meta.get('format_version')} is not "
+                f"{FORMAT_VERSION}; rebuild it."
+            )
+
+    @property
+    def hook_name(self) -> str:
+        return self.meta["hook_name"]
+
+    @property
+    def context_size(self) -> int:
+        return self.meta["context_size"]
+
+    @property
+    def n_sequences(self) -> int:
+        return self.meta["n_sequences"]
+
+    def check_compatible(self, model: HookedTransformer, site: HookSite) -> None:
+        if (site.hook_name, site.head_index) != (self.hook_name, self.meta["hook_head_index"]):
+            raise ValueError(
+                f"The cache {self.path} holds {self.hook_name!r} (head "
+                f"{self.meta['hook_head_index']}), not the SAE's {site.hook_name!r} "
+                f"(head {site.head_index}); build a cache for that hook."
+            )
+        if self.meta["model_name"] != model.cfg.model_name or self.meta["d_model"] != model.cfg.d_model:
+            raise ValueError(
+                f"The cache {self.path} was built with model {self.meta['model_name']!r}, "
+                f"not {model.cfg.model_name!r}."
+            )
+
+    def runs(self, batch_size: int, first_sequence: int = 0, consumed: int = 0) -> Iterator[CleanRun]:
+        """Batches of `batch_size` cached sequences from `first_sequence` on (the ones before are
+        held out), epoch after epoch; a resumed run passes the sequences it `consumed` already."""
+        per_epoch = (self.n_sequences - first_sequence) // batch_size * batch_size
+        if per_epoch <= 0:
+            raise ValueError(
+                f"The cache {self.path} holds {self.n_sequences} sequences: none left for a "
+                f"batch of {batch_size} after {first_sequence} held-out ones."
+            )
+        start = first_sequence + consumed % per_epoch
+        while True:
+            yield from self._batches(batch_size, start, first_sequence + per_epoch)
+            start = first_sequence
+
+    def _batches(self, batch_size: int, start: int, stop: int) -> Iterator[CleanRun]:
+        fields = ("tokens", "residual", "acts", "final")
+        pending: list[dict[str, torch.Tensor]] = []
+        offset = 0
+        for shard in self.meta["shards"]:
+            with safe_open(self.path / shard, framework="pt") as handle:
+                count = handle.get_slice("tokens").get_shape()[0]
+                lo, hi = max(start - offset, 0), min(stop - offset, count)
+                if lo < hi:
+                    names = set(handle.keys())
+                    pending.append(
+                        {
+                            name: handle.get_slice(name if name in names else "residual")[lo:hi]
+                            for name in fields
+                        }
+                    )
+            offset += count
+            while sum(len(part["tokens"]) for part in pending) >= batch_size:
+                merged = {name: torch.cat([part[name] for part in pending]) for name in fields}
+                yield CleanRun(*(merged[name][:batch_size] for name in fields))
+                rest = {name: merged[name][batch_size:] for name in fields}
+                pending = [rest] if len(rest["tokens"]) else []
+
+    def tokens(self, count: int) -> torch.Tensor:
+        """The first `count` cached token sequences [count, seq]."""
+        parts: list[torch.Tensor] = []
+        for shard in self.meta["shards"]:
+            with safe_open(self.path / shard, framework="pt") as handle:
+                parts.append(handle.get_tensor("tokens"))
+            if sum(len(p) for p in parts) >= count:
+                break
+        return torch.cat(parts)[:count]
