@@ -19,6 +19,7 @@ import torch
 from sae_lens import SAE, TrainingSAE
 from sae_lens.constants import SPARSITY_FILENAME, TRAINER_STATE_FILENAME
 from safetensors.torch import save_file
+from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl.architectures import (
@@ -32,6 +33,7 @@ from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataError, DataSource, batched, describe, take, token_sequences
 from sae_lens_kl.evaluate import EvalResult, HeldOutEvaluator, special_token_ids
+from sae_lens_kl.multi import MultiKLFinetuneTrainer, shared_clean_runs
 from sae_lens_kl.splice import HookSite, hook_width, supports_prefix_reuse
 from sae_lens_kl.trainer import FINETUNE_STATE_FILENAME, KLFinetuneTrainer, StepCallback
 
@@ -69,7 +71,7 @@ class _Plan:
 
 
 def kl_finetune(
-    sae: SAE[Any],
+    sae: SAE[Any] | Sequence[SAE[Any]],
     model: HookedRootModule,
     data: DataSource | None = None,
     *,
@@ -86,7 +88,7 @@ def kl_finetune(
     eval_data: DataSource | None = None,
     callbacks: Sequence[StepCallback] = (),
     **options: Any,
-) -> SAE[Any]:
+) -> Any:
     """Fine-tune `sae` so that splicing it into `model` changes the next-token distribution less.
 
     The objective is 0.5*(MSE + alpha*KL), alpha = MSE/(KL+1e-8) recomputed every batch
@@ -97,6 +99,10 @@ def kl_finetune(
     or a [n, seq] token tensor; default the SAE metadata's dataset_path. The first `eval_tokens`
     tokens are held out (unless `eval_data` is given) for the before/after evaluation.
     Further keywords are fields of `KLFinetuneConfig`.
+
+    A list of SAEs trains them in lockstep on the same tokens (sharing the layers before the
+    earliest one and the clean pass) and returns a list, each result identical to fine-tuning that
+    SAE alone; with `save_dir`, SAE i is saved in save_dir/sae_<i>.
 
     Returns an inference SAE of the same family (usable in HookedSAETransformer, run_evals, ...).
     With `save_dir`, also writes a SAELens folder there (cfg.json, sae_weights.safetensors,
@@ -119,8 +125,24 @@ def kl_finetune(
         seed=seed,
         **options,
     )
-    plan = _plan(sae, model, data, cfg, save_dir, resume_from, overwrite)
-    return _run(sae, model, plan, eval_data, callbacks)
+    if isinstance(sae, SAE):
+        plan = _plan(sae, model, data, cfg, save_dir, resume_from, overwrite)
+        return _run(sae, model, plan, eval_data, callbacks)
+    saes = list(sae)
+    if not saes or not all(isinstance(one, SAE) for one in saes):
+        raise TypeError("kl_finetune takes an SAE or a non-empty list of SAEs.")
+    if resume_from is not None:
+        raise ValueError(
+            "resume_from resumes one SAE's run; resume each SAE of a multi-SAE run on its own "
+            "from save_dir/sae_<i>."
+        )
+    plans = [_plan(one, model, data, cfg, save_dir, None, overwrite) for one in saes]
+    if not all(p.prefix_reuse for p in plans) or isinstance(plans[0].data, CleanPassCache):
+        raise ValueError(
+            "Several SAEs per pass need a HookedTransformer, prefix_reuse=True and token data "
+            "(fine-tune from a clean-pass cache one SAE at a time)."
+        )
+    return _run_many(saes, model, plans, eval_data, callbacks)
 
 
 def _plan(
@@ -288,64 +310,37 @@ def frozen(model: HookedRootModule) -> Iterator[None]:
             parameter.requires_grad_(flag)
 
 
-def _run(
+@dataclass
+class _Job:
+    """One SAE's fine-tune: its plan, trainer, controller and the 'before' evaluation."""
+
+    sae: SAE[Any]
+    plan: _Plan
+    trainer: KLFinetuneTrainer
+    controller: SparsityController | None
+    before: EvalResult | None
+    resumed_tokens: int
+
+
+def _prepare(
     sae: SAE[Any],
     model: HookedRootModule,
     plan: _Plan,
-    eval_data: DataSource | None,
+    training: TrainingSAE[Any],
+    batches: Iterator[Any],
+    evaluator: HeldOutEvaluator | None,
     callbacks: Sequence[StepCallback],
-) -> SAE[Any]:
+    save_dir: Path | None,
+) -> _Job:
     cfg = plan.cfg
-    started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
-    ignored = special_token_ids(model) if cfg.exclude_special_tokens else []
-
-    consumed = 0
-    if plan.checkpoint is not None:
-        training = TrainingSAE.load_from_disk(plan.checkpoint, device=str(device))
-        state = json.loads((plan.checkpoint / FINETUNE_STATE_FILENAME).read_text())
-        consumed = state["train_sequences_consumed"]
-    else:
-        training = to_training_sae(sae, cfg.sparsity_coefficient).to(device)
-    eval_sequences, batches = _data_streams(plan, model, eval_data, consumed)
-    n_eval_seq = 0 if eval_sequences is None else len(eval_sequences)
-
-    evaluator = None
-    if eval_sequences is not None:
-        evaluator = HeldOutEvaluator(
-            model,
-            eval_sequences,
-            batch_size=cfg.eval_batch_size,
-            special_token_ids=ignored,
-            exclude_first_positions=cfg.exclude_first_positions,
-            chunk_tokens=cfg.kl_chunk_tokens,
-            prefix_reuse=plan.prefix_reuse,
-        )
-
-    def run_eval(target: SAE[Any]) -> EvalResult | None:
-        return None if evaluator is None else evaluator(target)
-
-    first = next(batches, None)
-    if first is None:
-        raise DataError(
-            f"The data ({describe(plan.data)}) has no training batch of {cfg.batch_size} x "
-            f"{plan.context_size} tokens after the {n_eval_seq} held-out sequences; pass more "
-            "data or lower eval_tokens."
-        )
-    batches = _exhaustion_guarded(itertools.chain([first], batches), cfg, plan)
-
-    before = run_eval(sae)
+    before = None if evaluator is None else evaluator(sae)
     coefficient = SPARSITY_COEFFICIENT.get(training.cfg.architecture())
-    wants_controller = cfg.sparsity_controller == "on" or (
-        cfg.sparsity_controller == "auto" and coefficient == "l1"
-    )
     controller = None
-    if wants_controller and coefficient is not None:
+    if coefficient is not None and (
+        cfg.sparsity_controller == "on" or (cfg.sparsity_controller == "auto" and coefficient == "l1")
+    ):
         target = cfg.target_l0 if cfg.target_l0 is not None else (before.l0 if before else None)
         controller = SparsityController(coefficient, cfg.controller_rate, target)
-
-    checkpoint_dir = None if plan.save_dir is None else plan.save_dir / CHECKPOINTS_DIRNAME
     trainer = KLFinetuneTrainer(
         training,
         model,
@@ -354,40 +349,143 @@ def _run(
         site=plan.site,
         context_size=plan.context_size,
         prefix_reuse=plan.prefix_reuse,
-        special_token_ids=ignored,
+        special_token_ids=special_token_ids(model) if cfg.exclude_special_tokens else [],
         controller=controller,
-        checkpoint_dir=checkpoint_dir,
+        checkpoint_dir=None if save_dir is None else save_dir / CHECKPOINTS_DIRNAME,
         callbacks=callbacks,
     )
     if plan.checkpoint is not None:
         trainer.load_trainer_state(plan.checkpoint)
-    train_started = time.perf_counter()
-    resumed_tokens = trainer.n_training_samples
-    with frozen(model), _wandb_run(cfg, plan):
-        trainer.fit()
-    train_seconds = time.perf_counter() - train_started
+    return _Job(sae, plan, trainer, controller, before, trainer.n_training_samples)
 
+
+def _finish(
+    job: _Job,
+    evaluator: HeldOutEvaluator | None,
+    train_seconds: float,
+    wall_seconds: float,
+    save_dir: Path | None,
+) -> SAE[Any]:
+    trainer, controller = job.trainer, job.controller
     if controller is not None:
         final_coefficient = trainer.coefficient_schedulers[controller.coefficient_name].final_value
         setattr(trainer.sae.cfg, f"{controller.coefficient_name}_coefficient", final_coefficient)
         trainer.sae.cfg.add_training_info_to_metadata()
     tuned = to_inference_sae(trainer.sae)
-    after = run_eval(tuned)
+    after = None if evaluator is None else evaluator(tuned)
     report = _report(
-        cfg,
-        plan,
-        before,
+        job.plan.cfg,
+        job.plan,
+        job.before,
         after,
         trainer,
         controller,
         train_seconds,
-        resumed_tokens,
-        time.perf_counter() - started,
+        job.resumed_tokens,
+        wall_seconds,
     )
     tuned.cfg.metadata.kl_finetune = report
-    if plan.save_dir is not None:
-        _save_artifact(tuned, trainer, report, plan.save_dir)
+    if save_dir is not None:
+        _save_artifact(tuned, trainer, report, save_dir)
     return tuned
+
+
+def _evaluator(
+    plan: _Plan, model: HookedRootModule, eval_sequences: torch.Tensor | None
+) -> HeldOutEvaluator | None:
+    if eval_sequences is None:
+        return None
+    cfg = plan.cfg
+    return HeldOutEvaluator(
+        model,
+        eval_sequences,
+        batch_size=cfg.eval_batch_size,
+        special_token_ids=special_token_ids(model) if cfg.exclude_special_tokens else [],
+        exclude_first_positions=cfg.exclude_first_positions,
+        chunk_tokens=cfg.kl_chunk_tokens,
+        prefix_reuse=plan.prefix_reuse,
+    )
+
+
+def _training_batches(plan: _Plan, batches: Iterator[Any], n_eval_seq: int) -> Iterator[Any]:
+    first = next(batches, None)
+    if first is None:
+        raise DataError(
+            f"The data ({describe(plan.data)}) has no training batch of {plan.cfg.batch_size} x "
+            f"{plan.context_size} tokens after the {n_eval_seq} held-out sequences; pass more "
+            "data or lower eval_tokens."
+        )
+    return _exhaustion_guarded(itertools.chain([first], batches), plan.cfg, plan)
+
+
+def _device(plan: _Plan, model: HookedRootModule) -> torch.device:
+    return torch.device(plan.cfg.device) if plan.cfg.device else next(model.parameters()).device
+
+
+def _run(
+    sae: SAE[Any],
+    model: HookedRootModule,
+    plan: _Plan,
+    eval_data: DataSource | None,
+    callbacks: Sequence[StepCallback],
+) -> SAE[Any]:
+    started = time.perf_counter()
+    torch.manual_seed(plan.cfg.seed)
+    consumed = 0
+    if plan.checkpoint is not None:
+        training = TrainingSAE.load_from_disk(plan.checkpoint, device=str(_device(plan, model)))
+        state = json.loads((plan.checkpoint / FINETUNE_STATE_FILENAME).read_text())
+        consumed = state["train_sequences_consumed"]
+    else:
+        training = to_training_sae(sae, plan.cfg.sparsity_coefficient).to(_device(plan, model))
+    eval_sequences, batches = _data_streams(plan, model, eval_data, consumed)
+    n_eval_seq = 0 if eval_sequences is None else len(eval_sequences)
+    batches = _training_batches(plan, batches, n_eval_seq)
+    evaluator = _evaluator(plan, model, eval_sequences)
+    job = _prepare(sae, model, plan, training, batches, evaluator, callbacks, plan.save_dir)
+    train_started = time.perf_counter()
+    with frozen(model), _wandb_run(plan.cfg, plan):
+        job.trainer.fit()
+    train_seconds = time.perf_counter() - train_started
+    return _finish(job, evaluator, train_seconds, time.perf_counter() - started, plan.save_dir)
+
+
+def _run_many(
+    saes: Sequence[SAE[Any]],
+    model: HookedRootModule,
+    plans: Sequence[_Plan],
+    eval_data: DataSource | None,
+    callbacks: Sequence[StepCallback],
+) -> list[SAE[Any]]:
+    """Several SAEs in lockstep on the same tokens, sharing the prefix and the clean pass."""
+    started = time.perf_counter()
+    first = plans[0]
+    torch.manual_seed(first.cfg.seed)
+    trainings = [
+        to_training_sae(sae, p.cfg.sparsity_coefficient).to(_device(p, model))
+        for sae, p in zip(saes, plans, strict=True)
+    ]
+    eval_sequences, token_batches = _data_streams(first, model, eval_data, 0)
+    n_eval_seq = 0 if eval_sequences is None else len(eval_sequences)
+    token_batches = _training_batches(first, token_batches, n_eval_seq)
+    evaluator = _evaluator(first, model, eval_sequences)  # one baseline per hook, shared
+    names = [f"sae_{index}" for index in range(len(saes))]
+    save_dirs = [None if first.save_dir is None else first.save_dir / name for name in names]
+    jobs = {
+        name: _prepare(sae, model, plan, training, iter(()), evaluator, callbacks, save_dir)
+        for name, sae, plan, training, save_dir in zip(names, saes, plans, trainings, save_dirs, strict=True)
+    }
+    assert isinstance(model, HookedTransformer)
+    runs = shared_clean_runs(model, token_batches, {name: job.plan.site for name, job in jobs.items()})
+    coordinator = MultiKLFinetuneTrainer({name: job.trainer for name, job in jobs.items()}, runs)
+    train_started = time.perf_counter()
+    with frozen(model), _wandb_run(first.cfg, first):
+        coordinator.fit()
+    train_seconds = time.perf_counter() - train_started
+    return [
+        _finish(job, evaluator, train_seconds, time.perf_counter() - started, save_dir)
+        for job, save_dir in zip(jobs.values(), save_dirs, strict=True)
+    ]
 
 
 def _data_streams(

@@ -19,8 +19,17 @@ OPTIONS = {"lr": 2e-3, "batch_size": 4, "eval_tokens": 8 * SEQ, "kl_chunk_tokens
 @pytest.mark.parametrize("hook_name", ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"])
 def test_cached_fine_tune_equals_the_online_one(hook_name: str, tmp_path) -> None:
     model = tiny_model()
-    cache = build_cache(model, DATA, hook_name, tmp_path / "cache", tokens=40 * SEQ, context_size=SEQ,
-                        prepend_bos=False, batch_size=3, shard_sequences=7)
+    cache = build_cache(
+        model,
+        DATA,
+        hook_name,
+        tmp_path / "cache",
+        tokens=40 * SEQ,
+        context_size=SEQ,
+        prepend_bos=False,
+        batch_size=3,
+        shard_sequences=7,
+    )
     assert cache.n_sequences == 40 and len(cache.meta["shards"]) == 5  # 9+9+9+9+4: batches cross shards
     sae = make_sae("topk", hook_name=hook_name)
     online = kl_finetune(sae, model, DATA[:40], tokens=8 * 4 * SEQ, **OPTIONS)
@@ -32,8 +41,15 @@ def test_cached_fine_tune_equals_the_online_one(hook_name: str, tmp_path) -> Non
 
 def test_one_cache_serves_several_saes_and_epochs(tmp_path) -> None:
     model = tiny_model()
-    cache = build_cache(model, DATA, "blocks.1.hook_resid_pre", tmp_path / "cache", tokens=20 * SEQ,
-                        context_size=SEQ, prepend_bos=False)
+    cache = build_cache(
+        model,
+        DATA,
+        "blocks.1.hook_resid_pre",
+        tmp_path / "cache",
+        tokens=20 * SEQ,
+        context_size=SEQ,
+        prepend_bos=False,
+    )
     # 12 training sequences after 8 held out: 3 batches per epoch; 10 steps = 3+ epochs
     for architecture in ("topk", "standard"):
         tuned = kl_finetune(make_sae(architecture), model, cache, tokens=10 * 4 * SEQ, **OPTIONS)
@@ -44,16 +60,25 @@ def test_one_cache_serves_several_saes_and_epochs(tmp_path) -> None:
 
 def test_cache_refuses_what_it_does_not_hold(tmp_path) -> None:
     model = tiny_model()
-    cache = build_cache(model, DATA, "blocks.1.hook_resid_pre", tmp_path / "cache", tokens=12 * SEQ,
-                        context_size=SEQ, prepend_bos=False)
+    cache = build_cache(
+        model,
+        DATA,
+        "blocks.1.hook_resid_pre",
+        tmp_path / "cache",
+        tokens=12 * SEQ,
+        context_size=SEQ,
+        prepend_bos=False,
+    )
     with pytest.raises(ValueError, match="not the SAE's 'blocks.2.hook_resid_pre'"):
-        kl_finetune(make_sae("topk", hook_name="blocks.2.hook_resid_pre"), model, cache, tokens=4 * SEQ,
-                    **OPTIONS)
+        kl_finetune(
+            make_sae("topk", hook_name="blocks.2.hook_resid_pre"), model, cache, tokens=4 * SEQ, **OPTIONS
+        )
     with pytest.raises(ValueError, match="leave context_size unset"):
         kl_finetune(make_sae("topk"), model, cache, tokens=4 * 8, **{**OPTIONS, "context_size": 8})
     with pytest.raises(FileExistsError):
-        build_cache(model, DATA, "blocks.1.hook_resid_pre", tmp_path / "cache", tokens=12 * SEQ,
-                    context_size=SEQ)
+        build_cache(
+            model, DATA, "blocks.1.hook_resid_pre", tmp_path / "cache", tokens=12 * SEQ, context_size=SEQ
+        )
     meta = json.loads((tmp_path / "cache" / "cache.json").read_text())
     (tmp_path / "cache" / "cache.json").unlink()  # as if the build had been killed
     with pytest.raises(FileNotFoundError, match="not a finished clean-pass cache"):
