@@ -41,6 +41,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_lens_kl import KLFinetuneConfig, KLFinetuneTrainer
 from sae_lens_kl.cache import build_cache
+from sae_lens_kl.multi import shared_clean_runs
 from sae_lens_kl.splice import HookSite
 
 D_MODEL, VOCAB = 768, 50257
@@ -68,8 +69,8 @@ def build_model(device: str) -> HookedTransformer:
     return model
 
 
-def build_sae(layer: int, device: str) -> TopKTrainingSAE:
-    torch.manual_seed(1)
+def build_sae(layer: int, device: str, seed: int = 1) -> TopKTrainingSAE:
+    torch.manual_seed(seed)
     cfg = TopKTrainingSAEConfig(
         d_in=D_MODEL, d_sae=16 * D_MODEL, k=64, device=device, rescale_acts_by_decoder_norm=False
     )
@@ -164,6 +165,45 @@ class CachedStep(OurStep):
         output = self.trainer.step(next(self.runs))
         self.trainer.n_training_steps += 1
         return float(output.metrics["kl"])
+
+
+class MultiStep:
+    """N SAEs at one hook through the engine's shared clean pass (as kl_finetune([...]) runs them)."""
+
+    def __init__(self, model: HookedTransformer, saes: list[TopKTrainingSAE], seq: int, batch: int) -> None:
+        self.model = model
+        self.steps = [OurStep(model, sae, seq, batch) for sae in saes]
+        self.sites = {str(i): step.trainer.site for i, step in enumerate(self.steps)}
+
+    def __call__(self, tokens: torch.Tensor) -> float:
+        runs = next(shared_clean_runs(self.model, iter([tokens]), self.sites))
+        kls = []
+        for name, step in zip(self.sites, self.steps, strict=True):
+            output = step.trainer.step(runs[name])
+            step.trainer.n_training_steps += 1
+            kls.append(float(output.metrics["kl"]))
+        return kls[0]
+
+
+def time_multi(args: argparse.Namespace, model: HookedTransformer, n: int, layer: int) -> dict[str, float]:
+    """N separate reference steps vs one multi-SAE step, alternating."""
+    tokens = make_tokens(args.batch, args.seq).to(args.device)
+    saes = [build_sae(layer, args.device, seed=1 + i) for i in range(n)]
+    references = [ReferenceStep(model, build_sae(layer, args.device, seed=1 + i)) for i in range(n)]
+    variants: dict[str, Callable[[torch.Tensor], Any]] = {
+        "reference": lambda t: [step(t) for step in references],
+        "ours": MultiStep(model, saes, args.seq, args.batch),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for repeat in range(args.warmup + max(3, args.repeats // 2)):
+        for name, step in variants.items():
+            sync(args.device)
+            started = time.perf_counter()
+            step(tokens)
+            sync(args.device)
+            if repeat >= args.warmup:
+                times[name].append((time.perf_counter() - started) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def make_tokens(batch: int, seq: int) -> torch.Tensor:
@@ -264,6 +304,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--long", action="store_true", help="also measure peak memory at T=1024")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    parser.add_argument("--no-multi", dest="multi", action="store_false", help="skip the 4-SAE measurement")
     parser.add_argument("--_memory-child", dest="memory_child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--layer", type=int, default=6, help=argparse.SUPPRESS)
@@ -295,11 +336,17 @@ def main() -> None:
         speedups[str(layer)] = reference / medians["ours"]
         cached_speedups[str(layer)] = reference / medians["cached"]
 
+    if args.multi:
+        multi = time_multi(args, model, 4, 6)
+        print(
+            f"4 SAEs at layer 6: 4 reference steps {multi['reference']:.0f} ms, one multi-SAE step "
+            f"{multi['ours']:.0f} ms, speedup {multi['reference'] / multi['ours']:.2f}"
+        )
     results: dict[str, Any] = {
         "online_speedup": speedups,
         "online_peak_mem_ratio_T1024": None,
         "cached_speedup": cached_speedups,
-        "multi_sae_speedup_n4": None,
+        "multi_sae_speedup_n4": multi["reference"] / multi["ours"] if args.multi else None,
         "vs_sparsify": {"online": None, "cached": None},
         "machine": {
             "cpu": cpu,
