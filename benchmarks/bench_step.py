@@ -206,6 +206,41 @@ def time_multi(args: argparse.Namespace, model: HookedTransformer, n: int, layer
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def sparsify_step_ms(args: argparse.Namespace, layer: int) -> float:
+    """EleutherAI sparsify 1.3.3's KL mode (`pip install -e .[bench]`) on an HF GPT-2 of the same
+    shape and random weights, TopK 12288/k=64 at h.{layer}, same token count: per-step time as the
+    difference of a 1-step and a (1 + repeats)-step `Trainer.fit`, divided by repeats."""
+    from datasets import Dataset
+    from sparsify import SparseCoderConfig, TrainConfig, Trainer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=12, n_embd=D_MODEL, n_head=12, n_positions=1024, vocab_size=VOCAB)
+    ).eval()
+
+    def fit_seconds(n_steps: int) -> float:
+        tokens = torch.cat([make_tokens(args.batch, args.seq)] * n_steps)
+        dataset = Dataset.from_dict({"input_ids": tokens.tolist()}).with_format("torch")
+        cfg = TrainConfig(
+            SparseCoderConfig(num_latents=16 * D_MODEL, k=64),
+            batch_size=args.batch,
+            loss_fn="kl",
+            hookpoints=[f"h.{layer}"],
+            save_dir=tempfile.mkdtemp(),
+            save_every=10**9,
+            log_to_wandb=False,
+            lr_warmup_steps=0,
+        )
+        trainer = Trainer(cfg, dataset, model)
+        started = time.perf_counter()
+        trainer.fit()
+        return time.perf_counter() - started
+
+    one = fit_seconds(1)
+    return (fit_seconds(1 + args.repeats) - one) / args.repeats * 1000
+
+
 def make_tokens(batch: int, seq: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(2))
 
@@ -305,6 +340,9 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="also measure peak memory at T=1024")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     parser.add_argument("--no-multi", dest="multi", action="store_false", help="skip the 4-SAE measurement")
+    parser.add_argument(
+        "--sparsify", action="store_true", help="also time EleutherAI sparsify's KL step (bench extra)"
+    )
     parser.add_argument("--_memory-child", dest="memory_child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--layer", type=int, default=6, help=argparse.SUPPRESS)
@@ -324,6 +362,7 @@ def main() -> None:
     )
     print(f"{'layer':>5} {'variant':>10} {'ms/step':>9} {'tokens/s':>9} {'speedup':>8}")
     speedups: dict[str, float] = {}
+    layer_six: dict[str, float] = {}
     cached_speedups: dict[str, float] = {}
     for layer in layers:
         medians = time_variants(args, layer, model)
@@ -334,6 +373,8 @@ def main() -> None:
                 f"{layer:>5} {name:>10} {ms:>9.1f} {args.batch * args.seq / ms * 1000:>9.0f} {speedup:>8.2f}"
             )
         speedups[str(layer)] = reference / medians["ours"]
+        if layer == 6:
+            layer_six = medians
         cached_speedups[str(layer)] = reference / medians["cached"]
 
     if args.multi:
@@ -342,12 +383,20 @@ def main() -> None:
             f"4 SAEs at layer 6: 4 reference steps {multi['reference']:.0f} ms, one multi-SAE step "
             f"{multi['ours']:.0f} ms, speedup {multi['reference'] / multi['ours']:.2f}"
         )
+    vs_sparsify: dict[str, float | None] = {"online": None, "cached": None}
+    if args.sparsify:
+        peer = sparsify_step_ms(args, 6)
+        vs_sparsify = {"online": peer / layer_six["ours"], "cached": peer / layer_six["cached"]}
+        print(
+            f"sparsify 1.3.3 KL step, h.6: {peer:.0f} ms; ours online {layer_six['ours']:.0f} ms "
+            f"({vs_sparsify['online']:.2f}x), cached {layer_six['cached']:.0f} ms ({vs_sparsify['cached']:.2f}x)"
+        )
     results: dict[str, Any] = {
         "online_speedup": speedups,
         "online_peak_mem_ratio_T1024": None,
         "cached_speedup": cached_speedups,
         "multi_sae_speedup_n4": multi["reference"] / multi["ours"] if args.multi else None,
-        "vs_sparsify": {"online": None, "cached": None},
+        "vs_sparsify": vs_sparsify,
         "machine": {
             "cpu": cpu,
             "cores": os.cpu_count(),
