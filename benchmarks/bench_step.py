@@ -389,7 +389,8 @@ def main() -> None:
         vs_sparsify = {"online": peer / layer_six["ours"], "cached": peer / layer_six["cached"]}
         print(
             f"sparsify 1.3.3 KL step, h.6: {peer:.0f} ms; ours online {layer_six['ours']:.0f} ms "
-            f"({vs_sparsify['online']:.2f}x), cached {layer_six['cached']:.0f} ms ({vs_sparsify['cached']:.2f}x)"
+            f"({vs_sparsify['online']:.2f}x), cached {layer_six['cached']:.0f} ms "
+            f"({vs_sparsify['cached']:.2f}x)"
         )
     results: dict[str, Any] = {
         "online_speedup": speedups,
