@@ -28,7 +28,7 @@ from sae_lens_kl.architectures import (
     to_inference_sae,
     to_training_sae,
 )
-from sae_lens_kl.cache import CleanPassCache, CleanRun
+from sae_lens_kl.cache import CACHE_FILENAME, CleanPassCache, CleanRun
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataError, DataSource, batched, describe, take, token_sequences
@@ -173,6 +173,8 @@ def _plan(
     if cfg.check_model_name and metadata.model_name and model_cfg is not None:
         _check_model_name(metadata.model_name, model_cfg.model_name)
     cache_bos = None
+    if isinstance(data, (str, Path)) and (Path(data).expanduser() / CACHE_FILENAME).is_file():
+        data = CleanPassCache(data)
     if isinstance(data, CleanPassCache):
         if not (cfg.prefix_reuse and supports_prefix_reuse(model, site)):
             raise ValueError(

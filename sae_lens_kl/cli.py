@@ -212,6 +212,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="Replace an existing output folder's files.")
     add_config_flags(train, required_tokens=False)
 
+    cache = sub.add_parser(
+        "cache",
+        help="Run the model once over a token budget and store the clean pass for later fine-tunes.",
+        description="Stores, per token, the residual entering the hook's block, the hook activation and "
+        "the unembedding input (model dtype), so that `finetune --data <this folder>` skips the clean "
+        "forward pass (exact, not an approximation). Prints the size before writing.",
+    )
+    _common(cache)
+    cache.add_argument("--model", default="smollm2", help="Model (default: %(default)s).")
+    cache.add_argument("--hook", required=False, help="Hook point, e.g. blocks.6.hook_resid_pre.")
+    cache.add_argument("--data", default=None, help="Text or dataset (default: the Django docs corpus).")
+    cache.add_argument("--tokens", type=int, default=100_000, help="Tokens to cache (default: %(default)s).")
+    cache.add_argument(
+        "--context-size", type=int, default=128, help="Tokens per sequence (default: %(default)s)."
+    )
+    cache.add_argument(
+        "--no-prepend-bos", dest="prepend_bos", action="store_false", help="No BOS per sequence."
+    )
+    cache.add_argument("--out", required=False, help="Cache folder.")
+    cache.add_argument("--overwrite", action="store_true", help="Replace an existing cache folder's files.")
+
     evaluate = sub.add_parser(
         "eval",
         help="Evaluate one or more SAEs side by side on held-out text.",
@@ -296,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": commands.demo,
         "finetune": commands.finetune,
         "train": commands.train,
+        "cache": commands.cache,
         "eval": commands.evaluate,
     }[args.command]
     started = time.perf_counter()

@@ -309,3 +309,23 @@ def evaluate(args: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(rows, indent=2))
         (out / "report.md").write_text("# sae_lens_kl eval\n\n" + table + "\n")
+
+
+def cache(args: argparse.Namespace) -> None:
+    if not args.hook or not args.out:
+        raise SystemExit("cache needs --hook and --out.")
+    from sae_lens_kl.cache import build_cache
+
+    model = load_model(args.model)
+    data = args.data or django_docs().train
+    built = build_cache(
+        model,
+        data,
+        args.hook,
+        args.out,
+        tokens=args.tokens,
+        context_size=args.context_size,
+        prepend_bos=args.prepend_bos,
+        overwrite=args.overwrite,
+    )
+    print(f"cached {built.n_sequences} sequences in {built.path}; fine-tune with --data {built.path}")

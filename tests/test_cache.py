@@ -84,3 +84,21 @@ def test_cache_refuses_what_it_does_not_hold(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="not a finished clean-pass cache"):
         CleanPassCache(tmp_path / "cache")
     assert meta["format_version"] == 1
+
+
+def test_a_cache_folder_path_is_read_as_a_cache(tmp_path) -> None:
+    model = tiny_model()
+    build_cache(
+        model,
+        DATA,
+        "blocks.1.hook_resid_pre",
+        tmp_path / "cache",
+        tokens=20 * SEQ,
+        context_size=SEQ,
+        prepend_bos=False,
+    )
+    from_path = kl_finetune(make_sae("topk"), model, str(tmp_path / "cache"), tokens=2 * 4 * SEQ, **OPTIONS)
+    from_object = kl_finetune(
+        make_sae("topk"), model, CleanPassCache(tmp_path / "cache"), tokens=2 * 4 * SEQ, **OPTIONS
+    )
+    assert torch.equal(from_path.W_dec, from_object.W_dec)

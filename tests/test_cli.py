@@ -13,7 +13,7 @@ from sae_lens_kl import KLFinetuneConfig
 from sae_lens_kl.cli import build_parser, config_from_args, field_docs, load_sae, parse
 
 
-@pytest.mark.parametrize("command", ["demo", "finetune", "train", "eval"])
+@pytest.mark.parametrize("command", ["demo", "finetune", "train", "cache", "eval"])
 def test_every_subcommand_has_help(command: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "sae_lens_kl.cli", command, "--help"],
