@@ -194,9 +194,19 @@ def time_multi(args: argparse.Namespace, model: HookedTransformer, n: int, layer
         "reference": lambda t: [step(t) for step in references],
         "ours": MultiStep(model, saes, args.seq, args.batch),
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for repeat in range(args.warmup + max(3, args.repeats // 2)):
-        for name, step in variants.items():
+    return alternate(args, variants, tokens, max(3, args.repeats // 2))
+
+
+def alternate(
+    args: argparse.Namespace,
+    steps: dict[str, Callable[[torch.Tensor], Any]],
+    tokens: torch.Tensor,
+    repeats: int,
+) -> dict[str, float]:
+    """Median ms per step of each variant, run in turn (so drift hits all alike) after warm-up."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for repeat in range(args.warmup + repeats):
+        for name, step in steps.items():
             sync(args.device)
             started = time.perf_counter()
             step(tokens)
@@ -263,16 +273,7 @@ def time_variants(args: argparse.Namespace, layer: int, model: HookedTransformer
         name: make(model, build_sae(layer, args.device), args.seq, args.batch)
         for name, make in VARIANTS.items()
     }
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for repeat in range(args.warmup + args.repeats):
-        for name, step in steps.items():  # alternate, so drift hits both alike
-            sync(args.device)
-            started = time.perf_counter()
-            step(tokens)
-            sync(args.device)
-            if repeat >= args.warmup:
-                times[name].append((time.perf_counter() - started) * 1000)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return alternate(args, steps, tokens, args.repeats)
 
 
 def peak_memory_child(args: argparse.Namespace) -> None:

@@ -274,8 +274,12 @@ def _find_checkpoint(path: Path) -> Path:
     """A checkpoint folder, or the newest checkpoint of a run folder."""
     if (path / TRAINER_STATE_FILENAME).is_file() and (path / FINETUNE_STATE_FILENAME).is_file():
         return path
-    candidates = [p.parent for p in (path / CHECKPOINTS_DIRNAME).glob(f"*/{FINETUNE_STATE_FILENAME}")]
-    candidates += [p.parent for p in path.glob(f"*/{FINETUNE_STATE_FILENAME}")]
+    states = [
+        *(path / CHECKPOINTS_DIRNAME).glob(f"*/{FINETUNE_STATE_FILENAME}"),
+        *path.glob(f"*/{FINETUNE_STATE_FILENAME}"),
+    ]
+    # Folders named .partial-* are checkpoints a killed run was still writing.
+    candidates = [state.parent for state in states if not state.parent.name.startswith(".")]
     if not candidates:
         raise FileNotFoundError(
             f"resume_from={path} holds no kl_finetune checkpoint (a folder with "

@@ -21,6 +21,7 @@ from sae_lens_kl.corpus import DJANGO_VERSION, django_docs
 from sae_lens_kl.evaluate import evaluate as evaluate_sae
 from sae_lens_kl.models import cache_root, load_model
 from sae_lens_kl.report import History, write_report
+from sae_lens_kl.staging import staged_folder
 from sae_lens_kl.train import mse_phase, train_with_kl_phase
 
 SINK_NOTE = (
@@ -104,9 +105,8 @@ def cached_mse_sae(
     if (folder / "cfg.json").is_file():
         return TrainingSAE.load_from_disk(folder, device=str(model.cfg.device)), True
     sae = mse_phase(runner_cfg, model, data, runner_cfg.training_tokens)
-    staging = folder.with_name(f".partial-{key}")
-    sae.save_model(staging)
-    staging.replace(folder)
+    with staged_folder(folder) as staging:
+        sae.save_model(staging)
     return sae, False
 
 

