@@ -97,9 +97,17 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(architecture: str,
             **options,
         )
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert not [name for name in checkpoints if name.startswith(".")]
     assert checkpoints == [str(2 * STEP_TOKENS), str(4 * STEP_TOKENS)]
     assert not (tmp_path / "run" / "cfg.json").exists()  # no final artifact from the killed run
 
+    # A checkpoint the killed run was still writing is never resumed from.
+    partial = tmp_path / "run" / "checkpoints" / ".partial-99999-x"
+    partial.mkdir()
+    last = tmp_path / "run" / "checkpoints" / str(4 * STEP_TOKENS) / "kl_finetune_state.json"
+    (partial / "kl_finetune_state.json").write_text(
+        json.dumps({**json.loads(last.read_text()), "training_tokens": 10**9})
+    )
     resumed = kl_finetune(
         sae, model, DATA, save_dir=tmp_path / "run", resume_from=tmp_path / "run", **options
     )
