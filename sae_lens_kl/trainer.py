@@ -57,7 +57,10 @@ def position_mask(
 
 def use_sparse_topk(sae: TrainingSAE[Any], enabled: bool) -> None:
     """Switch a TopK training SAE to (or from) SAELens's sparse activations; other SAEs untouched."""
-    if isinstance(sae, TopKTrainingSAE) and type(sae.activation_fn) is TopK:
+    # With decoder-norm rescaling the sparse path's backward fails ('aten::view' on SparseCPU,
+    # sae-lens 6.54.12 / torch 2.13), so those SAEs keep dense activations.
+    rescales = bool(getattr(sae.cfg, "rescale_acts_by_decoder_norm", False))
+    if isinstance(sae, TopKTrainingSAE) and type(sae.activation_fn) is TopK and not rescales:
         sae.cfg.use_sparse_activations = enabled
         sae.activation_fn = sae.get_activation_fn()
 

@@ -190,3 +190,11 @@ def test_sparse_topk_activations_train_like_dense_ones() -> None:
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), rtol=1e-4, atol=1e-6)
     assert not torch.equal(sparse.W_dec, sae.W_dec)
+
+
+def test_topk_training_sae_with_decoder_norm_rescaling() -> None:
+    # SAELens's TopK training default; the sparse-activation path cannot train it (see trainer.py).
+    training = make_sae("topk", training=True, rescale_acts_by_decoder_norm=True)
+    tuned = kl_finetune(training, tiny_model(), DATA, tokens=6 * 4 * SEQ, lr=2e-3, **FAST)
+    report = tuned.cfg.metadata.kl_finetune
+    assert report["after"]["kl"] < report["before"]["kl"]
