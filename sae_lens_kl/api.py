@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -17,57 +16,27 @@ from typing import Any
 
 import torch
 from sae_lens import SAE, TrainingSAE
-from sae_lens.constants import SPARSITY_FILENAME, TRAINER_STATE_FILENAME
+from sae_lens.constants import SPARSITY_FILENAME
 from safetensors.torch import save_file
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl.architectures import (
     SPARSITY_COEFFICIENT,
-    check_supported,
     to_inference_sae,
     to_training_sae,
 )
-from sae_lens_kl.cache import CACHE_FILENAME, CleanPassCache, CleanRun
+from sae_lens_kl.cache import CleanPassCache, CleanRun
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataError, DataSource, batched, describe, take, token_sequences
 from sae_lens_kl.evaluate import EvalResult, HeldOutEvaluator, special_token_ids
 from sae_lens_kl.multi import MultiKLFinetuneTrainer, shared_clean_runs
-from sae_lens_kl.splice import HookSite, hook_width, supports_prefix_reuse
+from sae_lens_kl.plan import CHECKPOINTS_DIRNAME, Plan, make_plan
 from sae_lens_kl.trainer import FINETUNE_STATE_FILENAME, KLFinetuneTrainer, StepCallback
 
 CONFIG_FILENAME = "kl_finetune_config.json"
 METRICS_FILENAME = "kl_finetune_metrics.json"
-CHECKPOINTS_DIRNAME = "checkpoints"
-_RESUME_MUST_MATCH = (
-    "tokens",
-    "loss",
-    "kl_coefficient",
-    "lr",
-    "lr_warm_up_steps",
-    "batch_size",
-    "context_size",
-    "prepend_bos",
-    "eval_tokens",
-    "exclude_special_tokens",
-    "exclude_first_positions",
-    "seed",
-)
-
-
-@dataclass
-class _Plan:
-    """Everything resolved and checked before any work starts."""
-
-    cfg: KLFinetuneConfig
-    site: HookSite
-    context_size: int
-    prepend_bos: bool
-    prefix_reuse: bool
-    data: DataSource
-    save_dir: Path | None
-    checkpoint: Path | None
 
 
 def kl_finetune(
@@ -126,7 +95,7 @@ def kl_finetune(
         **options,
     )
     if isinstance(sae, SAE):
-        plan = _plan(sae, model, data, cfg, save_dir, resume_from, overwrite)
+        plan = make_plan(sae, model, data, cfg, save_dir, resume_from, overwrite)
         return _run(sae, model, plan, eval_data, callbacks)
     saes = list(sae)
     if not saes or not all(isinstance(one, SAE) for one in saes):
@@ -136,171 +105,13 @@ def kl_finetune(
             "resume_from resumes one SAE's run; resume each SAE of a multi-SAE run on its own "
             "from save_dir/sae_<i>."
         )
-    plans = [_plan(one, model, data, cfg, save_dir, None, overwrite) for one in saes]
+    plans = [make_plan(one, model, data, cfg, save_dir, None, overwrite) for one in saes]
     if not all(p.prefix_reuse for p in plans) or isinstance(plans[0].data, CleanPassCache):
         raise ValueError(
             "Several SAEs per pass need a HookedTransformer, prefix_reuse=True and token data "
             "(fine-tune from a clean-pass cache one SAE at a time)."
         )
     return _run_many(saes, model, plans, eval_data, callbacks)
-
-
-def _plan(
-    sae: SAE[Any],
-    model: HookedRootModule,
-    data: DataSource | None,
-    cfg: KLFinetuneConfig,
-    save_dir: str | os.PathLike[str] | None,
-    resume_from: str | os.PathLike[str] | None,
-    overwrite: bool,
-) -> _Plan:
-    check_supported(sae)
-    metadata = sae.cfg.metadata
-    if not metadata.hook_name:
-        raise ValueError(
-            "The SAE's metadata has no hook_name; set sae.cfg.metadata.hook_name to the "
-            "TransformerLens hook point it reads."
-        )
-    site = HookSite.for_model(model, metadata.hook_name, metadata.hook_head_index)
-    width = hook_width(model, site)
-    if width != sae.cfg.d_in:
-        raise ValueError(
-            f"The SAE reads {sae.cfg.d_in}-dimensional activations but {site.hook_name}"
-            f"{'' if site.head_index is None else f' head {site.head_index}'} is {width} wide "
-            "in this model. Pass the model the SAE was trained on."
-        )
-    model_cfg = getattr(model, "cfg", None)
-    if cfg.check_model_name and metadata.model_name and model_cfg is not None:
-        _check_model_name(metadata.model_name, model_cfg.model_name)
-    cache_bos = None
-    if isinstance(data, (str, Path)) and (Path(data).expanduser() / CACHE_FILENAME).is_file():
-        data = CleanPassCache(data)
-    if isinstance(data, CleanPassCache):
-        if not (cfg.prefix_reuse and supports_prefix_reuse(model, site)):
-            raise ValueError(
-                "Fine-tuning from a clean-pass cache needs a HookedTransformer and prefix_reuse=True."
-            )
-        data.check_compatible(model, site)
-        if cfg.context_size not in (None, data.context_size):
-            raise ValueError(
-                f"context_size={cfg.context_size}, but the cache holds {data.context_size}-token "
-                "sequences; leave context_size unset."
-            )
-        cfg = dataclasses.replace(cfg, context_size=data.context_size)
-        cache_bos = data.meta["prepend_bos"]
-    context_size = cfg.context_size or metadata.context_size or 1024
-    n_ctx = getattr(model_cfg, "n_ctx", None)
-    if n_ctx is not None and context_size > n_ctx:
-        raise ValueError(
-            f"context_size={context_size} exceeds the model's n_ctx={n_ctx}; pass context_size<={n_ctx}."
-        )
-    if cfg.sparsity_controller == "on" and sae.cfg.architecture() not in SPARSITY_COEFFICIENT:
-        raise ValueError(
-            f"sparsity_controller='on' needs an L1 or L0 penalised SAE "
-            f"({sorted(SPARSITY_COEFFICIENT)}); {sae.cfg.architecture()!r} has no sparsity coefficient."
-        )
-    if cfg.exclude_first_positions >= context_size:
-        raise ValueError(
-            f"exclude_first_positions={cfg.exclude_first_positions} leaves no position of a "
-            f"{context_size}-token sequence to train on; lower it or raise context_size."
-        )
-    tokens_per_step = cfg.batch_size * context_size
-    if cfg.tokens < tokens_per_step:
-        raise ValueError(
-            f"tokens={cfg.tokens} is less than one batch ({cfg.batch_size} x {context_size} "
-            f"= {tokens_per_step} tokens); raise tokens or lower batch_size/context_size."
-        )
-    if data is None:
-        data = metadata.dataset_path
-        if not data:
-            raise ValueError(
-                "No data given and the SAE's metadata names no dataset_path; pass data "
-                "(a dataset name or object, a list of strings, or local text files)."
-            )
-    out_dir = None if save_dir is None else Path(save_dir).expanduser()
-    checkpoint = None if resume_from is None else _find_checkpoint(Path(resume_from).expanduser())
-    resuming_into_out = (
-        checkpoint is not None and out_dir is not None and out_dir.resolve() in checkpoint.resolve().parents
-    )
-    if out_dir is not None and out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"save_dir {out_dir} exists and is not a folder.")
-        if any(out_dir.iterdir()) and not overwrite and not resuming_into_out:
-            raise FileExistsError(
-                f"save_dir {out_dir} exists and is not empty; pass overwrite=True to "
-                "replace its SAE files, resume_from to continue its run, or another save_dir."
-            )
-    # Everything downstream (trainer, checkpoints, reports) sees the resolved values.
-    cfg = dataclasses.replace(
-        cfg,
-        context_size=context_size,
-        prepend_bos=cache_bos
-        if cache_bos is not None
-        else cfg.prepend_bos
-        if cfg.prepend_bos is not None
-        else metadata.prepend_bos is not False,
-    )
-    if checkpoint is not None:
-        _check_resume_config(checkpoint, cfg)
-    return _Plan(
-        cfg=cfg,
-        site=site,
-        context_size=context_size,
-        prepend_bos=bool(cfg.prepend_bos),
-        prefix_reuse=cfg.prefix_reuse and supports_prefix_reuse(model, site),
-        data=data,
-        save_dir=out_dir,
-        checkpoint=checkpoint,
-    )
-
-
-def _check_model_name(sae_model: str, model_name: str) -> None:
-    from transformer_lens.loading_from_pretrained import get_official_model_name
-
-    def canonical(name: str) -> str:
-        try:
-            return get_official_model_name(name).split("/")[-1].lower()
-        except ValueError:
-            return name.split("/")[-1].lower()
-
-    if canonical(sae_model) != canonical(model_name):
-        raise ValueError(
-            f"The SAE was trained on {sae_model!r} but the model is {model_name!r}. Pass "
-            "the matching model, or check_model_name=False if they are the same weights."
-        )
-
-
-def _find_checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or the newest checkpoint of a run folder."""
-    if (path / TRAINER_STATE_FILENAME).is_file() and (path / FINETUNE_STATE_FILENAME).is_file():
-        return path
-    states = [
-        *(path / CHECKPOINTS_DIRNAME).glob(f"*/{FINETUNE_STATE_FILENAME}"),
-        *path.glob(f"*/{FINETUNE_STATE_FILENAME}"),
-    ]
-    # Folders named .partial-* are checkpoints a killed run was still writing.
-    candidates = [state.parent for state in states if not state.parent.name.startswith(".")]
-    if not candidates:
-        raise FileNotFoundError(
-            f"resume_from={path} holds no kl_finetune checkpoint (a folder with "
-            f"{TRAINER_STATE_FILENAME} and {FINETUNE_STATE_FILENAME})."
-        )
-    return max(
-        candidates,
-        key=lambda p: json.loads((p / FINETUNE_STATE_FILENAME).read_text())["training_tokens"],
-    )
-
-
-def _check_resume_config(checkpoint: Path, cfg: KLFinetuneConfig) -> None:
-    saved = json.loads((checkpoint / FINETUNE_STATE_FILENAME).read_text())["config"]
-    current = cfg.to_dict()
-    differing = [name for name in _RESUME_MUST_MATCH if saved.get(name) != current[name]]
-    if differing:
-        detail = ", ".join(f"{n}: checkpoint {saved.get(n)!r} vs now {current[n]!r}" for n in differing)
-        raise ValueError(
-            f"Cannot resume from {checkpoint}: settings differ ({detail}). Resume with "
-            "the settings of the original run."
-        )
 
 
 @contextmanager
@@ -321,7 +132,7 @@ class _Job:
     """One SAE's fine-tune: its plan, trainer, controller and the 'before' evaluation."""
 
     sae: SAE[Any]
-    plan: _Plan
+    plan: Plan
     trainer: KLFinetuneTrainer
     controller: SparsityController | None
     before: EvalResult | None
@@ -331,7 +142,7 @@ class _Job:
 def _prepare(
     sae: SAE[Any],
     model: HookedRootModule,
-    plan: _Plan,
+    plan: Plan,
     training: TrainingSAE[Any],
     batches: Iterator[Any],
     evaluator: HeldOutEvaluator | None,
@@ -397,7 +208,7 @@ def _finish(
 
 
 def _evaluator(
-    plan: _Plan, model: HookedRootModule, eval_sequences: torch.Tensor | None
+    plan: Plan, model: HookedRootModule, eval_sequences: torch.Tensor | None
 ) -> HeldOutEvaluator | None:
     if eval_sequences is None:
         return None
@@ -413,7 +224,7 @@ def _evaluator(
     )
 
 
-def _training_batches(plan: _Plan, batches: Iterator[Any], n_eval_seq: int) -> Iterator[Any]:
+def _training_batches(plan: Plan, batches: Iterator[Any], n_eval_seq: int) -> Iterator[Any]:
     first = next(batches, None)
     if first is None:
         raise DataError(
@@ -424,14 +235,14 @@ def _training_batches(plan: _Plan, batches: Iterator[Any], n_eval_seq: int) -> I
     return _exhaustion_guarded(itertools.chain([first], batches), plan.cfg, plan)
 
 
-def _device(plan: _Plan, model: HookedRootModule) -> torch.device:
+def _device(plan: Plan, model: HookedRootModule) -> torch.device:
     return torch.device(plan.cfg.device) if plan.cfg.device else next(model.parameters()).device
 
 
 def _run(
     sae: SAE[Any],
     model: HookedRootModule,
-    plan: _Plan,
+    plan: Plan,
     eval_data: DataSource | None,
     callbacks: Sequence[StepCallback],
 ) -> SAE[Any]:
@@ -459,7 +270,7 @@ def _run(
 def _run_many(
     saes: Sequence[SAE[Any]],
     model: HookedRootModule,
-    plans: Sequence[_Plan],
+    plans: Sequence[Plan],
     eval_data: DataSource | None,
     callbacks: Sequence[StepCallback],
 ) -> list[SAE[Any]]:
@@ -495,7 +306,7 @@ def _run_many(
 
 
 def _data_streams(
-    plan: _Plan, model: HookedRootModule, eval_data: DataSource | None, consumed: int
+    plan: Plan, model: HookedRootModule, eval_data: DataSource | None, consumed: int
 ) -> tuple[torch.Tensor | None, Iterator[torch.Tensor | CleanRun]]:
     """(held-out evaluation sequences, training batches after the `consumed` sequences). Held-out
     sequences come first in the stream unless `eval_data` is given; training follows them."""
@@ -531,7 +342,7 @@ def _data_streams(
 
 
 @contextmanager
-def _wandb_run(cfg: KLFinetuneConfig, plan: _Plan) -> Iterator[None]:
+def _wandb_run(cfg: KLFinetuneConfig, plan: Plan) -> Iterator[None]:
     """A wandb run for SAELens's logger when logging is on and the caller has not started one."""
     if not cfg.log_to_wandb:
         yield
@@ -549,7 +360,7 @@ def _wandb_run(cfg: KLFinetuneConfig, plan: _Plan) -> Iterator[None]:
 
 
 def _exhaustion_guarded(
-    batches: Iterator[torch.Tensor], cfg: KLFinetuneConfig, plan: _Plan
+    batches: Iterator[torch.Tensor], cfg: KLFinetuneConfig, plan: Plan
 ) -> Iterator[torch.Tensor]:
     """Token batches; running out before the budget is an error naming both numbers."""
     steps_needed = cfg.tokens // (cfg.batch_size * plan.context_size)
@@ -566,7 +377,7 @@ def _exhaustion_guarded(
 
 def _report(
     cfg: KLFinetuneConfig,
-    plan: _Plan,
+    plan: Plan,
     before: EvalResult | None,
     after: EvalResult | None,
     trainer: KLFinetuneTrainer,

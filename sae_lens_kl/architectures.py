@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from sae_lens import SAE, TrainingSAE
 from sae_lens.registry import get_sae_class, get_sae_training_class
 
@@ -110,13 +109,6 @@ def to_inference_sae(training: TrainingSAE[Any]) -> SAE[Any]:
     sae.process_state_dict_for_loading(state)
     sae.load_state_dict(state, assign=True)
     return sae.to(device=target_device, dtype=training.dtype)
-
-
-@torch.no_grad()
-def reconstruct(sae: SAE[Any], acts: torch.Tensor) -> torch.Tensor:
-    """The SAE's reconstruction of flat activations [..., d_in] (no hook-z reshaping, no error term)."""
-    with flat_activations(sae):
-        return sae.decode(sae.encode(acts))
 
 
 @contextmanager
