@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, TrainingSAE
-from sae_lens.registry import get_sae_training_class
+from sae_lens import LanguageModelSAERunnerConfig, TrainingSAE
 
 from sae_lens_kl.api import kl_finetune
 from sae_lens_kl.cli import config_from_args, load_sae
@@ -22,7 +21,7 @@ from sae_lens_kl.evaluate import evaluate as evaluate_sae
 from sae_lens_kl.models import cache_root, load_model
 from sae_lens_kl.report import History, write_report
 from sae_lens_kl.staging import staged_folder
-from sae_lens_kl.train import mse_phase, train_with_kl_phase
+from sae_lens_kl.train import mse_phase, runner_config, train_with_kl_phase
 
 SINK_NOTE = (
     "Positions excluded from SAE training, splicing and every metric: special tokens (BOS/EOS/PAD, "
@@ -38,50 +37,6 @@ def _check_out(out: str | None, overwrite: bool) -> Path | None:
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise SystemExit(f"Output folder {path} exists and is not empty; pass --overwrite or another --out.")
     return path
-
-
-def runner_config(
-    model: Any,
-    hook: str,
-    architecture: str,
-    d_sae: int,
-    k: float,
-    tokens: int,
-    context_size: int,
-    lr: float,
-    batch_tokens: int,
-    sink_positions: int,
-    dataset_name: str,
-) -> LanguageModelSAERunnerConfig[Any]:
-    _, sae_cfg_cls = get_sae_training_class(architecture)
-    sae_fields = {"d_in": model.cfg.d_model, "d_sae": d_sae}
-    if "topk" in architecture:
-        sae_fields["k"] = int(k) if architecture == "topk" else k
-    return LanguageModelSAERunnerConfig(
-        sae=sae_cfg_cls(**sae_fields),
-        model_name=model.cfg.model_name,
-        hook_name=hook,
-        dataset_path=dataset_name,
-        is_dataset_tokenized=False,
-        streaming=False,
-        context_size=context_size,
-        training_tokens=tokens,
-        train_batch_size_tokens=batch_tokens,
-        store_batch_size_prompts=16,
-        n_batches_in_buffer=32,
-        lr=lr,
-        device=str(model.cfg.device),
-        seed=42,
-        prepend_bos=True,
-        exclude_special_tokens=True,
-        seqpos_slice=(sink_positions, None),
-        checkpoint_path=None,
-        output_path=None,
-        n_checkpoints=0,
-        verbose=False,
-        logger=LoggingConfig(log_to_wandb=False),
-        model_from_pretrained_kwargs={},
-    )
 
 
 def cached_mse_sae(

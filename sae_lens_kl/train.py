@@ -12,7 +12,14 @@ from typing import Any
 
 import datasets
 import torch
-from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, TrainingSAE
+from sae_lens import (
+    SAE,
+    LanguageModelSAERunnerConfig,
+    LanguageModelSAETrainingRunner,
+    LoggingConfig,
+    TrainingSAE,
+)
+from sae_lens.registry import get_sae_training_class
 from transformer_lens import HookedTransformer
 
 from sae_lens_kl.api import kl_finetune
@@ -140,4 +147,51 @@ def train_with_kl_phase(
         kl_tokens=n_seq * context_size,
         kl_data=kl_sequences,
         eval_data=eval_data,
+    )
+
+
+def runner_config(
+    model: Any,
+    hook: str,
+    architecture: str,
+    d_sae: int,
+    k: float,
+    tokens: int,
+    context_size: int,
+    lr: float,
+    batch_tokens: int,
+    sink_positions: int,
+    dataset_name: str,
+) -> LanguageModelSAERunnerConfig[Any]:
+    """A SAELens runner config for an SAE of `architecture` at `hook` of `model`, with the settings
+    this package's MSE phases use: BOS per sequence, special tokens and the first `sink_positions`
+    positions left out, no checkpoints or output folders (the caller saves), no wandb."""
+    _, sae_cfg_cls = get_sae_training_class(architecture)
+    sae_fields = {"d_in": model.cfg.d_model, "d_sae": d_sae}
+    if "topk" in architecture:
+        sae_fields["k"] = int(k) if architecture == "topk" else k
+    return LanguageModelSAERunnerConfig(
+        sae=sae_cfg_cls(**sae_fields),
+        model_name=model.cfg.model_name,
+        hook_name=hook,
+        dataset_path=dataset_name,
+        is_dataset_tokenized=False,
+        streaming=False,
+        context_size=context_size,
+        training_tokens=tokens,
+        train_batch_size_tokens=batch_tokens,
+        store_batch_size_prompts=16,
+        n_batches_in_buffer=32,
+        lr=lr,
+        device=str(model.cfg.device),
+        seed=42,
+        prepend_bos=True,
+        exclude_special_tokens=True,
+        seqpos_slice=(sink_positions, None),
+        checkpoint_path=None,
+        output_path=None,
+        n_checkpoints=0,
+        verbose=False,
+        logger=LoggingConfig(log_to_wandb=False),
+        model_from_pretrained_kwargs={},
     )

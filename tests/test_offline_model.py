@@ -7,10 +7,9 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from sae_lens_kl.commands import runner_config
 from sae_lens_kl.corpus import django_docs
 from sae_lens_kl.models import load_model
-from sae_lens_kl.train import train_with_kl_phase
+from sae_lens_kl.train import runner_config, train_with_kl_phase
 
 
 @pytest.fixture(scope="module")
