@@ -54,8 +54,10 @@ def add_config_flags(parser: argparse.ArgumentParser, required_tokens: bool = Tr
         flag = "--" + field.name.replace("_", "-")
         default = None if field.default is MISSING else field.default
         help_text = f"{docs.get(field.name, '')} (default: {default})"
+        # --wandb is the short spelling users expect for --log-to-wandb.
+        flags = [flag, "--wandb"] if field.name == "log_to_wandb" else [flag]
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             group.add_argument(
                 flag,

@@ -59,6 +59,7 @@ def test_flags_map_onto_the_config() -> None:
         40.0,
     )
     assert cfg.batch_size == KLFinetuneConfig(tokens=1).batch_size
+    assert config_from_args(parse(["finetune", "--tokens", "5", "--wandb"])).log_to_wandb is True
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
