@@ -62,7 +62,7 @@ def _local_files(data: DataSource) -> list[Path] | None:
     return files
 
 
-def _rows(data: DataSource) -> Iterator[str | torch.Tensor]:
+def documents(data: DataSource) -> Iterator[str | torch.Tensor]:
     """Documents as text or as 1-D token tensors, in order."""
     files = _local_files(data)
     if files is not None:
@@ -137,8 +137,8 @@ def token_sequences(
     tokenizer = getattr(model, "tokenizer", None)
     bos = None if tokenizer is None else tokenizer.bos_token_id
 
-    def documents() -> Iterator[torch.Tensor]:
-        for row in _rows(data):
+    def tokenized() -> Iterator[torch.Tensor]:
+        for row in documents(data):
             if isinstance(row, str):
                 if tokenizer is None:
                     raise DataError(
@@ -149,7 +149,7 @@ def token_sequences(
                 yield row
 
     yield from concat_and_batch_sequences(
-        tokens_iterator=documents(),
+        tokens_iterator=tokenized(),
         context_size=context_size,
         begin_batch_token_id=bos if prepend_bos else None,
         begin_sequence_token_id=None,

@@ -23,7 +23,7 @@ from sae_lens.registry import get_sae_training_class
 from transformer_lens import HookedTransformer
 
 from sae_lens_kl.api import kl_finetune
-from sae_lens_kl.data import DataError, DataSource, take, token_sequences
+from sae_lens_kl.data import DataError, DataSource, documents, take, token_sequences
 from sae_lens_kl.trainer import StepCallback
 
 
@@ -46,9 +46,7 @@ def as_hf_dataset(data: DataSource) -> datasets.Dataset | datasets.IterableDatas
     `kl_finetune` reads it (one document per file or string)."""
     if isinstance(data, (datasets.Dataset, datasets.IterableDataset)):
         return data
-    from sae_lens_kl.data import _rows
-
-    texts = [row for row in _rows(data)]
+    texts = list(documents(data))
     if texts and not isinstance(texts[0], str):
         return datasets.Dataset.from_dict({"tokens": [t.tolist() for t in texts]})
     return datasets.Dataset.from_dict({"text": texts})
