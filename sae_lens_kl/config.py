@@ -82,7 +82,7 @@ class KLFinetuneConfig:
     """Seeds torch before the SAE is converted and trained."""
 
     device: str | None = None
-    """Device of the SAE and tokens; default: the model's device."""
+    """Device of the SAE and tokens; must be the model's device (the default)."""
 
     sparse_topk: bool | None = None
     """TopK SAEs train with SAELens's sparse activations (use_sparse_activations: COO latents and a

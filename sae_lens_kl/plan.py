@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from sae_lens import SAE
 from sae_lens.constants import TRAINER_STATE_FILENAME
 from transformer_lens.hook_points import HookedRootModule
@@ -106,6 +107,12 @@ def make_plan(
         raise ValueError(
             f"sparsity_controller='on' needs an L1 or L0 penalised SAE "
             f"({sorted(SPARSITY_COEFFICIENT)}); {sae.cfg.architecture()!r} has no sparsity coefficient."
+        )
+    model_device = next(model.parameters()).device
+    if cfg.device is not None and torch.device(cfg.device) != model_device:
+        raise ValueError(
+            f"device={cfg.device!r} but the model is on {model_device}; the SAE trains on the model's "
+            "device: move the model (model.to(...)) or leave device unset."
         )
     if cfg.exclude_first_positions >= context_size:
         raise ValueError(

@@ -124,3 +124,8 @@ def test_excluding_every_position() -> None:
 def test_controller_on_an_sae_without_a_sparsity_coefficient() -> None:
     with pytest.raises(ValueError, match="'topk' has no sparsity coefficient"):
         finetune(sparsity_controller="on")
+
+
+def test_device_other_than_the_models() -> None:
+    with pytest.raises(ValueError, match="device='meta' but the model is on cpu"):
+        finetune(device="meta")
