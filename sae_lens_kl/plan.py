@@ -97,6 +97,13 @@ def make_plan(
             )
         cfg = dataclasses.replace(cfg, context_size=data.context_size)
         cache_bos = data.meta["prepend_bos"]
+    if cfg.compile_blocks and not (
+        cfg.prefix_reuse and supports_prefix_reuse(model, site) and getattr(model_cfg, "n_devices", 1) == 1
+    ):
+        raise ValueError(
+            "compile_blocks=True compiles a HookedTransformer's blocks on one device and needs "
+            "prefix_reuse=True and a hook inside a block; leave compile_blocks off for this model."
+        )
     context_size = cfg.context_size or metadata.context_size or 1024
     n_ctx = getattr(model_cfg, "n_ctx", None)
     if n_ctx is not None and context_size > n_ctx:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -63,26 +63,75 @@ class HookSite:
         return acts.reshape(raw.shape)
 
 
+class CompiledBlocks:
+    """torch.compile'd wrappers of a HookedTransformer's blocks, for the fine-tune's hot loop.
+
+    TransformerLens runs each block as dozens of small eager ops (LayerNorm in Python, attention
+    with an explicit masked pattern, unfused gelu_new); inductor fuses the elementwise ones. A block
+    with any hook registered on one of its hook points runs eagerly instead, so every hook (the
+    splice's, a user's) fires as in TransformerLens. The model is not modified: torch.compile wraps
+    each block and shares its parameters. Shapes are static: a new batch shape or grad mode compiles
+    once more.
+    """
+
+    def __init__(self, model: HookedTransformer) -> None:
+        self.model = model
+        self.compiled = [torch.compile(block, dynamic=False) for block in model.blocks]
+        self.hook_points = [
+            [module for module in block.modules() if isinstance(module, HookPoint)] for block in model.blocks
+        ]
+
+    def run(self, residual: torch.Tensor, start: int, stop: int, prefix: Prefix) -> torch.Tensor:
+        """Blocks [start, stop) from `residual`, as HookedTransformer.forward runs them."""
+        for index in range(start, stop):
+            hooked = any(point._forward_hooks or point._backward_hooks for point in self.hook_points[index])
+            block = self.model.blocks[index] if hooked else self.compiled[index]
+            residual = block(
+                residual,
+                shortformer_pos_embed=prefix.shortformer_pos_embed,
+                attention_mask=prefix.attention_mask,
+            )
+        return residual
+
+
 @dataclass
 class Prefix:
-    """State of the forward pass entering the SAE's block, computed once per batch."""
+    """State of the forward pass entering the SAE's block, computed once per batch; `blocks` runs
+    the blocks from there (None: HookedTransformer.forward with start_at_layer)."""
 
     residual: torch.Tensor
     tokens: torch.Tensor
     shortformer_pos_embed: torch.Tensor | None
     attention_mask: torch.Tensor | None
     start_layer: int
+    blocks: CompiledBlocks | None = None
+
+    def run_blocks(self, model: HookedTransformer, stop: int) -> torch.Tensor:
+        """The residual after blocks [start_layer, stop)."""
+        if self.blocks is not None:
+            return self.blocks.run(self.residual, self.start_layer, stop, self)
+        return model(
+            self.residual,
+            start_at_layer=self.start_layer,
+            stop_at_layer=stop,
+            shortformer_pos_embed=self.shortformer_pos_embed,
+            attention_mask=self.attention_mask,
+        )
 
 
 @torch.no_grad()
 def cached_prefix(
-    model: HookedTransformer, tokens: torch.Tensor, residual: torch.Tensor, site: HookSite
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    residual: torch.Tensor,
+    site: HookSite,
+    blocks: CompiledBlocks | None = None,
 ) -> Prefix:
     """The Prefix of a cached clean pass: the stored residual, with the attention mask and
     positional inputs that `input_to_embed` derives from the tokens (an embedding lookup)."""
     assert site.block is not None
     _, tokens, shortformer_pos_embed, attention_mask = model.input_to_embed(tokens)
-    return Prefix(residual, tokens, shortformer_pos_embed, attention_mask, site.block)
+    return Prefix(residual, tokens, shortformer_pos_embed, attention_mask, site.block, blocks)
 
 
 def supports_prefix_reuse(model: HookedRootModule, site: HookSite) -> bool:
@@ -90,19 +139,16 @@ def supports_prefix_reuse(model: HookedRootModule, site: HookSite) -> bool:
 
 
 @torch.no_grad()
-def run_prefix(model: HookedTransformer, tokens: torch.Tensor, site: HookSite) -> Prefix:
+def run_prefix(
+    model: HookedTransformer, tokens: torch.Tensor, site: HookSite, blocks: CompiledBlocks | None = None
+) -> Prefix:
     """Embed and run the blocks before `site.block`, keeping what the suffix needs."""
     assert site.block is not None
     residual, tokens, shortformer_pos_embed, attention_mask = model.input_to_embed(tokens)
+    embedded = Prefix(residual, tokens, shortformer_pos_embed, attention_mask, 0, blocks)
     if site.block > 0:
-        residual = model(
-            residual,
-            start_at_layer=0,
-            stop_at_layer=site.block,
-            shortformer_pos_embed=shortformer_pos_embed,
-            attention_mask=attention_mask,
-        )
-    return Prefix(residual, tokens, shortformer_pos_embed, attention_mask, site.block)
+        residual = embedded.run_blocks(model, site.block)
+    return replace(embedded, residual=residual, start_layer=site.block)
 
 
 def run_to_output(
@@ -134,13 +180,7 @@ def run_to_output(
             output = model(tokens)
         else:
             assert isinstance(model, HookedTransformer)
-            residual = model(
-                prefix.residual,
-                start_at_layer=prefix.start_layer,
-                stop_at_layer=model.cfg.n_layers,
-                shortformer_pos_embed=prefix.shortformer_pos_embed,
-                attention_mask=prefix.attention_mask,
-            )
+            residual = prefix.run_blocks(model, model.cfg.n_layers)
             if model.cfg.normalization_type is not None:
                 residual = model.ln_final(residual)
             output = model.unembed.hook_in(residual)
@@ -162,13 +202,7 @@ def run_to_hook(
             model(tokens)
         else:
             assert isinstance(model, HookedTransformer) and site.block is not None
-            model(
-                prefix.residual,
-                start_at_layer=prefix.start_layer,
-                stop_at_layer=site.block + 1,
-                shortformer_pos_embed=prefix.shortformer_pos_embed,
-                attention_mask=prefix.attention_mask,
-            )
+            prefix.run_blocks(model, site.block + 1)
     return seen["acts"]
 
 

@@ -20,6 +20,7 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopK, TopKTrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl.cache import CleanRun
@@ -27,6 +28,7 @@ from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.losses import combine_losses, kl_divergence
 from sae_lens_kl.splice import (
+    CompiledBlocks,
     HookSite,
     VocabProjection,
     cached_prefix,
@@ -63,6 +65,18 @@ def use_sparse_topk(sae: TrainingSAE[Any], enabled: bool) -> None:
     if isinstance(sae, TopKTrainingSAE) and type(sae.activation_fn) is TopK and not rescales:
         sae.cfg.use_sparse_activations = enabled
         sae.activation_fn = sae.get_activation_fn()
+
+
+def use_fused_adam(optimizer: torch.optim.Optimizer) -> None:
+    """Switch SAETrainer's Adam to torch's fused kernel: the same update in one pass over each
+    parameter. SAELens builds it with the defaults, which on CPU step one tensor at a time (torch
+    2.13; W_enc + W_dec of 768 x 12288: 44 -> 10 ms per step, 2 threads). Set before the first step,
+    so the optimizer state is created in the fused layout and checkpoints record it."""
+    supported = torch.utils._foreach_utils._get_fused_kernels_supported_devices()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if all(p.device.type in supported and p.is_floating_point() for p in params):
+        for group in optimizer.param_groups:
+            group["fused"], group["foreach"] = True, False
 
 
 @torch.no_grad()
@@ -115,11 +129,17 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
             sae,
             data_provider=token_batches,
         )
+        use_fused_adam(self.optimizer)
         self.model = model
         self.ft_cfg = cfg
         self.site = site
         self.prefix_reuse = prefix_reuse
         self.projection = VocabProjection.for_run(model, prefix_reuse)
+        self.blocks = (
+            CompiledBlocks(model)
+            if cfg.compile_blocks and prefix_reuse and isinstance(model, HookedTransformer)
+            else None
+        )
         self.special_token_ids = list(special_token_ids)
         self.controller = controller
         self.callbacks = list(callbacks)
@@ -142,12 +162,12 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         with torch.no_grad():
             if isinstance(sae_in, CleanRun):
                 tokens, clean_out, clean_acts = sae_in.tokens, sae_in.final, sae_in.acts
-                prefix = cached_prefix(self.model, tokens, sae_in.residual, self.site)
+                prefix = cached_prefix(self.model, tokens, sae_in.residual, self.site, self.blocks)
             else:
                 # Clean pass: the layers before the SAE's block once, then the clean suffix (only
                 # up to the hook for the MSE-only control, which needs no distribution).
                 tokens = sae_in
-                prefix = run_prefix(self.model, tokens, self.site) if self.prefix_reuse else None
+                prefix = run_prefix(self.model, tokens, self.site, self.blocks) if self.prefix_reuse else None
                 if needs_kl:
                     clean_out, clean_acts = run_to_output(self.model, tokens, prefix, self.site)
                 else:
