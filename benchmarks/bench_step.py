@@ -4,7 +4,9 @@ The reference step is how every public implementation computes it (Karvonen 2025
 sparsify, LoRA-for-SAEs): a clean full forward under no-grad, a spliced full forward with the SAE
 run once inside the hook (its MSE taken from that call), F.kl_div on full [B, T, V] log-probs,
 loss 0.5*(mse + alpha*kl), backward, Adam step. Ours goes through the public engine
-(`KLFinetuneTrainer.step`) with the same SAE weights and tokens.
+(`KLFinetuneTrainer.step`) with the same SAE weights and tokens. Before timing, every variant's KL,
+MSE and SAE gradients are checked against the reference step's (relative difference < 1e-5, or the
+script exits).
 
 Model: GPT-2-small-shaped HookedTransformer with random weights (speed does not depend on trained
 weights); SAE: TopK, d_sae = 16*768, k = 64, at blocks.{2,6,10}.hook_resid_pre.
@@ -12,8 +14,11 @@ weights); SAE: TopK, d_sae = 16*768, k = 64, at blocks.{2,6,10}.hook_resid_pre.
     python benchmarks/bench_step.py --threads 2            # T=256, table
     python benchmarks/bench_step.py --threads 2 --json      # plus one JSON object on the last line
     python benchmarks/bench_step.py --threads 2 --long      # also peak memory at T=1024
+    python benchmarks/bench_step.py --threads 2 --compile   # also with compile_blocks=True
+    python benchmarks/bench_step.py --threads 2 --sparsify  # also EleutherAI sparsify (bench extra)
 
-Timings alternate reference and ours in one process after warm-up (median of --repeats). Peak
+Timings alternate reference and ours in one process after warm-up (median of --repeats); sparsify
+alternates with ours in rounds of 3 steps, its SAE at the same place in the network. Peak
 memory is measured per variant in its own subprocess: peak RSS above the baseline after model
 construction (CPU; /proc/self/clear_refs resets the high-water mark), or
 torch.cuda.max_memory_allocated (GPU).
@@ -22,6 +27,7 @@ torch.cuda.max_memory_allocated (GPU).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -85,7 +91,7 @@ class ReferenceStep:
         self.model, self.sae = model, sae
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=5e-5)
 
-    def __call__(self, tokens: torch.Tensor) -> float:
+    def __call__(self, tokens: torch.Tensor) -> tuple[float, float]:
         hook_name = self.sae.cfg.metadata.hook_name
         with torch.no_grad():
             clean_logits = self.model(tokens)
@@ -116,15 +122,26 @@ class ReferenceStep:
         torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad()
-        return kl.item()
+        return kl.item(), mse.item()
 
 
 class OurStep:
     """The public engine: SAELens trainer subclass, prefix reuse, chunked KL."""
 
-    def __init__(self, model: HookedTransformer, sae: TopKTrainingSAE, seq: int, batch: int) -> None:
+    def __init__(
+        self,
+        model: HookedTransformer,
+        sae: TopKTrainingSAE,
+        seq: int,
+        batch: int,
+        compile_blocks: bool = False,
+    ) -> None:
         cfg = KLFinetuneConfig(
-            tokens=10**12, batch_size=batch, context_size=seq, exclude_special_tokens=False
+            tokens=10**12,
+            batch_size=batch,
+            context_size=seq,
+            exclude_special_tokens=False,
+            compile_blocks=compile_blocks,
         )
         self.trainer = KLFinetuneTrainer(
             sae,
@@ -136,17 +153,27 @@ class OurStep:
             prefix_reuse=True,
         )
 
-    def __call__(self, tokens: torch.Tensor) -> float:
-        output = self.trainer.step(tokens)
+    def __call__(self, tokens: torch.Tensor) -> tuple[float, float]:
+        return self.take(tokens)
+
+    def take(self, batch: Any) -> tuple[float, float]:
+        output = self.trainer.step(batch)
         self.trainer.n_training_steps += 1
-        return float(output.metrics["kl"])
+        return float(output.metrics["kl"]), output.losses["mse_loss"].item()
 
 
 class CachedStep(OurStep):
     """The engine fed from a clean-pass cache of the same tokens (built once, read every step)."""
 
-    def __init__(self, model: HookedTransformer, sae: TopKTrainingSAE, seq: int, batch: int) -> None:
-        super().__init__(model, sae, seq, batch)
+    def __init__(
+        self,
+        model: HookedTransformer,
+        sae: TopKTrainingSAE,
+        seq: int,
+        batch: int,
+        compile_blocks: bool = False,
+    ) -> None:
+        super().__init__(model, sae, seq, batch, compile_blocks)
         self.folder = tempfile.mkdtemp(prefix="bench-cache-")
         tokens = make_tokens(batch, seq).to(model.cfg.device)
         cache = build_cache(
@@ -161,38 +188,42 @@ class CachedStep(OurStep):
         )
         self.runs = cache.runs(batch)
 
-    def __call__(self, tokens: torch.Tensor) -> float:  # noqa: ARG002 (the cache holds them)
-        output = self.trainer.step(next(self.runs))
-        self.trainer.n_training_steps += 1
-        return float(output.metrics["kl"])
+    def __call__(self, tokens: torch.Tensor) -> tuple[float, float]:  # noqa: ARG002 (the cache holds them)
+        return self.take(next(self.runs))
 
 
 class MultiStep:
     """N SAEs at one hook through the engine's shared clean pass (as kl_finetune([...]) runs them)."""
 
-    def __init__(self, model: HookedTransformer, saes: list[TopKTrainingSAE], seq: int, batch: int) -> None:
+    def __init__(
+        self,
+        model: HookedTransformer,
+        saes: list[TopKTrainingSAE],
+        seq: int,
+        batch: int,
+        compile_blocks: bool = False,
+    ) -> None:
         self.model = model
-        self.steps = [OurStep(model, sae, seq, batch) for sae in saes]
+        self.steps = [OurStep(model, sae, seq, batch, compile_blocks) for sae in saes]
         self.sites = {str(i): step.trainer.site for i, step in enumerate(self.steps)}
 
-    def __call__(self, tokens: torch.Tensor) -> float:
-        runs = next(shared_clean_runs(self.model, iter([tokens]), self.sites))
-        kls = []
-        for name, step in zip(self.sites, self.steps, strict=True):
-            output = step.trainer.step(runs[name])
-            step.trainer.n_training_steps += 1
-            kls.append(float(output.metrics["kl"]))
-        return kls[0]
+    def __call__(self, tokens: torch.Tensor) -> tuple[float, float]:
+        blocks = self.steps[0].trainer.blocks
+        runs = next(shared_clean_runs(self.model, iter([tokens]), self.sites, blocks))
+        numbers = [step.take(runs[name]) for name, step in zip(self.sites, self.steps, strict=True)]
+        return numbers[0]
 
 
-def time_multi(args: argparse.Namespace, model: HookedTransformer, n: int, layer: int) -> dict[str, float]:
+def time_multi(
+    args: argparse.Namespace, model: HookedTransformer, n: int, layer: int, compile_blocks: bool
+) -> dict[str, float]:
     """N separate reference steps vs one multi-SAE step, alternating."""
     tokens = make_tokens(args.batch, args.seq).to(args.device)
     saes = [build_sae(layer, args.device, seed=1 + i) for i in range(n)]
     references = [ReferenceStep(model, build_sae(layer, args.device, seed=1 + i)) for i in range(n)]
     variants: dict[str, Callable[[torch.Tensor], Any]] = {
         "reference": lambda t: [step(t) for step in references],
-        "ours": MultiStep(model, saes, args.seq, args.batch),
+        "ours": MultiStep(model, saes, args.seq, args.batch, compile_blocks),
     }
     return alternate(args, variants, tokens, max(3, args.repeats // 2))
 
@@ -268,16 +299,17 @@ class SparsifySteps:
         return [(later - earlier) * 1000 for earlier, later in zip(stamps[:-1], stamps[1:], strict=True)]
 
 
-def time_vs_sparsify(args: argparse.Namespace, model: HookedTransformer, layer: int) -> dict[str, float]:
-    """Ours online, ours cached and sparsify, in alternating rounds of a few steps each (the
-    machine's speed drifts over minutes); median over all steps of each."""
+def time_vs_sparsify(
+    args: argparse.Namespace, model: HookedTransformer, layer: int, variants: list[str]
+) -> dict[str, float]:
+    """Our variants and sparsify, in alternating rounds of a few steps each (the machine's speed
+    drifts over minutes); median over all steps of each."""
     tokens = make_tokens(args.batch, args.seq).to(args.device)
     ours = {
-        name: VARIANTS[name](model, build_sae(layer, args.device), args.seq, args.batch)
-        for name in ("ours", "cached")
+        name: VARIANTS[name](model, build_sae(layer, args.device), args.seq, args.batch) for name in variants
     }
     peer = SparsifySteps(args, layer)
-    times: dict[str, list[float]] = {"ours": [], "cached": [], "sparsify": []}
+    times: dict[str, list[float]] = {name: [] for name in [*variants, "sparsify"]}
     per_round = 3
     for _ in range(max(2, args.repeats // 2)):
         for name, step in ours.items():
@@ -299,6 +331,8 @@ VARIANTS: dict[str, Callable[..., Callable[[torch.Tensor], float]]] = {
     "reference": lambda model, sae, seq, batch: ReferenceStep(model, sae),  # noqa: ARG005
     "ours": OurStep,
     "cached": CachedStep,
+    "ours-compiled": functools.partial(OurStep, compile_blocks=True),
+    "cached-compiled": functools.partial(CachedStep, compile_blocks=True),
 }
 
 
@@ -307,11 +341,49 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_variants(args: argparse.Namespace, layer: int, model: HookedTransformer) -> dict[str, float]:
+def step_numbers(
+    make: Callable[..., Callable[[torch.Tensor], tuple[float, float]]],
+    model: HookedTransformer,
+    args: argparse.Namespace,
+    layer: int,
+    tokens: torch.Tensor,
+) -> tuple[float, float, dict[str, torch.Tensor]]:
+    """KL, MSE and the SAE's gradients (before clipping) of one step from the shared initial SAE."""
+    sae = build_sae(layer, args.device)
+    step = make(model, sae, args.seq, args.batch)
+    grads: dict[str, torch.Tensor] = {}
+    for name, parameter in sae.named_parameters():
+        parameter.register_hook(lambda grad, name=name: grads.__setitem__(name, grad.detach().clone()))
+    kl, mse = step(tokens)
+    return kl, mse, grads
+
+
+def check_same_numbers(
+    args: argparse.Namespace, layer: int, model: HookedTransformer, variants: list[str]
+) -> float:
+    """Every variant's KL, MSE and SAE gradients against the reference step's (relative difference
+    < 1e-5; the loss alone proves nothing, alpha makes it equal the MSE). Exits on a mismatch."""
+    tokens = make_tokens(args.batch, args.seq).to(args.device)
+    ref_kl, ref_mse, ref_grads = step_numbers(VARIANTS["reference"], model, args, layer, tokens)
+    worst = 0.0
+    for variant in variants:
+        kl, mse, grads = step_numbers(VARIANTS[variant], model, args, layer, tokens)
+        differences = {"kl": abs(kl - ref_kl) / abs(ref_kl), "mse": abs(mse - ref_mse) / abs(ref_mse)}
+        for name, grad in ref_grads.items():
+            differences[f"d{name}"] = float((grads[name] - grad).norm() / grad.norm())
+        name, largest = max(differences.items(), key=lambda item: item[1])
+        if largest >= 1e-5:
+            raise SystemExit(f"layer {layer} {variant}: {name} differs from the reference by {largest:.2e}")
+        worst = max(worst, largest)
+    return worst
+
+
+def time_variants(
+    args: argparse.Namespace, layer: int, model: HookedTransformer, variants: list[str]
+) -> dict[str, float]:
     tokens = make_tokens(args.batch, args.seq).to(args.device)
     steps = {
-        name: make(model, build_sae(layer, args.device), args.seq, args.batch)
-        for name, make in VARIANTS.items()
+        name: VARIANTS[name](model, build_sae(layer, args.device), args.seq, args.batch) for name in variants
     }
     return alternate(args, steps, tokens, args.repeats)
 
@@ -380,6 +452,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--long", action="store_true", help="also measure peak memory at T=1024")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the engine with compile_blocks=True (torch.compile)"
+    )
     parser.add_argument("--no-multi", dest="multi", action="store_false", help="skip the 4-SAE measurement")
     parser.add_argument(
         "--sparsify", action="store_true", help="also time EleutherAI sparsify's KL step (bench extra)"
@@ -401,44 +476,59 @@ def main() -> None:
         f"torch {torch.__version__}; B={args.batch} T={args.seq}; median of {args.repeats} after "
         f"{args.warmup} warm-up"
     )
-    print(f"{'layer':>5} {'variant':>10} {'ms/step':>9} {'tokens/s':>9} {'speedup':>8}")
-    speedups: dict[str, float] = {}
-    cached_speedups: dict[str, float] = {}
+    ours = ["ours", "cached"] + (["ours-compiled", "cached-compiled"] if args.compile else [])
     for layer in layers:
-        medians = time_variants(args, layer, model)
+        worst = check_same_numbers(args, layer, model, ours)
+        print(
+            f"layer {layer}: KL, MSE and SAE gradients of {ours} match the reference "
+            f"(max rel. diff {worst:.1e})"
+        )
+    print(f"{'layer':>5} {'variant':>15} {'ms/step':>9} {'tokens/s':>9} {'speedup':>8}")
+    speedups: dict[str, dict[str, float]] = {name: {} for name in ours}
+    for layer in layers:
+        medians = time_variants(args, layer, model, ["reference", *ours])
         reference = medians["reference"]
         for name, ms in medians.items():
             speedup = reference / ms
             print(
-                f"{layer:>5} {name:>10} {ms:>9.1f} {args.batch * args.seq / ms * 1000:>9.0f} {speedup:>8.2f}"
+                f"{layer:>5} {name:>15} {ms:>9.1f} {args.batch * args.seq / ms * 1000:>9.0f} {speedup:>8.2f}"
             )
-        speedups[str(layer)] = reference / medians["ours"]
-        cached_speedups[str(layer)] = reference / medians["cached"]
+            if name != "reference":
+                speedups[name][str(layer)] = speedup
 
+    multi: dict[str, float] = {}
     if args.multi:
-        multi = time_multi(args, model, 4, 6)
-        print(
-            f"4 SAEs at layer 6: 4 reference steps {multi['reference']:.0f} ms, one multi-SAE step "
-            f"{multi['ours']:.0f} ms, speedup {multi['reference'] / multi['ours']:.2f}"
-        )
-    vs_sparsify: dict[str, float | None] = {"online": None, "cached": None}
+        for compile_blocks in [False, True] if args.compile else [False]:
+            times = time_multi(args, model, 4, 6, compile_blocks)
+            label = "ours-compiled" if compile_blocks else "ours"
+            multi[label] = times["reference"] / times["ours"]
+            print(
+                f"4 SAEs at layer 6 ({label}): 4 reference steps {times['reference']:.0f} ms, one multi-SAE "
+                f"step {times['ours']:.0f} ms, speedup {multi[label]:.2f}"
+            )
+    vs_sparsify: dict[str, dict[str, float | None]] = {"ours": {"online": None, "cached": None}}
     if args.sparsify:
-        paired = time_vs_sparsify(args, model, 6)
-        vs_sparsify = {
-            "online": paired["sparsify"] / paired["ours"],
-            "cached": paired["sparsify"] / paired["cached"],
-        }
+        paired = time_vs_sparsify(args, model, 6, ours)
         print(
-            f"sparsify 1.3.3 KL step, SAE at h.5 output (= blocks.6.hook_resid_pre): "
-            f"{paired['sparsify']:.0f} ms; ours online {paired['ours']:.0f} ms "
-            f"({vs_sparsify['online']:.2f}x), cached {paired['cached']:.0f} ms ({vs_sparsify['cached']:.2f}x)"
+            "sparsify 1.3.3 KL step, SAE at h.5 output (= blocks.6.hook_resid_pre): "
+            f"{paired['sparsify']:.0f} ms"
         )
+        for online in ours[::2]:
+            cached = online.replace("ours", "cached")
+            vs_sparsify[online] = {
+                "online": paired["sparsify"] / paired[online],
+                "cached": paired["sparsify"] / paired[cached],
+            }
+            print(
+                f"  {online}: online {paired[online]:.0f} ms ({vs_sparsify[online]['online']:.2f}x), "
+                f"cached {paired[cached]:.0f} ms ({vs_sparsify[online]['cached']:.2f}x)"
+            )
     results: dict[str, Any] = {
-        "online_speedup": speedups,
+        "online_speedup": speedups["ours"],
         "online_peak_mem_ratio_T1024": None,
-        "cached_speedup": cached_speedups,
-        "multi_sae_speedup_n4": multi["reference"] / multi["ours"] if args.multi else None,
-        "vs_sparsify": vs_sparsify,
+        "cached_speedup": speedups["cached"],
+        "multi_sae_speedup_n4": multi.get("ours"),
+        "vs_sparsify": vs_sparsify["ours"],
         "machine": {
             "cpu": cpu,
             "cores": os.cpu_count(),
@@ -448,6 +538,13 @@ def main() -> None:
         },
         "shape": {"batch": args.batch, "seq": args.seq, "repeats": args.repeats},
     }
+    if args.compile:
+        results["compile_blocks"] = {
+            "online_speedup": speedups["ours-compiled"],
+            "cached_speedup": speedups["cached-compiled"],
+            "multi_sae_speedup_n4": multi.get("ours-compiled"),
+            "vs_sparsify": vs_sparsify.get("ours-compiled"),
+        }
     if args.long:
         peaks = {name: peak_memory(args, name, 6, 1024) for name in ("reference", "ours")}
         for name, peak in peaks.items():

@@ -293,7 +293,9 @@ def _run_many(
         for name, sae, plan, training, save_dir in zip(names, saes, plans, trainings, save_dirs, strict=True)
     }
     assert isinstance(model, HookedTransformer)
-    runs = shared_clean_runs(model, token_batches, {name: job.plan.site for name, job in jobs.items()})
+    sites = {name: job.plan.site for name, job in jobs.items()}
+    blocks = next(iter(jobs.values())).trainer.blocks  # one compiled set serves every SAE
+    runs = shared_clean_runs(model, token_batches, sites, blocks)
     coordinator = MultiKLFinetuneTrainer({name: job.trainer for name, job in jobs.items()}, runs)
     train_started = time.perf_counter()
     with frozen(model), _wandb_run(first.cfg, first):

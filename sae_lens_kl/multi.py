@@ -21,17 +21,21 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from sae_lens_kl.cache import CleanRun
-from sae_lens_kl.splice import HookSite, run_prefix, run_to_output
+from sae_lens_kl.splice import CompiledBlocks, HookSite, run_prefix, run_to_output
 from sae_lens_kl.trainer import KLFinetuneTrainer
 
 
 @torch.no_grad()
 def shared_clean_runs(
-    model: HookedTransformer, batches: Iterator[torch.Tensor], sites: Mapping[str, HookSite]
+    model: HookedTransformer,
+    batches: Iterator[torch.Tensor],
+    sites: Mapping[str, HookSite],
+    blocks: CompiledBlocks | None = None,
 ) -> Iterator[dict[str, CleanRun]]:
-    """For each token batch, every SAE's clean pass from one prefix and one clean suffix."""
+    """For each token batch, every SAE's clean pass from one prefix and one clean suffix (blocks
+    holding a recording hook run eagerly, the others through `blocks` when given)."""
     earliest = min(sites.values(), key=lambda site: site.block or 0)
-    blocks = sorted({site.block for site in sites.values() if site.block is not None})
+    sae_blocks = sorted({site.block for site in sites.values() if site.block is not None})
     residuals: dict[int, torch.Tensor] = {}
     acts: dict[str, torch.Tensor] = {}
 
@@ -43,11 +47,11 @@ def shared_clean_runs(
         acts[name] = sites[name].read(raw)
         return raw
 
-    hooks = [(f"blocks.{block}.hook_resid_pre", _bind(keep_residual, block=block)) for block in blocks]
+    hooks = [(f"blocks.{block}.hook_resid_pre", _bind(keep_residual, block=block)) for block in sae_blocks]
     hooks += [(site.hook_name, _bind(keep_acts, name=name)) for name, site in sites.items()]
     for tokens in batches:
         tokens = tokens.to(model.cfg.device)
-        prefix = run_prefix(model, tokens, earliest)
+        prefix = run_prefix(model, tokens, earliest, blocks)
         with model.hooks(fwd_hooks=hooks):
             final, _ = run_to_output(model, tokens, prefix, earliest)
         yield {

@@ -56,3 +56,13 @@ def test_compile_blocks_without_prefix_reuse_is_refused_up_front() -> None:
         kl_finetune(
             make_sae("topk"), tiny_model(), DATA, tokens=4 * SEQ, compile_blocks=True, prefix_reuse=False
         )
+
+
+def test_several_saes_with_compiled_blocks_match_eager() -> None:
+    model = tiny_model()
+    saes = [make_sae("topk", hook_name="blocks.0.hook_resid_post"), make_sae("standard")]
+    eager = kl_finetune(saes, model, DATA, tokens=2 * 4 * SEQ, lr=1e-3, **FAST)
+    compiled = kl_finetune(saes, model, DATA, tokens=2 * 4 * SEQ, lr=1e-3, compile_blocks=True, **FAST)
+    for one, other in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(one.W_dec, other.W_dec, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(one.W_enc, other.W_enc, rtol=1e-4, atol=1e-6)
