@@ -295,7 +295,7 @@ def _run_many(
     assert isinstance(model, HookedTransformer)
     sites = {name: job.plan.site for name, job in jobs.items()}
     blocks = next(iter(jobs.values())).trainer.blocks  # one compiled set serves every SAE
-    runs = shared_clean_runs(model, token_batches, sites, blocks)
+    runs = shared_clean_runs(model, token_batches, sites, blocks, first.cfg.kl_chunk_tokens)
     coordinator = MultiKLFinetuneTrainer({name: job.trainer for name, job in jobs.items()}, runs)
     train_started = time.perf_counter()
     with frozen(model), _wandb_run(first.cfg, first):

@@ -2,17 +2,24 @@
 KL fine-tune needs to skip the clean forward pass afterwards, exactly.
 
 Per token it stores, in the model's dtype: the residual stream entering the SAE's block (the
-suffix restarts from it), the activation at the hook point when that is not the same tensor, and
-the unembedding input after the final norm (the clean next-token distribution is recomputed from
-it with the model's own unembedding, exactly — no top-k logit approximation). Fine-tuning from a
-cache runs only the spliced suffix, the SAE and the unembedding of the clean logits; any number of
+suffix restarts from it) and the activation at the hook point when that is not the same tensor.
+For the clean next-token distribution it stores, exactly (no top-k logit approximation), either
+  - "statistics" (float32 linear unembedding, no softcap): W_U p, b_U . p and sum p log p of the
+    clean distribution p (losses.CleanStatistics), from which KL(p || q) and its gradient follow
+    exactly given only the spliced logits; a step from the cache then forms no clean logits; or
+  - "final" (otherwise): the unembedding input after the final norm, from which the clean logits
+    are recomputed with the model's own unembedding.
+Fine-tuning from a cache runs only the spliced suffix, the SAE and the unembedding; any number of
 SAEs at that hook, for any number of epochs, can reuse one cache.
 
-Disk format (version 1), a folder:
+Disk format (version 2; version 1 caches, which always hold "final", are still read), a folder:
   cache.json               model name, hook, block, context size, BOS, dtype, d_model, d_in,
-                           sequences per shard, shard names, total sequences (written last)
+                           clean_distribution ("statistics" | "final"), shard names, total
+                           sequences (written last)
   shard_00000.safetensors  tokens [n, seq] int64; residual [n, seq, d_model]; acts [n, seq, d_in]
-                           (absent for hook_resid_pre, where it equals residual); final [n, seq, d_model]
+                           (absent for hook_resid_pre, where it equals residual); then either
+                           clean_unembed_mean [n, seq, d_model], clean_bias_mean [n, seq],
+                           clean_neg_entropy [n, seq] (float32), or final [n, seq, d_model]
 Shards are written to temporary names and renamed, and cache.json last, so an interrupted build
 is never mistaken for a complete cache.
 """
@@ -35,23 +42,43 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from sae_lens_kl.data import DataSource, take, token_sequences
-from sae_lens_kl.splice import HookSite, run_prefix, run_to_output
+from sae_lens_kl.losses import CleanStatistics, clean_statistics
+from sae_lens_kl.splice import HookSite, VocabProjection, run_prefix, run_to_output
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CACHE_FILENAME = "cache.json"
+STATISTICS_FIELDS = ("clean_unembed_mean", "clean_bias_mean", "clean_neg_entropy")
 
 
 @dataclass
 class CleanRun:
-    """One batch of the clean forward pass, read from a cache."""
+    """One batch of the clean forward pass: the tokens, the residual entering the SAE's block, the
+    SAE's input, and the clean distribution as unembedding inputs (`final`) or as statistics."""
 
     tokens: torch.Tensor
     residual: torch.Tensor
     acts: torch.Tensor
-    final: torch.Tensor
+    final: torch.Tensor | None = None
+    statistics: CleanStatistics | None = None
+
+    def __post_init__(self) -> None:
+        if (self.final is None) == (self.statistics is None):
+            raise ValueError("A CleanRun holds the clean distribution as exactly one of final, statistics.")
+
+    @property
+    def clean(self) -> torch.Tensor | CleanStatistics:
+        """The clean distribution, in the form it was stored."""
+        return self.final if self.final is not None else self.statistics  # type: ignore[return-value]
 
     def to(self, device: torch.device | str) -> CleanRun:
-        return CleanRun(*(t.to(device) for t in (self.tokens, self.residual, self.acts, self.final)))
+        return CleanRun(
+            self.tokens.to(device),
+            self.residual.to(device),
+            self.acts.to(device),
+            None if self.final is None else self.final.to(device),
+            None if self.statistics is None else self.statistics.to(device),
+        )
 
     def numel(self) -> int:
         return self.tokens.numel()
@@ -61,10 +88,13 @@ def _stores_acts(hook_name: str) -> bool:
     return not hook_name.endswith("hook_resid_pre")
 
 
-def estimate_bytes(model: HookedTransformer, site: HookSite, d_in: int, n_tokens: int) -> int:
-    per_token = 2 * model.cfg.d_model + (d_in if _stores_acts(site.hook_name) else 0)
+def estimate_bytes(
+    model: HookedTransformer, site: HookSite, d_in: int, n_tokens: int, statistics: bool
+) -> int:
+    per_token = model.cfg.d_model + (d_in if _stores_acts(site.hook_name) else 0)
     element = torch.empty((), dtype=model.cfg.dtype).element_size()
-    return n_tokens * (per_token * element + 8)
+    clean = (model.cfg.d_model + 2) * 4 if statistics else model.cfg.d_model * element
+    return n_tokens * (per_token * element + clean + 8)
 
 
 def build_cache(
@@ -79,9 +109,11 @@ def build_cache(
     hook_head_index: int | None = None,
     batch_size: int = 8,
     shard_sequences: int = 256,
+    chunk_tokens: int = 256,
     overwrite: bool = False,
 ) -> CleanPassCache:
-    """Run `model` once over the first `tokens` tokens of `data` and store the clean pass."""
+    """Run `model` once over the first `tokens` tokens of `data` and store the clean pass
+    (`chunk_tokens`: tokens per vocabulary-sized chunk when forming the clean statistics)."""
     site = HookSite.for_model(model, hook_name, hook_head_index)
     if not isinstance(model, HookedTransformer) or site.block is None:
         raise ValueError("A clean-pass cache needs a HookedTransformer and a hook inside a block.")
@@ -95,7 +127,9 @@ def build_cache(
     if sequences is None:
         raise ValueError(f"The data holds fewer than {n_seq} sequences of {context_size} tokens.")
     probe_width = run_to_output(model, sequences[:1, :2].to(model.cfg.device), None, site)[1].shape[-1]
-    size = estimate_bytes(model, site, probe_width, n_seq * context_size)
+    projection = VocabProjection.for_run(model, prefix_reuse=True)
+    statistics = projection.supports_statistics
+    size = estimate_bytes(model, site, probe_width, n_seq * context_size, statistics)
     print(
         f"clean-pass cache: {n_seq} sequences x {context_size} tokens at {hook_name}, about "
         f"{size / 2**30:.2f} GiB on disk in {out}"
@@ -105,7 +139,10 @@ def build_cache(
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
     shards: list[str] = []
     try:
-        pending: dict[str, list[torch.Tensor]] = {"tokens": [], "residual": [], "acts": [], "final": []}
+        clean_fields = STATISTICS_FIELDS if statistics else ("final",)
+        pending: dict[str, list[torch.Tensor]] = {
+            name: [] for name in ("tokens", "residual", "acts", *clean_fields)
+        }
 
         def flush() -> None:
             if not pending["tokens"]:
@@ -127,7 +164,13 @@ def build_cache(
                 pending["residual"].append(prefix.residual.cpu())
                 if _stores_acts(hook_name):
                     pending["acts"].append(acts.cpu())
-                pending["final"].append(final.cpu())
+                if statistics:
+                    stats = clean_statistics(final, projection, chunk_tokens)
+                    pending["clean_unembed_mean"].append(stats.unembed_mean.cpu())
+                    pending["clean_bias_mean"].append(stats.bias_mean.cpu())
+                    pending["clean_neg_entropy"].append(stats.neg_entropy.cpu())
+                else:
+                    pending["final"].append(final.cpu())
                 if sum(len(t) for t in pending["tokens"]) >= shard_sequences:
                     flush()
             flush()
@@ -142,6 +185,7 @@ def build_cache(
             "dtype": str(model.cfg.dtype).removeprefix("torch."),
             "d_model": model.cfg.d_model,
             "d_in": probe_width,
+            "clean_distribution": "statistics" if statistics else "final",
             "n_sequences": n_seq,
             "shards": shards,
         }
@@ -164,10 +208,10 @@ class CleanPassCache:
                 "build one with sae_lens_kl.cache.build_cache or `sae-lens-kl cache`."
             )
         self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.meta.get("format_version") != FORMAT_VERSION:
+        if self.meta.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(
-                f"{self.path}: cache format {self.meta.get('format_version')} is not "
-                f"{FORMAT_VERSION}; rebuild it."
+                f"{self.path}: cache format {self.meta.get('format_version')} is not one of "
+                f"{READABLE_VERSIONS}; rebuild it with this version of sae_lens_kl."
             )
 
     @property
@@ -210,7 +254,8 @@ class CleanPassCache:
             start = first_sequence
 
     def _batches(self, batch_size: int, start: int, stop: int) -> Iterator[CleanRun]:
-        fields = ("tokens", "residual", "acts", "final")
+        statistics = self.meta.get("clean_distribution", "final") == "statistics"
+        fields = ("tokens", "residual", "acts", *(STATISTICS_FIELDS if statistics else ("final",)))
         pending: list[dict[str, torch.Tensor]] = []
         offset = 0
         for shard in self.meta["shards"]:
@@ -228,7 +273,11 @@ class CleanPassCache:
             offset += count
             while sum(len(part["tokens"]) for part in pending) >= batch_size:
                 merged = {name: torch.cat([part[name] for part in pending]) for name in fields}
-                yield CleanRun(*(merged[name][:batch_size] for name in fields))
+                batch = [merged[name][:batch_size] for name in fields]
+                if statistics:
+                    yield CleanRun(*batch[:3], statistics=CleanStatistics(*batch[3:]))
+                else:
+                    yield CleanRun(*batch)
                 rest = {name: merged[name][batch_size:] for name in fields}
                 pending = [rest] if len(rest["tokens"]) else []
 

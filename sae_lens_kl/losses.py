@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -10,6 +11,55 @@ import torch.nn.functional as F
 from sae_lens_kl.splice import VocabProjection
 
 ALPHA_EPS = 1e-8  # paper §3.2: alpha = mse / (kl + 1e-8)
+
+
+@dataclass(frozen=True)
+class CleanStatistics:
+    """What KL(p_clean || q) and its gradient need of the clean distribution p, per token, when the
+    unembedding is linear (logits = h W_U + b_U, no softcap), float32:
+
+        KL(p || q) = sum(p log p) - (W_U p) . h - b_U . p + logsumexp(h W_U + b_U)
+        d KL / d h = W_U q - W_U p
+
+    Exact identities, so a step given these needs no clean logits: one unembedding product fewer.
+    Computing them costs the clean logits plus one product, so they pay when reused: stored in a
+    clean-pass cache, or shared by three or more SAEs in one pass.
+    unembed_mean [..., d_model] = W_U p; bias_mean [...] = b_U . p; neg_entropy [...] = sum p log p.
+    """
+
+    unembed_mean: torch.Tensor
+    bias_mean: torch.Tensor
+    neg_entropy: torch.Tensor
+
+    def rows(self, kept_rows: torch.Tensor) -> CleanStatistics:
+        """The statistics of [batch, pos] tokens, flattened, at `kept_rows`."""
+        return CleanStatistics(
+            self.unembed_mean.flatten(0, 1)[kept_rows],
+            self.bias_mean.flatten(0, 1)[kept_rows],
+            self.neg_entropy.flatten(0, 1)[kept_rows],
+        )
+
+    def to(self, device: torch.device | str) -> CleanStatistics:
+        return CleanStatistics(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+@torch.no_grad()
+def clean_statistics(clean: torch.Tensor, projection: VocabProjection, chunk_tokens: int) -> CleanStatistics:
+    """CleanStatistics of clean run outputs [..., d_model] (unembedding inputs), chunked over tokens."""
+    if not projection.supports_statistics:
+        raise ValueError("Clean statistics need a float32 linear unembedding without softcap.")
+    assert projection.W_U is not None and projection.b_U is not None
+    flat = clean.flatten(0, -2)
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for start in range(0, flat.shape[0], chunk_tokens):
+        log_p = F.log_softmax(projection.logits(flat[start : start + chunk_tokens]), dim=-1)
+        p = log_p.exp()
+        parts.append((p @ projection.W_U.T, p @ projection.b_U, torch.sum(p * log_p, dim=-1)))
+    unembed_mean, bias_mean, neg_entropy = (torch.cat(part) for part in zip(*parts, strict=True))
+    leading = clean.shape[:-1]
+    return CleanStatistics(
+        unembed_mean.view(*leading, -1), bias_mean.view(leading), neg_entropy.view(leading)
+    )
 
 
 class _ChunkedKL(torch.autograd.Function):
@@ -25,7 +75,7 @@ class _ChunkedKL(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         spliced: torch.Tensor,
-        clean: torch.Tensor,
+        clean: torch.Tensor | CleanStatistics,
         projection: VocabProjection,
         chunk_tokens: int,
     ) -> torch.Tensor:
@@ -35,6 +85,17 @@ class _ChunkedKL(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=spliced.device)
         for start in range(0, n_tokens, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
+            if isinstance(clean, CleanStatistics):
+                spliced_logits = projection.logits(spliced[rows])
+                log_normaliser = torch.logsumexp(spliced_logits, dim=-1)
+                cross = (clean.unembed_mean[rows] * spliced[rows].float()).sum(-1) + clean.bias_mean[rows]
+                total += torch.sum(clean.neg_entropy[rows] - cross + log_normaliser)
+                if grad_spliced is not None:
+                    assert projection.W_U is not None
+                    q_over_n = spliced_logits.sub_(log_normaliser[:, None]).exp_().div_(n_tokens)
+                    unembed_q = q_over_n @ projection.W_U.T
+                    grad_spliced[rows] = unembed_q.sub_(clean.unembed_mean[rows], alpha=1 / n_tokens)
+                continue
             log_p = F.log_softmax(projection.logits(clean[rows]), dim=-1)
             spliced_logits = projection.logits(spliced[rows])
             log_q = F.log_softmax(spliced_logits, dim=-1)
@@ -55,7 +116,7 @@ class _ChunkedKL(torch.autograd.Function):
 
 
 def kl_divergence(
-    clean: torch.Tensor,
+    clean: torch.Tensor | CleanStatistics,
     spliced: torch.Tensor,
     projection: VocabProjection,
     chunk_tokens: int,
@@ -63,8 +124,13 @@ def kl_divergence(
     """KL(p_clean || p_spliced) per token, summed over vocab, mean over tokens (float32 scalar).
 
     `clean` and `spliced` are run outputs [n_tokens, d] (unembedding inputs, or logits when the
-    projection is the identity); the gradient flows to `spliced` only.
+    projection is the identity), or `clean` is the CleanStatistics of those tokens; the gradient
+    flows to `spliced` only.
     """
+    if isinstance(clean, CleanStatistics):
+        if clean.unembed_mean.shape != spliced.shape or not projection.supports_statistics:
+            raise ValueError(f"statistics {clean.unembed_mean.shape} do not fit outputs {spliced.shape}")
+        return _ChunkedKL.apply(spliced, clean, projection, chunk_tokens)
     if clean.shape != spliced.shape or clean.ndim != 2:
         raise ValueError(f"expected two [n_tokens, d] tensors, got {clean.shape}, {spliced.shape}")
     return _ChunkedKL.apply(spliced, clean.detach(), projection, chunk_tokens)

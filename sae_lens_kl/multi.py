@@ -21,7 +21,8 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from sae_lens_kl.cache import CleanRun
-from sae_lens_kl.splice import CompiledBlocks, HookSite, run_prefix, run_to_output
+from sae_lens_kl.losses import clean_statistics
+from sae_lens_kl.splice import CompiledBlocks, HookSite, VocabProjection, run_prefix, run_to_output
 from sae_lens_kl.trainer import KLFinetuneTrainer
 
 
@@ -31,9 +32,15 @@ def shared_clean_runs(
     batches: Iterator[torch.Tensor],
     sites: Mapping[str, HookSite],
     blocks: CompiledBlocks | None = None,
+    chunk_tokens: int = 256,
 ) -> Iterator[dict[str, CleanRun]]:
     """For each token batch, every SAE's clean pass from one prefix and one clean suffix (blocks
-    holding a recording hook run eagerly, the others through `blocks` when given)."""
+    holding a recording hook run eagerly, the others through `blocks` when given).
+
+    The clean distribution is the same for every SAE. From three SAEs on, and when the
+    unembedding allows it, it is handed over as CleanStatistics formed once per batch (two
+    unembedding products, chunks of `chunk_tokens`) instead of each SAE forming the clean logits
+    again (one product each): the same KL and gradients up to float rounding."""
     earliest = min(sites.values(), key=lambda site: site.block or 0)
     sae_blocks = sorted({site.block for site in sites.values() if site.block is not None})
     residuals: dict[int, torch.Tensor] = {}
@@ -49,13 +56,20 @@ def shared_clean_runs(
 
     hooks = [(f"blocks.{block}.hook_resid_pre", _bind(keep_residual, block=block)) for block in sae_blocks]
     hooks += [(site.hook_name, _bind(keep_acts, name=name)) for name, site in sites.items()]
+    projection = VocabProjection.for_run(model, prefix_reuse=True)
+    share_statistics = len(sites) >= 3 and projection.supports_statistics
     for tokens in batches:
         tokens = tokens.to(model.cfg.device)
         prefix = run_prefix(model, tokens, earliest, blocks)
         with model.hooks(fwd_hooks=hooks):
             final, _ = run_to_output(model, tokens, prefix, earliest)
+        clean: dict[str, Any] = (
+            {"statistics": clean_statistics(final, projection, chunk_tokens)}
+            if share_statistics
+            else {"final": final}
+        )
         yield {
-            name: CleanRun(tokens, residuals[site.block], acts[name], final)  # type: ignore[index]
+            name: CleanRun(tokens, residuals[site.block], acts[name], **clean)  # type: ignore[index]
             for name, site in sites.items()
         }
 

@@ -224,8 +224,15 @@ class VocabProjection:
         return cls(
             model.unembed.W_U.detach(),
             model.unembed.b_U.detach(),
-            float(model.cfg.output_logits_soft_cap or 0.0),
+            # TransformerLens marks "no softcap" as -1.0 (or None)
+            max(float(model.cfg.output_logits_soft_cap or 0.0), 0.0),
         )
+
+    @property
+    def supports_statistics(self) -> bool:
+        """Whether CleanStatistics describe the clean distribution exactly: a float32 linear
+        unembedding (in lower precision W_U q - W_U p would cancel away the signal)."""
+        return self.W_U is not None and self.softcap == 0 and self.W_U.dtype == torch.float32
 
     def logits(self, output: torch.Tensor) -> torch.Tensor:
         """float32 logits of a chunk of run outputs [n, d]."""

@@ -26,7 +26,7 @@ from transformer_lens.hook_points import HookedRootModule
 from sae_lens_kl.cache import CleanRun
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
-from sae_lens_kl.losses import combine_losses, kl_divergence
+from sae_lens_kl.losses import CleanStatistics, combine_losses, kl_divergence
 from sae_lens_kl.splice import (
     CompiledBlocks,
     HookSite,
@@ -161,7 +161,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         needs_kl = self.ft_cfg.loss != "mse"
         with torch.no_grad():
             if isinstance(sae_in, CleanRun):
-                tokens, clean_out, clean_acts = sae_in.tokens, sae_in.final, sae_in.acts
+                tokens, clean_out, clean_acts = sae_in.tokens, sae_in.clean, sae_in.acts
                 prefix = cached_prefix(self.model, tokens, sae_in.residual, self.site, self.blocks)
             else:
                 # Clean pass: the layers before the SAE's block once, then the clean suffix (only
@@ -199,7 +199,9 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
 
             spliced_out, _ = run_to_output(self.model, tokens, prefix, self.site, splice)
             kl = kl_divergence(
-                clean_out.flatten(0, 1)[kept_rows],
+                clean_out.rows(kept_rows)
+                if isinstance(clean_out, CleanStatistics)
+                else clean_out.flatten(0, 1)[kept_rows],
                 spliced_out.flatten(0, 1)[kept_rows],
                 self.projection,
                 self.ft_cfg.kl_chunk_tokens,

@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae_lens_kl.losses import combine_losses, cross_entropy_per_token, kl_divergence, kl_per_token
+from sae_lens_kl.losses import (
+    clean_statistics,
+    combine_losses,
+    cross_entropy_per_token,
+    kl_divergence,
+    kl_per_token,
+)
 from sae_lens_kl.splice import VocabProjection
 
 
@@ -45,6 +51,29 @@ def test_chunked_kl_equals_unchunked(softcap: float, chunk: int) -> None:
     torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-4, atol=1e-7)
     per_token = kl_per_token(clean, spliced.detach(), proj, chunk)
     torch.testing.assert_close(per_token.mean(), ref.detach(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_kl_from_clean_statistics_equals_the_reference(chunk: int) -> None:
+    proj = projection()
+    generator = torch.Generator().manual_seed(3)
+    clean = torch.randn(2, 32, 16, generator=generator)
+    spliced = (clean + 0.5 * torch.randn(2, 32, 16, generator=generator)).flatten(0, 1).requires_grad_()
+    statistics = clean_statistics(clean, proj, chunk)
+    assert statistics.unembed_mean.shape == (2, 32, 16) and statistics.neg_entropy.shape == (2, 32)
+    kept = torch.arange(0, 64, 3)  # a subset of positions, as the trainer's position mask makes
+    ours = kl_divergence(statistics.rows(kept), spliced[kept], proj, chunk)
+    (grad_ours,) = torch.autograd.grad(ours * 2.5, spliced)
+    spliced_ref = spliced.detach().clone().requires_grad_()
+    ref = reference_kl(clean.flatten(0, 1)[kept], spliced_ref[kept], proj)
+    (grad_ref,) = torch.autograd.grad(ref * 2.5, spliced_ref)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_clean_statistics_refuse_a_softcapped_unembedding() -> None:
+    with pytest.raises(ValueError, match="linear unembedding"):
+        clean_statistics(torch.randn(4, 16), projection(softcap=3.0), 4)
 
 
 def test_kl_gradient_passes_gradcheck() -> None:
