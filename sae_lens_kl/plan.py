@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,11 @@ def make_plan(
         raise ValueError(
             "compile_blocks=True compiles a HookedTransformer's blocks on one device and needs "
             "prefix_reuse=True and a hook inside a block; leave compile_blocks off for this model."
+        )
+    if cfg.compile_blocks and (missing := _missing_compiler(next(model.parameters()).device)):
+        raise ValueError(
+            f"compile_blocks=True needs torch.compile's inductor, but {missing}; install it "
+            "or leave compile_blocks off."
         )
     context_size = cfg.context_size or metadata.context_size or 1024
     n_ctx = getattr(model_cfg, "n_ctx", None)
@@ -211,6 +217,18 @@ def _find_checkpoint(path: Path) -> Path:
         candidates,
         key=lambda p: json.loads((p / FINETUNE_STATE_FILENAME).read_text())["training_tokens"],
     )
+
+
+def _missing_compiler(device: torch.device) -> str | None:
+    """What inductor lacks on this device, checked before any work (it would fail at the first step)."""
+    if device.type == "cpu" and not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
+        return "no C++ compiler (g++, c++ or clang++) is on PATH"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "Triton is not installed"
+    return None
 
 
 def _check_resume_config(checkpoint: Path, cfg: KLFinetuneConfig) -> None:

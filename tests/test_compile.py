@@ -66,3 +66,9 @@ def test_several_saes_with_compiled_blocks_match_eager() -> None:
     for one, other in zip(compiled, eager, strict=True):
         torch.testing.assert_close(one.W_dec, other.W_dec, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(one.W_enc, other.W_enc, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_blocks_without_a_compiler_is_refused_up_front(monkeypatch) -> None:
+    monkeypatch.setenv("PATH", "")  # no g++/clang++ to be found, as on a bare machine
+    with pytest.raises(ValueError, match="no C\\+\\+ compiler"):
+        kl_finetune(make_sae("topk"), tiny_model(), DATA, tokens=4 * SEQ, compile_blocks=True)
