@@ -68,7 +68,8 @@ class _ChunkedKL(torch.autograd.Function):
     Each chunk's logits live only inside the loop: the forward also forms the gradient w.r.t. the
     spliced run output, d KL / d logits = (softmax(spliced) - p_clean) / n (through the softcap and
     unembedding), so nothing vocabulary-sized is saved for backward. Memory is chunk x vocab.
-    The unembedding weights are treated as constants (the LM is frozen).
+    The unembedding weights are treated as constants (the LM is frozen). Given CleanStatistics
+    instead of clean outputs, only the spliced logits are formed.
     """
 
     @staticmethod
@@ -83,29 +84,13 @@ class _ChunkedKL(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         grad_spliced = torch.empty_like(spliced) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=spliced.device)
+        chunk_kl = _chunk_kl_from_statistics if isinstance(clean, CleanStatistics) else _chunk_kl_from_logits
         for start in range(0, n_tokens, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            if isinstance(clean, CleanStatistics):
-                spliced_logits = projection.logits(spliced[rows])
-                log_normaliser = torch.logsumexp(spliced_logits, dim=-1)
-                cross = (clean.unembed_mean[rows] * spliced[rows].float()).sum(-1) + clean.bias_mean[rows]
-                total += torch.sum(clean.neg_entropy[rows] - cross + log_normaliser)
-                if grad_spliced is not None:
-                    assert projection.W_U is not None
-                    q_over_n = spliced_logits.sub_(log_normaliser[:, None]).exp_().div_(n_tokens)
-                    unembed_q = q_over_n @ projection.W_U.T
-                    grad_spliced[rows] = unembed_q.sub_(clean.unembed_mean[rows], alpha=1 / n_tokens)
-                continue
-            log_p = F.log_softmax(projection.logits(clean[rows]), dim=-1)
-            spliced_logits = projection.logits(spliced[rows])
-            log_q = F.log_softmax(spliced_logits, dim=-1)
-            # One exp per distribution serves both the value and the gradient (F.kl_div would
-            # exponentiate log_p again): sum p * (log_p - log_q), and (q - p) / n.
-            p = log_p.exp()
-            total += torch.sum(p * (log_p - log_q))
+            kl_sum, grad = chunk_kl(spliced, clean, rows, projection, n_tokens, want_grad)  # type: ignore[arg-type]
+            total += kl_sum
             if grad_spliced is not None:
-                grad_logits = log_q.exp_().sub_(p).div_(n_tokens)
-                grad_spliced[rows] = projection.backward(grad_logits, spliced_logits, spliced.dtype)
+                grad_spliced[rows] = grad
         ctx.save_for_backward(grad_spliced)
         return total / n_tokens
 
@@ -113,6 +98,49 @@ class _ChunkedKL(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
         (grad_spliced,) = ctx.saved_tensors
         return grad_output.to(grad_spliced.dtype) * grad_spliced, None, None, None
+
+
+def _chunk_kl_from_logits(
+    spliced: torch.Tensor,
+    clean: torch.Tensor,
+    rows: slice,
+    projection: VocabProjection,
+    n_tokens: int,
+    want_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum over the chunk's tokens of KL(p || q), and d(mean KL)/d spliced for its rows."""
+    log_p = F.log_softmax(projection.logits(clean[rows]), dim=-1)
+    spliced_logits = projection.logits(spliced[rows])
+    log_q = F.log_softmax(spliced_logits, dim=-1)
+    # One exp per distribution serves both the value and the gradient (F.kl_div would
+    # exponentiate log_p again): sum p * (log_p - log_q), and (q - p) / n.
+    p = log_p.exp()
+    kl_sum = torch.sum(p * (log_p - log_q))
+    if not want_grad:
+        return kl_sum, None
+    grad_logits = log_q.exp_().sub_(p).div_(n_tokens)
+    return kl_sum, projection.backward(grad_logits, spliced_logits, spliced.dtype)
+
+
+def _chunk_kl_from_statistics(
+    spliced: torch.Tensor,
+    clean: CleanStatistics,
+    rows: slice,
+    projection: VocabProjection,
+    n_tokens: int,
+    want_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """As _chunk_kl_from_logits, from CleanStatistics: only the spliced logits are formed."""
+    assert projection.W_U is not None
+    spliced_logits = projection.logits(spliced[rows])
+    log_normaliser = torch.logsumexp(spliced_logits, dim=-1)
+    cross = (clean.unembed_mean[rows] * spliced[rows].float()).sum(-1) + clean.bias_mean[rows]
+    kl_sum = torch.sum(clean.neg_entropy[rows] - cross + log_normaliser)
+    if not want_grad:
+        return kl_sum, None
+    q_over_n = spliced_logits.sub_(log_normaliser[:, None]).exp_().div_(n_tokens)
+    unembed_q = q_over_n @ projection.W_U.T
+    return kl_sum, unembed_q.sub_(clean.unembed_mean[rows], alpha=1 / n_tokens)
 
 
 def kl_divergence(
