@@ -218,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         "cache",
         help="Run the model once over a token budget and store the clean pass for later fine-tunes.",
         description="Stores, per token, the residual entering the hook's block, the hook activation and "
-        "the unembedding input (model dtype), so that `finetune --data <this folder>` skips the clean "
-        "forward pass (exact, not an approximation). Prints the size before writing.",
+        "the clean next-token distribution (as W_U p, b_U.p and sum p log p for a float32 linear "
+        "unembedding, else the unembedding input), so that `finetune --data <this folder>` skips the "
+        "clean forward pass (exact, not an approximation). Prints the size before writing.",
     )
     _common(cache)
     cache.add_argument("--model", default="smollm2", help="Model (default: %(default)s).")
