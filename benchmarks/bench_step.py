@@ -16,6 +16,7 @@ weights); SAE: TopK, d_sae = 16*768, k = 64, at blocks.{2,6,10}.hook_resid_pre.
     python benchmarks/bench_step.py --threads 2 --long      # also peak memory at T=1024
     python benchmarks/bench_step.py --threads 2 --compile   # also with compile_blocks=True
     python benchmarks/bench_step.py --threads 2 --sparsify  # also EleutherAI sparsify (bench extra)
+    python benchmarks/bench_step.py --threads 2 --phases    # where an online step's time goes
 
 Timings alternate reference and ours in one process after warm-up (median of --repeats); sparsify
 alternates with ours in rounds of 3 steps, its SAE at the same place in the network. Peak
@@ -47,8 +48,10 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_lens_kl import KLFinetuneConfig, KLFinetuneTrainer
 from sae_lens_kl.cache import build_cache
+from sae_lens_kl.losses import kl_divergence
 from sae_lens_kl.multi import shared_clean_runs
-from sae_lens_kl.splice import HookSite
+from sae_lens_kl.splice import HookSite, VocabProjection, run_prefix, run_to_output
+from sae_lens_kl.trainer import use_sparse_topk
 
 D_MODEL, VOCAB = 768, 50257
 
@@ -323,6 +326,53 @@ def time_vs_sparsify(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def phase_times(args: argparse.Namespace, model: HookedTransformer, layer: int) -> dict[str, float]:
+    """Where one online step's time goes: the engine's parts run one after another (median ms)."""
+    tokens = make_tokens(args.batch, args.seq).to(args.device)
+    sae = build_sae(layer, args.device)
+    use_sparse_topk(sae, args.device == "cpu")
+    site = HookSite.for_model(model, sae.cfg.metadata.hook_name, None)
+    projection = VocabProjection.for_run(model, prefix_reuse=True)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=5e-5, fused=True)
+    times: dict[str, list[float]] = {}
+    for repeat in range(args.warmup + args.repeats):
+        marks = [("start", time.perf_counter())]
+
+        def mark(name: str, marks: list[tuple[str, float]] = marks) -> None:
+            sync(args.device)
+            marks.append((name, time.perf_counter()))
+
+        with torch.no_grad():
+            prefix = run_prefix(model, tokens, site)
+            mark("prefix")
+            clean, acts = run_to_output(model, tokens, prefix, site)
+            mark("clean suffix")
+        out = sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=acts.flatten(0, 1),
+                coefficients={},
+                dead_neuron_mask=None,
+                n_training_steps=0,
+                is_logging_step=False,
+            )
+        )
+        mark("SAE forward")
+        spliced, _ = run_to_output(model, tokens, prefix, site, lambda a, out=out: out.sae_out.view_as(a))
+        mark("spliced suffix")
+        kl = kl_divergence(clean.flatten(0, 1), spliced.flatten(0, 1), projection, 256)
+        mark("KL (+ its gradient)")
+        mse = out.losses["mse_loss"]
+        (0.5 * (mse + (mse / (kl + 1e-8)).detach() * kl)).backward()
+        mark("backward")
+        optimizer.step()
+        optimizer.zero_grad()
+        mark("Adam")
+        if repeat >= args.warmup:
+            for (_, before), (name, after) in zip(marks[:-1], marks[1:], strict=True):
+                times.setdefault(name, []).append((after - before) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def make_tokens(batch: int, seq: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(2))
 
@@ -455,6 +505,7 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="also time the engine with compile_blocks=True (torch.compile)"
     )
+    parser.add_argument("--phases", action="store_true", help="also print where an online step's time goes")
     parser.add_argument("--no-multi", dest="multi", action="store_false", help="skip the 4-SAE measurement")
     parser.add_argument(
         "--sparsify", action="store_true", help="also time EleutherAI sparsify's KL step (bench extra)"
@@ -496,6 +547,9 @@ def main() -> None:
             if name != "reference":
                 speedups[name][str(layer)] = speedup
 
+    if args.phases:
+        phases = phase_times(args, model, 6)
+        print("online step at layer 6, by part (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
     multi: dict[str, float] = {}
     if args.multi:
         for compile_blocks in [False, True] if args.compile else [False]:
