@@ -19,7 +19,8 @@ Disk format (version 2; version 1 caches, which always hold "final", are still r
   shard_00000.safetensors  tokens [n, seq] int64; residual [n, seq, d_model]; acts [n, seq, d_in]
                            (absent for hook_resid_pre, where it equals residual); then either
                            clean_unembed_mean [n, seq, d_model], clean_bias_mean [n, seq],
-                           clean_neg_entropy [n, seq] (float32), or final [n, seq, d_model]
+                           clean_neg_entropy [n, seq] (float32; float64 for a float64 model),
+                           or final [n, seq, d_model]
 Shards are written to temporary names and renamed, and cache.json last, so an interrupted build
 is never mistaken for a complete cache.
 """

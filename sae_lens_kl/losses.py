@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sae_lens_kl.splice import VocabProjection
+from sae_lens_kl.splice import VocabProjection, kl_dtype
 
 ALPHA_EPS = 1e-8  # paper §3.2: alpha = mse / (kl + 1e-8)
 
@@ -16,7 +16,7 @@ ALPHA_EPS = 1e-8  # paper §3.2: alpha = mse / (kl + 1e-8)
 @dataclass(frozen=True)
 class CleanStatistics:
     """What KL(p_clean || q) and its gradient need of the clean distribution p, per token, when the
-    unembedding is linear (logits = h W_U + b_U, no softcap), float32:
+    unembedding is linear (logits = h W_U + b_U, no softcap), float32 (float64 for a float64 model):
 
         KL(p || q) = sum(p log p) - (W_U p) . h - b_U . p + logsumexp(h W_U + b_U)
         d KL / d h = W_U q - W_U p
@@ -47,7 +47,7 @@ class CleanStatistics:
 def clean_statistics(clean: torch.Tensor, projection: VocabProjection, chunk_tokens: int) -> CleanStatistics:
     """CleanStatistics of clean run outputs [..., d_model] (unembedding inputs), chunked over tokens."""
     if not projection.supports_statistics:
-        raise ValueError("Clean statistics need a float32 linear unembedding without softcap.")
+        raise ValueError("Clean statistics need a float32/float64 linear unembedding without softcap.")
     assert projection.W_U is not None and projection.b_U is not None
     flat = clean.flatten(0, -2)
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -83,7 +83,7 @@ class _ChunkedKL(torch.autograd.Function):
         n_tokens = spliced.shape[0]
         want_grad = ctx.needs_input_grad[0]
         grad_spliced = torch.empty_like(spliced) if want_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=spliced.device)
+        total = torch.zeros((), dtype=kl_dtype(spliced.dtype), device=spliced.device)
         chunk_kl = _chunk_kl_from_statistics if isinstance(clean, CleanStatistics) else _chunk_kl_from_logits
         for start in range(0, n_tokens, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
@@ -134,7 +134,8 @@ def _chunk_kl_from_statistics(
     assert projection.W_U is not None
     spliced_logits = projection.logits(spliced[rows])
     log_normaliser = torch.logsumexp(spliced_logits, dim=-1)
-    cross = (clean.unembed_mean[rows] * spliced[rows].float()).sum(-1) + clean.bias_mean[rows]
+    spliced_rows = spliced[rows].to(clean.unembed_mean.dtype)
+    cross = (clean.unembed_mean[rows] * spliced_rows).sum(-1) + clean.bias_mean[rows]
     kl_sum = torch.sum(clean.neg_entropy[rows] - cross + log_normaliser)
     if not want_grad:
         return kl_sum, None
@@ -149,7 +150,8 @@ def kl_divergence(
     projection: VocabProjection,
     chunk_tokens: int,
 ) -> torch.Tensor:
-    """KL(p_clean || p_spliced) per token, summed over vocab, mean over tokens (float32 scalar).
+    """KL(p_clean || p_spliced) per token, summed over vocab, mean over tokens (float32 scalar;
+    float64 for a float64 model).
 
     `clean` and `spliced` are run outputs [n_tokens, d] (unembedding inputs, or logits when the
     projection is the identity), or `clean` is the CleanStatistics of those tokens; the gradient

@@ -206,6 +206,12 @@ def run_to_hook(
     return seen["acts"]
 
 
+def kl_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of every vocabulary-sized computation: float32, or float64 for a float64 model
+    (used to compare two computations of the same quantity at float64 rounding)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclass(frozen=True)
 class VocabProjection:
     """Maps a run's output to logits: the model's unembedding (+ softcap), or nothing for logits."""
@@ -230,15 +236,20 @@ class VocabProjection:
 
     @property
     def supports_statistics(self) -> bool:
-        """Whether CleanStatistics describe the clean distribution exactly: a float32 linear
-        unembedding (in lower precision W_U q - W_U p would cancel away the signal)."""
-        return self.W_U is not None and self.softcap == 0 and self.W_U.dtype == torch.float32
+        """Whether CleanStatistics describe the clean distribution exactly: a float32 (or float64)
+        linear unembedding (in lower precision W_U q - W_U p would cancel away the signal)."""
+        return (
+            self.W_U is not None
+            and self.softcap == 0
+            and self.W_U.dtype in (torch.float32, torch.float64)
+        )
 
     def logits(self, output: torch.Tensor) -> torch.Tensor:
-        """float32 logits of a chunk of run outputs [n, d]."""
+        """Logits of a chunk of run outputs [n, d], in float32 (float64 for a float64 model)."""
         if self.W_U is None:
-            return output.float()
-        logits = torch.addmm(self.b_U, output, self.W_U).float()
+            return output.to(kl_dtype(output.dtype))
+        logits = torch.addmm(self.b_U, output, self.W_U)
+        logits = logits.to(kl_dtype(logits.dtype))
         if self.softcap > 0:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
