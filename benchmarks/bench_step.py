@@ -49,8 +49,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from sae_lens_kl import KLFinetuneConfig, KLFinetuneTrainer
 from sae_lens_kl.cache import build_cache
 from sae_lens_kl.losses import kl_divergence
-from sae_lens_kl.multi import shared_clean_runs
-from sae_lens_kl.splice import HookSite, VocabProjection, run_prefix, run_to_output
+from sae_lens_kl.runs import SpliceRunner, shared_clean_runs
+from sae_lens_kl.splice import CompiledBlocks, HookSite, VocabProjection, run_prefix, run_to_output
 from sae_lens_kl.trainer import use_sparse_topk
 
 D_MODEL, VOCAB = 768, 50257
@@ -146,18 +146,12 @@ class OurStep:
             exclude_special_tokens=False,
             compile_blocks=compile_blocks,
         )
-        self.trainer = KLFinetuneTrainer(
-            sae,
-            model,
-            iter(()),
-            cfg,
-            site=HookSite.for_model(model, sae.cfg.metadata.hook_name, None),
-            context_size=seq,
-            prefix_reuse=True,
-        )
+        site = HookSite.for_model(model, sae.cfg.metadata.hook_name, None)
+        runner = SpliceRunner(model, site, blocks=CompiledBlocks(model) if compile_blocks else None)
+        self.trainer = KLFinetuneTrainer(sae, runner, iter(()), cfg, context_size=seq)
 
     def __call__(self, tokens: torch.Tensor) -> tuple[float, float]:
-        return self.take(tokens)
+        return self.take(self.trainer.runner.clean_run(tokens))
 
     def take(self, batch: Any) -> tuple[float, float]:
         output = self.trainer.step(batch)
@@ -189,7 +183,7 @@ class CachedStep(OurStep):
             prepend_bos=False,
             batch_size=batch,
         )
-        self.runs = cache.runs(batch)
+        self.runs = cache.runs(self.trainer.runner, batch)
 
     def __call__(self, tokens: torch.Tensor) -> tuple[float, float]:  # noqa: ARG002 (the cache holds them)
         return self.take(next(self.runs))
@@ -208,12 +202,16 @@ class MultiStep:
     ) -> None:
         self.model = model
         self.steps = [OurStep(model, sae, seq, batch, compile_blocks) for sae in saes]
-        self.sites = {str(i): step.trainer.site for i, step in enumerate(self.steps)}
+        # one compiled set of blocks serves every SAE, as in kl_finetune
+        first = self.steps[0].trainer.runner
+        self.runners = {
+            str(i): SpliceRunner(model, step.trainer.runner.site, blocks=first.blocks)
+            for i, step in enumerate(self.steps)
+        }
 
     def __call__(self, tokens: torch.Tensor) -> tuple[float, float]:
-        blocks = self.steps[0].trainer.blocks
-        runs = next(shared_clean_runs(self.model, iter([tokens]), self.sites, blocks))
-        numbers = [step.take(runs[name]) for name, step in zip(self.sites, self.steps, strict=True)]
+        runs = next(shared_clean_runs(self.model, iter([tokens]), self.runners))
+        numbers = [step.take(runs[name]) for name, step in zip(self.runners, self.steps, strict=True)]
         return numbers[0]
 
 

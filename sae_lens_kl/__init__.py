@@ -1,28 +1,35 @@
-"""KL+MSE fine-tuning of SAELens sparse autoencoders through TransformerLens hook points."""
+"""KL+MSE fine-tuning of SAELens sparse autoencoders through TransformerLens hook points.
 
-from sae_lens_kl.api import kl_finetune
-from sae_lens_kl.architectures import UnsupportedSAEError, to_inference_sae, to_training_sae
-from sae_lens_kl.cache import CleanPassCache, build_cache
-from sae_lens_kl.config import KLFinetuneConfig
-from sae_lens_kl.data import DataError
-from sae_lens_kl.evaluate import EvalResult, evaluate
-from sae_lens_kl.models import load_model
-from sae_lens_kl.train import train_with_kl_phase
-from sae_lens_kl.trainer import KLFinetuneTrainer, NonFiniteLossError
+Names load on first use (PEP 562), so `sae-lens-kl --help` parses without importing torch,
+SAELens or TransformerLens.
+"""
 
-__all__ = [
-    "CleanPassCache",
-    "DataError",
-    "EvalResult",
-    "KLFinetuneConfig",
-    "KLFinetuneTrainer",
-    "NonFiniteLossError",
-    "UnsupportedSAEError",
-    "build_cache",
-    "evaluate",
-    "kl_finetune",
-    "load_model",
-    "to_inference_sae",
-    "to_training_sae",
-    "train_with_kl_phase",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> the module that defines it
+_MODULE_OF = {
+    "CleanPassCache": "cache",
+    "DataError": "data",
+    "EvalResult": "evaluation",
+    "KLFinetuneConfig": "config",
+    "KLFinetuneTrainer": "trainer",
+    "NonFiniteLossError": "trainer",
+    "UnsupportedSAEError": "architectures",
+    "build_cache": "cache",
+    "evaluate": "evaluation",
+    "kl_finetune": "api",
+    "load_model": "models",
+    "to_inference_sae": "architectures",
+    "to_training_sae": "architectures",
+    "train_with_kl_phase": "train",
+}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'sae_lens_kl' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"sae_lens_kl.{_MODULE_OF[name]}"), name)

@@ -15,10 +15,13 @@ from typing import Any
 from sae_lens import SAE, TrainingSAE
 from sae_lens.registry import get_sae_class, get_sae_training_class
 
+from sae_lens_kl.config import TRAINING_ARCHITECTURES
+
 # Inference architectures whose own training class reproduces their forward pass exactly.
 FINETUNABLE_INFERENCE = ("standard", "gated", "topk", "abstopk", "jumprelu")
-# Training architectures accepted when the user passes a TrainingSAE.
-FINETUNABLE_TRAINING = FINETUNABLE_INFERENCE + ("batchtopk", "matryoshka_batchtopk")
+# Training architectures accepted when the user passes a TrainingSAE (BatchTopK and Matryoshka
+# load as JumpReLU inference SAEs).
+FINETUNABLE_TRAINING = TRAINING_ARCHITECTURES
 # Sparsity coefficient each architecture trains with (driven by the sparsity controller).
 SPARSITY_COEFFICIENT = {"standard": "l1", "gated": "l1", "jumprelu": "l0"}
 # Normalisations with no run-time effect in an SAE's forward pass; SAELens's trainer would

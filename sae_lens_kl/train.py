@@ -76,7 +76,9 @@ def fresh_sae(
     runner = LanguageModelSAETrainingRunner(
         runner_cfg, override_dataset=as_hf_dataset(data), override_model=model
     )
-    runner._set_sae_metadata()  # sae-lens 6.54: metadata is only set inside run(); same fields here
+    # sae-lens 6.54 sets the metadata only inside run() and has no public seam for it
+    # (tests/test_sae_lens_seams.py checks the fields)
+    runner._set_sae_metadata()
     return runner.sae
 
 
@@ -151,6 +153,7 @@ def train_with_kl_phase(
 def runner_config(
     model: Any,
     hook: str,
+    *,
     architecture: str,
     d_sae: int,
     k: float,
@@ -160,14 +163,17 @@ def runner_config(
     batch_tokens: int,
     sink_positions: int,
     dataset_name: str,
+    seed: int = 42,
 ) -> LanguageModelSAERunnerConfig[Any]:
     """A SAELens runner config for an SAE of `architecture` at `hook` of `model`, with the settings
     this package's MSE phases use: BOS per sequence, special tokens and the first `sink_positions`
-    positions left out, no checkpoints or output folders (the caller saves), no wandb."""
+    positions left out, no checkpoints or output folders (the caller saves), no wandb. `seed`
+    seeds the runner's SAE initialisation and activation shuffling (42: the demo's MSE phase)."""
     _, sae_cfg_cls = get_sae_training_class(architecture)
     sae_fields = {"d_in": model.cfg.d_model, "d_sae": d_sae}
     if "topk" in architecture:
-        sae_fields["k"] = int(k) if architecture == "topk" else k
+        # TopK and AbsTopK take an integer k, the batch variants a mean k per row
+        sae_fields["k"] = int(k) if architecture in ("topk", "abstopk") else k
     return LanguageModelSAERunnerConfig(
         sae=sae_cfg_cls(**sae_fields),
         model_name=model.cfg.model_name,
@@ -182,7 +188,7 @@ def runner_config(
         n_batches_in_buffer=32,
         lr=lr,
         device=str(model.cfg.device),
-        seed=42,
+        seed=seed,
         prepend_bos=True,
         exclude_special_tokens=True,
         seqpos_slice=(sink_positions, None),

@@ -11,7 +11,7 @@ import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from sae_lens import LoggingConfig, TrainingSAE
@@ -20,22 +20,11 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopK, TopKTrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
-from transformer_lens.hook_points import HookedRootModule
 
-from sae_lens_kl.cache import CleanRun
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
-from sae_lens_kl.losses import CleanStatistics, combine_losses, kl_divergence
-from sae_lens_kl.splice import (
-    CompiledBlocks,
-    HookSite,
-    VocabProjection,
-    cached_prefix,
-    run_prefix,
-    run_to_hook,
-    run_to_output,
-)
+from sae_lens_kl.losses import Objective, StepTensors, objective_for
+from sae_lens_kl.runs import CleanRun, SpliceRunner
 from sae_lens_kl.staging import staged_folder
 
 FINETUNE_STATE_FILENAME = "kl_finetune_state.json"
@@ -72,11 +61,14 @@ def use_fused_adam(optimizer: torch.optim.Optimizer) -> None:
     parameter. SAELens builds it with the defaults, which on CPU step one tensor at a time (torch
     2.13; W_enc + W_dec of 768 x 12288: 44 -> 10 ms per step, 2 threads). Set before the first step,
     so the optimizer state is created in the fused layout and checkpoints record it."""
-    supported = torch.utils._foreach_utils._get_fused_kernels_supported_devices()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if all(p.device.type in supported and p.is_floating_point() for p in params):
-        for group in optimizer.param_groups:
-            group["fused"], group["foreach"] = True, False
+    try:
+        # Adam's own check of fused support for these parameters' devices and dtypes.
+        torch.optim.Adam(params, fused=True)
+    except RuntimeError:
+        return
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, False
 
 
 @torch.no_grad()
@@ -85,17 +77,39 @@ def _firing(feature_acts: torch.Tensor) -> torch.Tensor:
     return (feature_acts.to_dense() if feature_acts.is_sparse else feature_acts) != 0
 
 
+class Replacement(Protocol):
+    """What replaces the activation at the hook during a training step: given the SAE and its
+    clean input rows (with SAELens's step state), a TrainStepOutput whose `sae_out` is spliced in
+    and whose `losses` hold the SAE's own terms (`mse_loss` and its sparsity/auxiliary losses)."""
+
+    def __call__(self, sae: TrainingSAE[Any], step_input: TrainStepInput) -> TrainStepOutput: ...
+
+
+def sae_reconstruction(sae: TrainingSAE[Any], step_input: TrainStepInput) -> TrainStepOutput:
+    """The SAE's own training forward pass: its reconstruction, with its aux-k, L1, L0, gated or
+    Matryoshka losses as SAELens computes them."""
+    return sae.training_forward_pass(step_input)
+
+
+def needs_spliced_run(objective: Objective) -> bool:
+    """Whether the objective's terms need the spliced suffix, and so the clean distribution."""
+    return any(term.needs_spliced_run for term in objective.terms)
+
+
 class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
+    """SAELens's trainer whose data provider yields one `CleanRun` per token batch and whose step
+    splices the `replacement`'s output in and minimises the `objective`."""
+
     def __init__(
         self,
         sae: TrainingSAE[Any],
-        model: HookedRootModule,
-        token_batches: Iterator[torch.Tensor],
+        runner: SpliceRunner,
+        clean_runs: Iterator[CleanRun],
         cfg: KLFinetuneConfig,
         *,
-        site: HookSite,
         context_size: int,
-        prefix_reuse: bool,
+        objective: Objective | None = None,
+        replacement: Replacement = sae_reconstruction,
         special_token_ids: Sequence[int] = (),
         controller: SparsityController | None = None,
         checkpoint_dir: Path | None = None,
@@ -127,19 +141,13 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
                 ),
             ),
             sae,
-            data_provider=token_batches,
+            data_provider=clean_runs,
         )
         use_fused_adam(self.optimizer)
-        self.model = model
+        self.runner = runner
         self.ft_cfg = cfg
-        self.site = site
-        self.prefix_reuse = prefix_reuse
-        self.projection = VocabProjection.for_run(model, prefix_reuse)
-        self.blocks = (
-            CompiledBlocks(model)
-            if cfg.compile_blocks and prefix_reuse and isinstance(model, HookedTransformer)
-            else None
-        )
+        self.objective = objective if objective is not None else objective_for(cfg.loss, cfg.kl_coefficient)
+        self.replacement = replacement
         self.special_token_ids = list(special_token_ids)
         self.controller = controller
         self.callbacks = list(callbacks)
@@ -149,95 +157,88 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
 
     # ---- the step -------------------------------------------------------------------------------
 
-    def step(self, batch: torch.Tensor | CleanRun) -> TrainStepOutput:  # type: ignore[override]
-        """One fine-tune step on a [batch, seq] token batch (or a cached clean pass of one);
-        counts tokens, not sequences."""
-        batch = batch.to(self.sae.device)
+    def step(self, batch: CleanRun) -> TrainStepOutput:  # type: ignore[override]
+        """One fine-tune step on a batch's clean run; counts tokens, not sequences."""
         self.n_training_samples += batch.numel()
         return self._train_step(sae=self.sae, sae_in=batch)  # type: ignore[arg-type]
 
-    def _train_step(self, sae: TrainingSAE[Any], sae_in: torch.Tensor | CleanRun) -> TrainStepOutput:  # type: ignore[override]
-        # SAETrainer's seam names it sae_in; here it is the token batch or its cached clean pass.
-        needs_kl = self.ft_cfg.loss != "mse"
-        with torch.no_grad():
-            if isinstance(sae_in, CleanRun):
-                tokens, clean_out, clean_acts = sae_in.tokens, sae_in.clean, sae_in.acts
-                prefix = cached_prefix(self.model, tokens, sae_in.residual, self.site, self.blocks)
-            else:
-                # Clean pass: the layers before the SAE's block once, then the clean suffix (only
-                # up to the hook for the MSE-only control, which needs no distribution).
-                tokens = sae_in
-                prefix = run_prefix(self.model, tokens, self.site, self.blocks) if self.prefix_reuse else None
-                if needs_kl:
-                    clean_out, clean_acts = run_to_output(self.model, tokens, prefix, self.site)
-                else:
-                    clean_acts = run_to_hook(self.model, tokens, prefix, self.site)
-        keep = position_mask(tokens, self.special_token_ids, self.ft_cfg.exclude_first_positions)
-        kept_rows = keep.flatten().nonzero().squeeze(1)
+    def _train_step(self, sae: TrainingSAE[Any], sae_in: CleanRun) -> TrainStepOutput:  # type: ignore[override]
+        # SAETrainer's seam names it sae_in; here it is the clean run of a [batch, pos] token batch.
+        run, cfg = sae_in, self.ft_cfg
+        keep = position_mask(run.tokens, self.special_token_ids, cfg.exclude_first_positions)
+        rows = keep.flatten().nonzero().squeeze(1)  # positions the reconstruction replaces
 
-        # SAE on the clean activations at the kept positions, with its own sparsity/aux losses.
+        # The replacement (the SAE) on the clean activations at those rows.
         sae.train()
         with self.autocast_if_enabled:
-            out = sae.training_forward_pass(
-                TrainStepInput(
-                    sae_in=clean_acts.flatten(0, 1)[kept_rows],
-                    dead_neuron_mask=self.dead_neurons,
-                    coefficients=self.get_coefficients(),
-                    n_training_steps=self.n_training_steps,
-                    is_logging_step=self._is_logging_step(),
-                )
-            )
-        mse = out.losses["mse_loss"]
+            out = self.replacement(sae, self._step_input(run.acts.flatten(0, 1)[rows]))
 
-        # Spliced suffix from the same prefix; KL(p_clean || p_spliced) over the kept positions.
-        kl = None
-        if needs_kl:
+        # Spliced suffix from the clean run's prefix, when a loss term reads it.
+        clean, spliced = None, None
+        if needs_spliced_run(self.objective):
 
             def splice(acts: torch.Tensor) -> torch.Tensor:
-                flat = acts.flatten(0, 1).index_put((kept_rows,), out.sae_out.to(acts.dtype))
+                flat = acts.flatten(0, 1).index_put((rows,), out.sae_out.to(acts.dtype))
                 return flat.view_as(acts)
 
-            spliced_out, _ = run_to_output(self.model, tokens, prefix, self.site, splice)
-            kl = kl_divergence(
-                clean_out.rows(kept_rows)
-                if isinstance(clean_out, CleanStatistics)
-                else clean_out.flatten(0, 1)[kept_rows],
-                spliced_out.flatten(0, 1)[kept_rows],
-                self.projection,
-                self.ft_cfg.kl_chunk_tokens,
-            )
+            clean = run.clean_rows(rows)
+            spliced = self.runner.spliced_output(run, splice).flatten(0, 1)[rows]
 
-        loss, alpha = combine_losses(self.ft_cfg.loss, mse, kl, out.loss - mse, self.ft_cfg.kl_coefficient)
+        tensors = StepTensors(out, clean, spliced, self.runner.projection, cfg.kl_chunk_tokens)
+        values = {term.name: term(tensors) for term in self.objective.terms}
+        loss, alpha = self.objective.combine(values, out.loss - out.losses["mse_loss"])
         firing = _firing(out.feature_acts)
-        l0 = firing.sum(-1).float().mean()
-        # One host sync per step, for the finiteness check, the controller and the progress bar.
-        nan = torch.tensor(float("nan"))
-        loss_value, kl_value, alpha_value, l0_value = torch.stack(
-            [t.detach().float().cpu() if t is not None else nan for t in (loss, kl, alpha, l0)]
-        ).tolist()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"The loss became {loss_value} at step {self.n_training_steps} (after "
-                f"{self.n_training_samples - self.tokens_per_step} training tokens); the SAE was not "
-                f"updated. Last good checkpoint: {self.last_checkpoint or 'none saved'}. Resume from "
-                "it with a lower lr, or check the data and the model's dtype."
-            )
+        numbers = self._checked_numbers(loss=loss, kl=values.get("kl"), alpha=alpha, l0=firing.sum(-1))
 
         self._record_firing(firing)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad()
+        self._advance_schedules(numbers["l0"])
+        return self._step_output(out, loss, values, numbers)
+
+    def _step_input(self, sae_in: torch.Tensor) -> TrainStepInput:
+        return TrainStepInput(
+            sae_in=sae_in,
+            dead_neuron_mask=self.dead_neurons,
+            coefficients=self.get_coefficients(),
+            n_training_steps=self.n_training_steps,
+            is_logging_step=self._is_logging_step(),
+        )
+
+    @torch.no_grad()
+    def _checked_numbers(self, **values: torch.Tensor | None) -> dict[str, float]:
+        """Host copies of the step's scalars (l0: mean of the per-row counts), in one device sync
+        per step; a non-finite loss stops the run before the SAE is updated."""
+        nan = torch.tensor(float("nan"), device=values["loss"].device)  # type: ignore[union-attr]
+        scalars = [nan if v is None else v.detach().float().mean() for v in values.values()]
+        numbers = dict(zip(values, torch.stack(scalars).tolist(), strict=True))
+        if not math.isfinite(numbers["loss"]):
+            raise NonFiniteLossError(
+                f"The loss became {numbers['loss']} at step {self.n_training_steps} (after "
+                f"{self.n_training_samples - self.tokens_per_step} training tokens); the SAE was not "
+                f"updated. Last good checkpoint: {self.last_checkpoint or 'none saved'}. Resume from "
+                "it with a lower lr, or check the data and the model's dtype."
+            )
+        return numbers
+
+    def _advance_schedules(self, l0: float) -> None:
+        """LR and coefficient schedules one step on; the L0 controller moves its coefficient."""
         self.lr_scheduler.step()
         for scheduler in self.coefficient_schedulers.values():
             scheduler.step()
         if self.controller is not None:
-            self.controller.update(self.coefficient_schedulers[self.controller.coefficient_name], l0_value)
+            self.controller.update(self.coefficient_schedulers[self.controller.coefficient_name], l0)
 
+    @staticmethod
+    def _step_output(
+        out: TrainStepOutput, loss: torch.Tensor, values: dict[str, torch.Tensor], numbers: dict[str, float]
+    ) -> TrainStepOutput:
         out.loss = loss.detach()
-        if kl is not None:
-            out.losses["kl_loss"] = kl.detach()
-        out.metrics.update(kl=kl_value, alpha=alpha_value, l0=l0_value, loss=loss_value)
+        for name, value in values.items():
+            out.losses.setdefault(f"{name}_loss", value.detach())
+        out.metrics.update(numbers)
         return out
 
     @torch.no_grad()
@@ -293,8 +294,9 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
 
     def load_trainer_state(self, checkpoint_path: Path | str) -> None:
         super().load_trainer_state(checkpoint_path)
-        # SAETrainer.fit saves checkpoints before advancing n_training_steps (sae-lens 6.54), so the
-        # stored count is one behind the steps taken; continue from the true count.
+        # SAETrainer.fit saves checkpoints before advancing n_training_steps (sae-lens 6.54, checked
+        # by tests/test_sae_lens_seams.py), so the stored count is one behind the steps taken;
+        # continue from the true count.
         self.n_training_steps = self.n_training_steps_done
         state = json.loads((Path(checkpoint_path) / FINETUNE_STATE_FILENAME).read_text())
         if self.controller is not None and state["controller"] is not None:
@@ -319,7 +321,8 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         pbar: tqdm,
         update_interval: int = 1,  # noqa: ARG002 (SAETrainer's signature; we update every step)
     ) -> None:
-        # The last call of each iteration of SAETrainer.fit: progress, then user callbacks.
+        # The last call of each iteration of SAETrainer.fit (sae-lens 6.54 has no callback seam;
+        # the order is checked by tests/test_sae_lens_seams.py): progress, then user callbacks.
         metrics = step_output.metrics
         pbar.update(self.tokens_per_step)
         pbar.set_postfix(

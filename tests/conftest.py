@@ -201,3 +201,44 @@ def tiny_text_model(seed: int = 0) -> HookedTransformer:
         seed=seed,
     )
     return HookedTransformer(cfg, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_folder(tmp_path_factory) -> Path:
+    """A local Hugging Face folder of a tiny random Llama-architecture model with a real BPE
+    tokenizer, as `load_model` and the CLI's --model take it (no hub)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=D_MODEL,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=N_HEADS,
+        num_key_value_heads=2,
+        max_position_embeddings=N_CTX,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    # The folder name matters to TransformerLens's config reading (no "llama"/"gemma" in it).
+    folder = tmp_path_factory.mktemp("models") / "tiny-lm"
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_folders(tmp_path_factory) -> tuple[Path, Path]:
+    """(training, held-out) folders of English-like text files, disjoint."""
+    root = tmp_path_factory.mktemp("texts")
+    folders = []
+    for name, seed in (("train", 1), ("eval", 2)):
+        folder = root / name
+        folder.mkdir()
+        for index in range(40 if name == "train" else 10):
+            (folder / f"doc_{index:03d}.txt").write_text("\n".join(sentences(12, seed=seed * 1000 + index)))
+        folders.append(folder)
+    return folders[0], folders[1]

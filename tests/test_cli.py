@@ -10,7 +10,8 @@ from dataclasses import fields
 import pytest
 
 from sae_lens_kl import KLFinetuneConfig
-from sae_lens_kl.cli import build_parser, config_from_args, field_docs, load_sae, parse
+from sae_lens_kl.cli import build_parser, config_from_args, field_docs, parse
+from sae_lens_kl.commands import load_sae
 
 
 @pytest.mark.parametrize("command", ["demo", "finetune", "train", "cache", "eval"])
@@ -82,3 +83,28 @@ def test_unknown_release_lists_close_matches() -> None:
         load_sae("gpt2-small-res-j:blocks.8.hook_resid_pre")
     with pytest.raises(SystemExit, match="blocks.8.hook_resid_pre"):
         load_sae("gpt2-small-res-jb:blocks.8.hook_resid_pree")
+
+
+def test_help_imports_no_torch() -> None:
+    code = (
+        "import sys\n"
+        "from sae_lens_kl.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        "print(sorted(m for m in ('torch', 'sae_lens', 'transformer_lens') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_public_names_resolve_to_what_they_name() -> None:
+    # The package loads its names lazily; none may resolve to a submodule of the same name.
+    import importlib
+    import pkgutil
+    import types
+
+    import sae_lens_kl
+
+    for module in pkgutil.iter_modules(sae_lens_kl.__path__):
+        importlib.import_module(f"sae_lens_kl.{module.name}")
+    for name in sae_lens_kl.__all__:
+        assert not isinstance(getattr(sae_lens_kl, name), types.ModuleType), name

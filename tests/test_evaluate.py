@@ -98,7 +98,7 @@ def test_evaluate_agrees_with_sae_lens_evals(architecture: str) -> None:
 
 
 def test_reused_baseline_gives_the_same_numbers_as_a_fresh_evaluation() -> None:
-    from sae_lens_kl.evaluate import HeldOutEvaluator
+    from sae_lens_kl.evaluation import HeldOutEvaluator
 
     model = tiny_text_model()
     tokens = take(token_sequences(sentences(100), model, CTX, prepend_bos=True), 8)

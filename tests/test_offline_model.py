@@ -33,9 +33,9 @@ def test_train_with_kl_phase_on_the_real_model(smollm2, tmp_path) -> None:
     cfg = runner_config(
         smollm2,
         hook,
-        "topk",
-        1152,
-        16,
+        architecture="topk",
+        d_sae=1152,
+        k=16,
         tokens=16 * 1024 + 4 * 4 * 64,
         context_size=64,
         lr=4e-3,

@@ -33,7 +33,7 @@ corpus = django_docs()
 cfg = runner_config(
     model,
     HOOK,
-    "topk",
+    architecture="topk",
     d_sae=2304,
     k=32,
     tokens=60_000,

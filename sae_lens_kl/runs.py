@@ -1,0 +1,176 @@
+"""One batch's clean run, and the spliced run that continues from it.
+
+The training step has one shape whatever feeds it: it receives a `CleanRun` (tokens, the SAE's
+clean input, where the suffix restarts, the clean next-token distribution) and runs the spliced
+suffix from it. A CleanRun comes from the online clean pass (`SpliceRunner.clean_run`), from a
+clean-pass cache (cache.py), or from one clean pass shared by several SAEs (`shared_clean_runs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookedRootModule, HookPoint
+
+from sae_lens_kl.losses import CleanStatistics, clean_statistics
+from sae_lens_kl.splice import (
+    CompiledBlocks,
+    HookSite,
+    Prefix,
+    VocabProjection,
+    cached_prefix,
+    run_prefix,
+    run_to_hook,
+    run_to_output,
+    supports_prefix_reuse,
+)
+
+
+@dataclass
+class CleanRun:
+    """One batch of the clean forward pass, as the training step needs it.
+
+    tokens [batch, pos]; acts [batch, pos, d_in], the SAE's clean input; prefix, the state entering
+    the SAE's block that the spliced suffix restarts from (None for models that run two full
+    forwards); the clean distribution as run outputs (`final`: unembedding inputs, or logits
+    without a prefix) or as `statistics`, or neither when no loss term needs it (MSE only).
+    """
+
+    tokens: torch.Tensor
+    acts: torch.Tensor
+    prefix: Prefix | None
+    final: torch.Tensor | None = None
+    statistics: CleanStatistics | None = None
+
+    def __post_init__(self) -> None:
+        if self.final is not None and self.statistics is not None:
+            raise ValueError("A CleanRun holds the clean distribution as one of final, statistics.")
+
+    @property
+    def clean(self) -> torch.Tensor | CleanStatistics | None:
+        """The clean distribution, in the form it was given (None: not computed)."""
+        return self.final if self.final is not None else self.statistics
+
+    def clean_rows(self, rows: torch.Tensor) -> torch.Tensor | CleanStatistics:
+        """The clean distribution of the [batch, pos] tokens, flattened, at `rows`."""
+        if self.statistics is not None:
+            return self.statistics.rows(rows)
+        if self.final is None:
+            raise ValueError("This clean run holds no clean distribution (it was run for MSE only).")
+        return self.final.flatten(0, 1)[rows]
+
+    def numel(self) -> int:
+        return self.tokens.numel()
+
+
+class SpliceRunner:
+    """Runs one SAE's clean and spliced passes through `model`: from the prefix entering the SAE's
+    block when the model allows it (the layers before run once per batch), else as two full hooked
+    forwards. `projection` maps its run outputs to logits."""
+
+    def __init__(
+        self,
+        model: HookedRootModule,
+        site: HookSite,
+        *,
+        prefix_reuse: bool = True,
+        blocks: CompiledBlocks | None = None,
+    ) -> None:
+        self.model = model
+        self.site = site
+        self.prefix_reuse = prefix_reuse and supports_prefix_reuse(model, site)
+        self.blocks = blocks if self.prefix_reuse else None
+        self.projection = VocabProjection.for_run(model, self.prefix_reuse)
+
+    @torch.no_grad()
+    def clean_run(self, tokens: torch.Tensor, with_distribution: bool = True) -> CleanRun:
+        """The clean pass of a [batch, pos] token batch; without the distribution it stops at the
+        SAE's block (the MSE-only control needs nothing after it)."""
+        model, site = self.model, self.site
+        tokens = tokens.to(next(model.parameters()).device)
+        prefix = run_prefix(model, tokens, site, self.blocks) if self.prefix_reuse else None  # type: ignore[arg-type]
+        if not with_distribution:
+            return CleanRun(tokens, run_to_hook(model, tokens, prefix, site), prefix)
+        final, acts = run_to_output(model, tokens, prefix, site)
+        return CleanRun(tokens, acts, prefix, final=final)
+
+    def clean_runs(
+        self, batches: Iterable[torch.Tensor], with_distribution: bool = True
+    ) -> Iterator[CleanRun]:
+        for tokens in batches:
+            yield self.clean_run(tokens, with_distribution)
+
+    def prefix_from(self, tokens: torch.Tensor, residual: torch.Tensor) -> Prefix:
+        """The prefix of a stored residual entering the SAE's block (a clean-pass cache)."""
+        assert isinstance(self.model, HookedTransformer)
+        return cached_prefix(self.model, tokens, residual, self.site, self.blocks)
+
+    def spliced_output(
+        self, run: CleanRun, replacement: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Run output [batch, pos, d] with the hook's activation replaced by `replacement(acts)`,
+        continuing from the clean run's prefix; gradients flow into what `replacement` returns."""
+        return run_to_output(self.model, run.tokens, run.prefix, self.site, replacement)[0]
+
+
+@torch.no_grad()
+def shared_clean_runs(
+    model: HookedTransformer,
+    batches: Iterator[torch.Tensor],
+    runners: Mapping[str, SpliceRunner],
+    chunk_tokens: int = 256,
+) -> Iterator[dict[str, CleanRun]]:
+    """For each token batch, every SAE's clean run from one prefix and one clean suffix: the layers
+    before the earliest SAE run once, and one suffix from there records, for each SAE, the residual
+    entering its block and its input. Blocks holding a recording hook run eagerly, the others
+    through the runners' compiled blocks when they have them.
+
+    The clean distribution is the same for every SAE. From three SAEs on, and when the
+    unembedding allows it, it is handed over as CleanStatistics formed once per batch (two
+    unembedding products, chunks of `chunk_tokens`) instead of each SAE forming the clean logits
+    again (one product each): the same KL and gradients up to float rounding."""
+    sites = {name: runner.site for name, runner in runners.items()}
+    earliest = min(runners.values(), key=lambda runner: runner.site.block or 0)
+    sae_blocks = sorted({site.block for site in sites.values() if site.block is not None})
+    residuals: dict[int, torch.Tensor] = {}
+    acts: dict[str, torch.Tensor] = {}
+
+    def keep_residual(raw: torch.Tensor, hook: HookPoint, block: int) -> torch.Tensor:  # noqa: ARG001
+        residuals[block] = raw
+        return raw
+
+    def keep_acts(raw: torch.Tensor, hook: HookPoint, name: str) -> torch.Tensor:  # noqa: ARG001
+        acts[name] = sites[name].read(raw)
+        return raw
+
+    hooks = [(f"blocks.{block}.hook_resid_pre", _bind(keep_residual, block=block)) for block in sae_blocks]
+    hooks += [(site.hook_name, _bind(keep_acts, name=name)) for name, site in sites.items()]
+    share_statistics = len(sites) >= 3 and earliest.projection.supports_statistics
+    for tokens in batches:
+        tokens = tokens.to(model.cfg.device)
+        prefix = run_prefix(model, tokens, earliest.site, earliest.blocks)
+        with model.hooks(fwd_hooks=hooks):
+            final = run_to_output(model, tokens, prefix, earliest.site)[0]
+        clean: dict[str, Any] = (
+            {"statistics": clean_statistics(final, earliest.projection, chunk_tokens)}
+            if share_statistics
+            else {"final": final}
+        )
+        yield {
+            name: CleanRun(
+                tokens,
+                acts[name],
+                replace(prefix, residual=residuals[site.block], start_layer=site.block),  # type: ignore[index,arg-type]
+                **clean,
+            )
+            for name, site in sites.items()
+        }
+
+
+def _bind(function: Any, **bound: Any) -> Any:
+    """A TransformerLens hook (called as f(tensor, hook=...)) with extra arguments bound."""
+    return lambda raw, hook: function(raw, hook, **bound)

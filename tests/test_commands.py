@@ -1,0 +1,98 @@
+"""Every `sae-lens-kl` subcommand end to end on a tiny local model and local text (no hub)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from sae_lens import SAE
+
+from sae_lens_kl.cli import main
+
+TRAIN_SIZES = [
+    "--hook", "blocks.1.hook_resid_pre", "--architecture", "topk", "--k", "4", "--d-sae", "64",
+    "--training-tokens", "3072", "--kl-fraction", "0.25", "--context-size", "32", "--batch-size", "4",
+    "--eval-tokens", "256", "--lr", "1e-3", "--train-batch-size-tokens", "256",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch) -> None:
+    # The demo caches its MSE phase; keep that inside the test's folder.
+    monkeypatch.setenv("SAE_LENS_KL_CACHE", str(tmp_path / "cache"))
+
+
+def test_train_cache_finetune_eval(tiny_lm_folder: Path, text_folders: tuple[Path, Path], tmp_path) -> None:
+    model, (train_text, eval_text) = str(tiny_lm_folder), text_folders
+    data = ["--data", str(train_text), "--eval-data", str(eval_text)]
+    assert main(["train", "--model", model, *TRAIN_SIZES, *data, "--out", str(tmp_path / "trained")]) == 0
+    trained = json.loads((tmp_path / "trained" / "report.json").read_text())["runs"]["KL+MSE"]
+    assert trained["training_tokens"] == 768 and trained["after"]["n_tokens"] > 0
+    assert (tmp_path / "trained" / "training_curves.png").is_file()
+    sae = SAE.load_from_disk(tmp_path / "trained")
+    assert sae.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
+
+    cache = ["cache", "--model", model, "--hook", "blocks.1.hook_resid_pre", "--data", str(train_text)]
+    assert (
+        main([*cache, "--tokens", "1024", "--context-size", "32", "--out", str(tmp_path / "cache_run")]) == 0
+    )
+    assert (tmp_path / "cache_run" / "cache.json").is_file()
+
+    finetune = ["finetune", "--sae", str(tmp_path / "trained"), "--model", model]
+    finetune += ["--data", str(tmp_path / "cache_run"), "--tokens", "256", "--batch-size", "4"]
+    assert main([*finetune, "--eval-tokens", "128", "--lr", "1e-3", "--out", str(tmp_path / "tuned")]) == 0
+    tuned = SAE.load_from_disk(tmp_path / "tuned")
+    assert not torch.equal(tuned.W_dec, sae.W_dec)
+
+    evaluate = [
+        "eval",
+        "--sae",
+        str(tmp_path / "trained"),
+        "--sae",
+        str(tmp_path / "tuned"),
+        "--model",
+        model,
+    ]
+    assert (
+        main([*evaluate, "--data", str(eval_text), "--n-tokens", "256", "--out", str(tmp_path / "eval")]) == 0
+    )
+    rows = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert set(rows) == {str(tmp_path / "trained"), str(tmp_path / "tuned")}
+    assert all(row["n_tokens"] > 0 for row in rows.values())
+
+
+def test_demo_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path, Path], tmp_path) -> None:
+    train_text, eval_text = text_folders
+    args = ["demo", "--model", str(tiny_lm_folder), "--hook", "blocks.1.hook_resid_post", "--d-sae", "64"]
+    args += ["--k", "4", "--context-size", "32", "--mse-tokens", "2048", "--kl-steps", "2"]
+    args += ["--eval-tokens", "256", "--data", str(train_text), "--eval-data", str(eval_text)]
+    assert main([*args, "--out", str(tmp_path / "demo")]) == 0
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert set(report["runs"]) == {"KL+MSE", "MSE-only control"}
+    assert report["mse_phase_cached"] is False
+    for run in report["runs"].values():
+        assert run["training_tokens"] == 2 * 8 * 32
+    # The MSE phase is cached: a second run reads it back and trains the same KL phase.
+    assert main([*args, "--out", str(tmp_path / "demo"), "--overwrite", "--no-control"]) == 0
+    again = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert again["mse_phase_cached"] is True
+    assert again["runs"]["KL+MSE"]["after"] == report["runs"]["KL+MSE"]["after"]
+
+
+def test_train_seed_reaches_the_mse_phase(
+    tiny_lm_folder: Path, text_folders: tuple[Path, Path], tmp_path
+) -> None:
+    data = ["--data", str(text_folders[0]), "--eval-data", str(text_folders[1])]
+    for seed in ("1", "2"):
+        args = ["train", "--model", str(tiny_lm_folder), *TRAIN_SIZES, *data, "--seed", seed]
+        assert main([*args, "--out", str(tmp_path / seed)]) == 0
+    one, two = (SAE.load_from_disk(tmp_path / seed) for seed in ("1", "2"))
+    assert not torch.equal(one.W_enc, two.W_enc)
+
+
+def test_train_has_no_tokens_flag_to_drop() -> None:
+    # Its budget is --training-tokens; a --tokens flag would be accepted and ignored.
+    with pytest.raises(SystemExit):
+        main(["train", "--tokens", "1000"])

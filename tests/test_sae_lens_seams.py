@@ -1,0 +1,117 @@
+"""The SAELens behaviour this package relies on where SAELens has no public seam (sae-lens 6.54).
+Each test fails loudly if a SAELens release changes it; the code that relies on it says so."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conftest import make_sae, random_tokens, tiny_model
+from sae_lens import LanguageModelSAERunnerConfig
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+from sae_lens.saes.sae import TrainStepOutput
+
+from sae_lens_kl.architectures import to_training_sae
+from sae_lens_kl.config import TRAINING_ARCHITECTURES, KLFinetuneConfig
+from sae_lens_kl.data import batched
+from sae_lens_kl.multi import MultiKLFinetuneTrainer
+from sae_lens_kl.runs import SpliceRunner, shared_clean_runs
+from sae_lens_kl.splice import HookSite
+from sae_lens_kl.train import fresh_sae, runner_config
+from sae_lens_kl.trainer import KLFinetuneTrainer
+
+SEQ, BATCH, STEPS = 16, 4, 3
+
+
+class RecordingTrainer(KLFinetuneTrainer):
+    """Records the order in which SAETrainer.fit (or MultiSAETrainer.fit) calls our overrides."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[tuple[str, int]] = []
+
+    def step(self, batch: Any) -> TrainStepOutput:
+        self.events.append(("step", self.n_training_steps))
+        return super().step(batch)
+
+    def _checkpoint_if_needed(self) -> None:
+        self.events.append(("checkpoint", self.n_training_steps))
+        super()._checkpoint_if_needed()
+
+    def _update_pbar(self, step_output: TrainStepOutput, pbar: Any, update_interval: int = 1) -> None:
+        self.events.append(("progress", self.n_training_steps))
+        super()._update_pbar(step_output, pbar, update_interval)
+
+
+def recording_trainer(model: Any, hook_name: str, runs: Any) -> RecordingTrainer:
+    sae = to_training_sae(make_sae("topk", hook_name=hook_name))
+    cfg = KLFinetuneConfig(tokens=STEPS * BATCH * SEQ, batch_size=BATCH, context_size=SEQ)
+    runner = SpliceRunner(model, HookSite.for_model(model, hook_name, None))
+    return RecordingTrainer(sae, runner, runs(runner), cfg, context_size=SEQ)
+
+
+def expected_events() -> list[tuple[str, int]]:
+    # Per iteration: the step, then the checkpoint hook before n_training_steps advances (so a
+    # checkpoint's saved step count is one behind: KLFinetuneTrainer.load_trainer_state), then the
+    # progress bar after it advances (where KLFinetuneTrainer fires the user's callbacks).
+    return [
+        event
+        for step in range(STEPS)
+        for event in (("step", step), ("checkpoint", step), ("progress", step + 1))
+    ]
+
+
+def test_sae_trainer_fit_calls_step_checkpoint_then_progress() -> None:
+    model = tiny_model()
+    batches = batched(random_tokens(STEPS * BATCH, seq=SEQ), BATCH)
+    trainer = recording_trainer(model, "blocks.1.hook_resid_pre", lambda runner: runner.clean_runs(batches))
+    trainer.fit()
+    assert trainer.events == expected_events()
+
+
+def test_multi_sae_trainer_drives_the_trainers_put_in_its_place() -> None:
+    # MultiKLFinetuneTrainer replaces the plain SAETrainers MultiSAETrainer builds with ours; its fit
+    # must call our step (with each SAE's batch) and advance our step counts, and its checkpoint
+    # hook and progress bar (overridden) reach our checkpoints and the user's callbacks.
+    model = tiny_model()
+    hooks = {"a": "blocks.1.hook_resid_pre", "b": "blocks.2.hook_resid_pre"}
+    trainers = {name: recording_trainer(model, hook, lambda _: iter(())) for name, hook in hooks.items()}
+    batches = batched(random_tokens(STEPS * BATCH, seq=SEQ), BATCH)
+    runs = shared_clean_runs(model, batches, {name: trainer.runner for name, trainer in trainers.items()})
+    called: dict[str, int] = {}
+    for name, trainer in trainers.items():
+        trainer.callbacks.append(lambda _, __, name=name: called.__setitem__(name, called.get(name, 0) + 1))
+    MultiKLFinetuneTrainer(trainers, runs).fit()
+    for trainer in trainers.values():
+        assert trainer.events == [event for event in expected_events() if event[0] != "progress"]
+        assert trainer.n_training_samples == STEPS * BATCH * SEQ
+    assert called == {"a": STEPS, "b": STEPS}
+
+
+def test_fresh_sae_has_the_metadata_the_runner_would_record() -> None:
+    # train.fresh_sae calls LanguageModelSAETrainingRunner._set_sae_metadata (private; run() sets
+    # the metadata only inside itself).
+    model = tiny_model()
+    cfg: LanguageModelSAERunnerConfig[Any] = runner_config(
+        model,
+        "blocks.1.hook_resid_pre",
+        architecture="topk",
+        d_sae=64,
+        k=4,
+        tokens=1024,
+        context_size=SEQ,
+        lr=1e-3,
+        batch_tokens=64,
+        sink_positions=0,
+        dataset_name="tokens",
+    )
+    sae = fresh_sae(cfg, model, random_tokens(8, seq=SEQ))
+    metadata = sae.cfg.metadata
+    assert (metadata.hook_name, metadata.model_name, metadata.context_size) == (
+        "blocks.1.hook_resid_pre",
+        model.cfg.model_name,
+        SEQ,
+    )
+
+
+def test_trainable_architectures_are_in_sae_lens_training_registry() -> None:
+    assert set(TRAINING_ARCHITECTURES) <= set(SAE_TRAINING_CLASS_REGISTRY)
