@@ -18,17 +18,18 @@ from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, to_inference_sae, to_training_sae
 from sae_lens_kl.cache import CleanPassCache
+from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME, FINETUNE_STATE_FILENAME
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataSource, batched, budgeted, held_out_and_training
 from sae_lens_kl.evaluation import EvalResult, HeldOutEvaluator, special_token_ids
 from sae_lens_kl.losses import Objective, objective_for
 from sae_lens_kl.multi import MultiKLFinetuneTrainer
-from sae_lens_kl.plan import CHECKPOINTS_DIRNAME, Plan, make_plan
-from sae_lens_kl.report import run_report, save_artifact
+from sae_lens_kl.plan import Plan, make_plan
+from sae_lens_kl.report import prepare_save_dir, run_report, save_artifact
 from sae_lens_kl.runs import CleanRun, SpliceRunner, shared_clean_runs
 from sae_lens_kl.splice import CompiledBlocks
-from sae_lens_kl.trainer import FINETUNE_STATE_FILENAME, KLFinetuneTrainer, StepCallback, needs_spliced_run
+from sae_lens_kl.trainer import KLFinetuneTrainer, NonFiniteLossError, StepCallback, needs_spliced_run
 
 
 def kl_finetune(
@@ -54,7 +55,7 @@ def kl_finetune(
     a [n, seq] token tensor or a clean-pass cache; default the SAE metadata's dataset_path. The
     first `eval_tokens` tokens are held out (unless `eval_data` is given) for the before/after
     evaluation. `tokens` and the further keywords (`loss`, `lr`, `batch_size`, `context_size`,
-    `eval_tokens`, `seed`, ...) are fields of `KLFinetuneConfig`, with its defaults.
+    `eval_tokens`, ...) are fields of `KLFinetuneConfig`, with its defaults.
 
     A list of SAEs trains them in lockstep on the same tokens (sharing the layers before the
     earliest one and the clean pass) and returns a list, each result identical to fine-tuning that
@@ -88,7 +89,11 @@ def kl_finetune(
             "Several SAEs per pass need a HookedTransformer, prefix_reuse=True and token data "
             "(fine-tune from a clean-pass cache one SAE at a time)."
         )
-    tuned = _run(saes, model, plans, eval_data, callbacks)
+    # Nothing in the fine-tune is random, but SAELens draws an initialisation when it builds a
+    # training SAE (then overwritten): the caller's generator state is left as it was.
+    cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda_devices):
+        tuned = _run(saes, model, plans, eval_data, callbacks, overwrite)
     return tuned[0] if isinstance(sae, SAE) else tuned
 
 
@@ -123,12 +128,12 @@ def _run(
     plans: Sequence[Plan],
     eval_data: DataSource | None,
     callbacks: Sequence[StepCallback],
+    overwrite: bool,
 ) -> list[SAE[Any]]:
     """Fine-tune one SAE, or several in lockstep on the same tokens sharing the clean pass."""
     started = time.perf_counter()
     first = plans[0]
     cfg = first.cfg
-    torch.manual_seed(cfg.seed)
     trainings, consumed = _starting_saes(saes, plans, model)
     objective = objective_for(cfg.loss, cfg.kl_coefficient)
     # one compiled set of blocks serves every SAE (make_plan checked that compiling applies)
@@ -144,6 +149,9 @@ def _run(
     save_dirs = [
         first.save_dir if single or first.save_dir is None else first.save_dir / name for name in runners
     ]
+    for save_dir in save_dirs:
+        if save_dir is not None:
+            prepare_save_dir(save_dir, overwrite=overwrite, resuming=first.resuming_into_save_dir)
     jobs = [
         _prepare(
             sae,
@@ -286,6 +294,7 @@ def _prepare(
         special_token_ids=special_token_ids(runner.model) if cfg.exclude_special_tokens else [],
         controller=controller,
         checkpoint_dir=None if save_dir is None else save_dir / CHECKPOINTS_DIRNAME,
+        fingerprints=plan.fingerprints,
         callbacks=callbacks,
     )
     if plan.checkpoint is not None:
@@ -303,6 +312,12 @@ def _finish(
         setattr(trainer.sae.cfg, f"{controller.coefficient_name}_coefficient", final_coefficient)
         trainer.sae.cfg.add_training_info_to_metadata()
     tuned = to_inference_sae(trainer.sae)
+    for name, tensor in tuned.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteLossError(
+                f"The fine-tuned SAE's {name} holds non-finite values (NaN or inf); it was not saved. "
+                f"Last checkpoint: {trainer.last_checkpoint or 'none saved'}. Lower lr, or check the data."
+            )
     after = None if evaluator is None else evaluator(tuned)
     report = run_report(
         trainer,

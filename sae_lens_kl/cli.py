@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import types
@@ -65,17 +66,35 @@ def config_from_args(args: argparse.Namespace) -> KLFinetuneConfig:
     return KLFinetuneConfig(**KLFinetuneConfig.options_in(args))
 
 
-def _read_config_file(path: str) -> dict[str, Any]:
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+def _read_config_file(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """Option values from a YAML or JSON file; any problem is a usage error naming the file."""
+    try:
+        text = Path(path).expanduser().read_text()
+    except OSError as error:
+        parser.error(f"--config {path}: cannot read it ({error.strerror or error}).")
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
 
-        values = yaml.safe_load(text) or {}
-    else:
-        values = json.loads(text)
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except ValueError as error:  # json.JSONDecodeError and yaml.YAMLError's parse errors
+        parser.error(
+            f"--config {path}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'} ({error})."
+        )
+    except Exception as error:  # noqa: BLE001 (yaml.YAMLError is not a ValueError)
+        parser.error(f"--config {path}: not valid YAML ({str(error).splitlines()[0]}).")
     if not isinstance(values, dict):
-        raise SystemExit(f"--config {path}: expected a mapping of option names to values.")
+        parser.error(f"--config {path}: expected a mapping of option names to values.")
     return {key.replace("-", "_"): value for key, value in values.items()}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +103,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=_positive_int,
         default=None,
         help="torch CPU threads (default: torch's own: OMP_NUM_THREADS, else all cores). "
         "Oversubscribed threads slow a step many times.",
@@ -215,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--train-batch-size-tokens", type=int, default=512, help="MSE-phase batch (default: %(default)s)."
     )
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        help="Seeds the MSE phase: SAE initialisation and activation shuffling (default: %(default)s).",
+    )
     train.add_argument("--data", default=None, help="Training text (default: the Django docs corpus).")
     train.add_argument(
         "--eval-data", default=None, help="Held-out text (default: the corpus's held-out files)."
@@ -289,7 +314,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
-        values = _read_config_file(args.config)
+        values = _read_config_file(parser, args.config)
         sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
         known = {action.dest for action in sub._actions}
         unknown = sorted(set(values) - known)
@@ -316,9 +341,45 @@ def main(argv: list[str] | None = None) -> int:
         "eval": commands.evaluate,
     }[args.command]
     started = time.perf_counter()
-    handler(args)
+    # SIGTERM (a scheduler's kill) ends the run like Ctrl-C: with the resume hint, not a traceback.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        handler(args)
+    except KeyboardInterrupt:
+        return _interrupted(args)
+    except Exception as error:
+        # SAELens's runner turns signals into its own InterruptedException (sae-lens 6.54)
+        if type(error).__name__ == "InterruptedException":
+            return _interrupted(args)
+        if isinstance(error, (ValueError, OSError)):  # bad input: one line, no traceback
+            print(f"sae-lens-kl {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        raise
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            print(f"sae-lens-kl {args.command}: error: {stop.code}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001 (signal handler signature)
+    raise KeyboardInterrupt
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    out = getattr(args, "out", None)
+    where = (
+        f"Checkpoints written so far are under {Path(out) / 'checkpoints'}; run the same command with "
+        f"--resume {out} to continue."
+        if out and args.command == "finetune"
+        else "Nothing was saved from the unfinished run."
+    )
+    print(f"sae-lens-kl {args.command}: interrupted. {where}", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ def load_sae(spec: str, device: str = "cpu") -> SAE[Any]:
     is an error listing close matches."""
     if Path(spec).expanduser().is_dir():
         return SAE.load_from_disk(Path(spec).expanduser(), device=device)
+    if spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists():
+        raise SystemExit(f"--sae {spec}: no SAE folder there (a folder with cfg.json and the weights).")
     if ":" not in spec:
         raise SystemExit(f"--sae {spec!r} is neither a local SAE folder nor RELEASE:SAE_ID.")
     release, sae_id = spec.split(":", 1)
@@ -53,6 +55,8 @@ def _check_out(out: str | None, overwrite: bool) -> Path | None:
     if out is None:
         return None
     path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"--out {path} is a file; pass a folder.")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise SystemExit(f"Output folder {path} exists and is not empty; pass --overwrite or another --out.")
     return path

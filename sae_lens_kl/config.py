@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
@@ -86,8 +87,9 @@ class KLFinetuneConfig:
     """Save a resumable checkpoint every N training tokens (and always at the end) under
     save_dir/checkpoints. None: only the final one."""
 
-    seed: int = 0
-    """Seeds torch before the SAE is converted and trained."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept under save_dir/checkpoints: older ones are deleted once a newer one is
+    written (the final checkpoint is always kept)."""
 
     device: str | None = None
     """Device of the SAE and tokens; must be the model's device (the default)."""
@@ -129,6 +131,13 @@ class KLFinetuneConfig:
     """Steps between wandb logs."""
 
     def __post_init__(self) -> None:
+        for name in ("lr", "kl_coefficient", "controller_rate", "target_l0", "sparsity_coefficient"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
+                raise ValueError(f"{name}={value!r} must be a finite number.")
+        for name in ("kl_coefficient", "target_l0", "sparsity_coefficient"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0.")
         if self.loss not in LOSS_MODES:
             raise ValueError(f"loss={self.loss!r} is not one of {LOSS_MODES}.")
         if self.sparsity_controller not in CONTROLLER_MODES:
@@ -156,6 +165,8 @@ class KLFinetuneConfig:
             raise ValueError("checkpoint_every_tokens must be positive or None.")
         if self.exclude_first_positions < 0:
             raise ValueError("exclude_first_positions must be >= 0.")
+        if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints={self.keep_checkpoints!r} must be a positive integer.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -85,8 +85,15 @@ def evaluate(
     whole sequences). `data` is any source `kl_finetune` accepts, or a [n_seq, seq] token tensor
     used as it is."""
     metadata = sae.cfg.metadata
+    if not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"n_tokens={n_tokens!r} must be a positive number of tokens to evaluate.")
     if isinstance(data, torch.Tensor) and data.ndim == 2:
         n_seq = -(-n_tokens // data.shape[1])
+        if len(data) < n_seq:
+            raise DataError(
+                f"The evaluation data holds {len(data)} sequences of {data.shape[1]} tokens, fewer "
+                f"than the {n_seq} that n_tokens={n_tokens} needs; lower n_tokens or pass more data."
+            )
         sequences = data[:n_seq].long()
     else:
         ctx = context_size or metadata.context_size or 1024
@@ -94,7 +101,10 @@ def evaluate(
         n_seq = -(-n_tokens // ctx)
         sequences = take(token_sequences(data, model, ctx, bos), n_seq)
         if sequences is None:
-            raise DataError(f"The evaluation data holds fewer than {n_seq} sequences of {ctx} tokens.")
+            raise DataError(
+                f"The evaluation data holds fewer than the {n_seq} sequences of {ctx} tokens that "
+                f"n_tokens={n_tokens} needs; lower n_tokens or pass more data."
+            )
     ignored = special_token_ids(model) if exclude_special_tokens else []
     evaluator = HeldOutEvaluator(
         model,

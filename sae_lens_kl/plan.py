@@ -5,7 +5,6 @@ fails here with one message naming the problem and the fix."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -14,31 +13,14 @@ from typing import Any
 
 import torch
 from sae_lens import SAE
-from sae_lens.constants import TRAINER_STATE_FILENAME
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, check_supported
 from sae_lens_kl.cache import CACHE_FILENAME, CleanPassCache
+from sae_lens_kl.checkpoints import check_resume, data_fingerprint, find_checkpoint, sae_fingerprint
 from sae_lens_kl.config import KLFinetuneConfig
-from sae_lens_kl.data import DataSource
+from sae_lens_kl.data import DataError, DataSource
 from sae_lens_kl.splice import HookSite, hook_width, supports_prefix_reuse
-from sae_lens_kl.trainer import FINETUNE_STATE_FILENAME
-
-CHECKPOINTS_DIRNAME = "checkpoints"
-_RESUME_MUST_MATCH = (
-    "tokens",
-    "loss",
-    "kl_coefficient",
-    "lr",
-    "lr_warm_up_steps",
-    "batch_size",
-    "context_size",
-    "prepend_bos",
-    "eval_tokens",
-    "exclude_special_tokens",
-    "exclude_first_positions",
-    "seed",
-)
 
 
 @dataclass
@@ -53,6 +35,9 @@ class Plan:
     data: DataSource
     save_dir: Path | None
     checkpoint: Path | None
+    resuming_into_save_dir: bool
+    fingerprints: dict[str, str]
+    """Of the starting SAE and the data, recorded in checkpoints; a resume must match them."""
 
 
 def make_plan(
@@ -65,6 +50,7 @@ def make_plan(
     overwrite: bool,
 ) -> Plan:
     check_supported(sae)
+    _check_finite(sae)
     metadata = sae.cfg.metadata
     if not metadata.hook_name:
         raise ValueError(
@@ -72,6 +58,12 @@ def make_plan(
             "TransformerLens hook point it reads."
         )
     site = HookSite.for_model(model, metadata.hook_name, metadata.hook_head_index)
+    n_heads = getattr(getattr(model, "cfg", None), "n_heads", None)
+    if site.head_index is not None and n_heads is not None and not 0 <= site.head_index < n_heads:
+        raise ValueError(
+            f"The SAE's hook_head_index={site.head_index} is not a head of this model (0 to "
+            f"{n_heads - 1}); pass an SAE trained on this model's heads."
+        )
     width = hook_width(model, site)
     if width != sae.cfg.d_in:
         raise ValueError(
@@ -145,18 +137,19 @@ def make_plan(
                 "No data given and the SAE's metadata names no dataset_path; pass data "
                 "(a dataset name or object, a list of strings, or local text files)."
             )
+    if isinstance(data, torch.Tensor):
+        _check_token_ids(data, model)
     out_dir = None if save_dir is None else Path(save_dir).expanduser()
-    checkpoint = None if resume_from is None else _find_checkpoint(Path(resume_from).expanduser())
+    checkpoint = None if resume_from is None else find_checkpoint(Path(resume_from).expanduser())
     resuming_into_out = (
         checkpoint is not None and out_dir is not None and out_dir.resolve() in checkpoint.resolve().parents
     )
-    if out_dir is not None and out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"save_dir {out_dir} exists and is not a folder.")
-        if any(out_dir.iterdir()) and not overwrite and not resuming_into_out:
+    if out_dir is not None:
+        _check_folder_can_be_written(out_dir)
+        if out_dir.exists() and any(out_dir.iterdir()) and not overwrite and not resuming_into_out:
             raise FileExistsError(
                 f"save_dir {out_dir} exists and is not empty; pass overwrite=True to "
-                "replace its SAE files, resume_from to continue its run, or another save_dir."
+                "replace what sae_lens_kl wrote there, resume_from to continue its run, or another save_dir."
             )
     # Everything downstream (trainer, checkpoints, reports) sees the resolved values.
     cfg = dataclasses.replace(
@@ -168,8 +161,9 @@ def make_plan(
         if cfg.prepend_bos is not None
         else metadata.prepend_bos is not False,
     )
+    fingerprints = {"sae": sae_fingerprint(sae), "data": data_fingerprint(data)}
     if checkpoint is not None:
-        _check_resume_config(checkpoint, cfg)
+        check_resume(checkpoint, cfg, fingerprints)
     return Plan(
         cfg=cfg,
         site=site,
@@ -179,6 +173,8 @@ def make_plan(
         data=data,
         save_dir=out_dir,
         checkpoint=checkpoint,
+        resuming_into_save_dir=resuming_into_out,
+        fingerprints=fingerprints,
     )
 
 
@@ -198,25 +194,38 @@ def _check_model_name(sae_model: str, model_name: str) -> None:
         )
 
 
-def _find_checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or the newest checkpoint of a run folder."""
-    if (path / TRAINER_STATE_FILENAME).is_file() and (path / FINETUNE_STATE_FILENAME).is_file():
-        return path
-    states = [
-        *(path / CHECKPOINTS_DIRNAME).glob(f"*/{FINETUNE_STATE_FILENAME}"),
-        *path.glob(f"*/{FINETUNE_STATE_FILENAME}"),
-    ]
-    # Folders named .partial-* are checkpoints a killed run was still writing.
-    candidates = [state.parent for state in states if not state.parent.name.startswith(".")]
-    if not candidates:
-        raise FileNotFoundError(
-            f"resume_from={path} holds no kl_finetune checkpoint (a folder with "
-            f"{TRAINER_STATE_FILENAME} and {FINETUNE_STATE_FILENAME})."
+def _check_finite(sae: SAE[Any]) -> None:
+    for name, tensor in sae.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"The SAE's {name} holds {bad} non-finite values (NaN or inf); a fine-tune would "
+                "carry them into the result. Load an intact SAE (or repair those weights) first."
+            )
+
+
+def _check_token_ids(tokens: torch.Tensor, model: HookedRootModule) -> None:
+    d_vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
+    if tokens.is_floating_point() or tokens.is_complex():
+        raise DataError(f"Token data must hold integer ids, not {tokens.dtype}; pass token ids or text.")
+    if tokens.numel() and (int(tokens.min()) < 0 or (d_vocab is not None and int(tokens.max()) >= d_vocab)):
+        raise DataError(
+            f"Token ids must lie in [0, {d_vocab}) for this model; the data holds ids from "
+            f"{int(tokens.min())} to {int(tokens.max())}. Tokenize with the model's tokenizer."
         )
-    return max(
-        candidates,
-        key=lambda p: json.loads((p / FINETUNE_STATE_FILENAME).read_text())["training_tokens"],
-    )
+
+
+def _check_folder_can_be_written(folder: Path) -> None:
+    """The folder exists or can be made: its nearest existing ancestor is a writable folder."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FileExistsError(
+            f"save_dir {folder} cannot be a folder: {existing} is a file. Pass another save_dir."
+        )
+    if not os.access(existing, os.W_OK):
+        raise PermissionError(f"save_dir {folder}: {existing} is not writable. Pass another save_dir.")
 
 
 def _missing_compiler(device: torch.device) -> str | None:
@@ -229,15 +238,3 @@ def _missing_compiler(device: torch.device) -> str | None:
         if not has_triton():
             return "Triton is not installed"
     return None
-
-
-def _check_resume_config(checkpoint: Path, cfg: KLFinetuneConfig) -> None:
-    saved = json.loads((checkpoint / FINETUNE_STATE_FILENAME).read_text())["config"]
-    current = cfg.to_dict()
-    differing = [name for name in _RESUME_MUST_MATCH if saved.get(name) != current[name]]
-    if differing:
-        detail = ", ".join(f"{n}: checkpoint {saved.get(n)!r} vs now {current[n]!r}" for n in differing)
-        raise ValueError(
-            f"Cannot resume from {checkpoint}: settings differ ({detail}). Resume with "
-            "the settings of the original run."
-        )

@@ -4,23 +4,49 @@ report dict, report.json, a human-readable report.md, and PNG plots."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 from sae_lens import SAE
-from sae_lens.constants import SPARSITY_FILENAME
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
 from sae_lens.saes.sae import TrainStepOutput
 from safetensors.torch import save_file
 
+from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.evaluation import EvalResult
-from sae_lens_kl.staging import staged_files, write_file
+from sae_lens_kl.staging import remove_partial_folders, staged_files, write_file
 from sae_lens_kl.trainer import KLFinetuneTrainer
 
 CONFIG_FILENAME = "kl_finetune_config.json"
 METRICS_FILENAME = "kl_finetune_metrics.json"
+REPORT_FILES = ("report.json", "report.md", "training_curves.png", "before_after.png")
+# Everything a fine-tune writes into its save_dir: what overwrite=True clears, and nothing else.
+WRITTEN_FILES = (
+    SAE_CFG_FILENAME,
+    SAE_WEIGHTS_FILENAME,
+    SPARSITY_FILENAME,
+    CONFIG_FILENAME,
+    METRICS_FILENAME,
+    *REPORT_FILES,
+)
+
+
+def prepare_save_dir(save_dir: Path, *, overwrite: bool, resuming: bool) -> None:
+    """Create save_dir; delete staging folders a killed run left in it; with overwrite (and not
+    resuming this run) delete what an earlier fine-tune wrote there, its checkpoints included, so
+    that nothing of that run can be resumed or mistaken for this one. Other files are kept."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (save_dir, save_dir / CHECKPOINTS_DIRNAME):
+        remove_partial_folders(folder)
+    if overwrite and not resuming:
+        for name in WRITTEN_FILES:
+            (save_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(save_dir / CHECKPOINTS_DIRNAME, ignore_errors=True)
+
 
 ROWS = (
     ("ce_clean", "clean CE (nats/token)"),

@@ -5,19 +5,41 @@ through these helpers."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+PARTIAL_PREFIX = ".partial-"
+
+
+def _staging_folder(parent: Path, name: str) -> Path:
+    """A new empty folder `parent/.partial-<name>-<random>`, with the permissions any new folder
+    gets (mkdir honours the umask; tempfile.mkdtemp would make it private to the user)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        staging = parent / f"{PARTIAL_PREFIX}{name}-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir()
+            return staging
+        except FileExistsError:
+            continue
+
+
+def remove_partial_folders(folder: Path) -> list[Path]:
+    """Delete the staging folders a killed run left directly inside `folder`; returns them."""
+    leftovers = sorted(folder.glob(f"{PARTIAL_PREFIX}*")) if folder.is_dir() else []
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+    return leftovers
 
 
 @contextmanager
 def staged_folder(target: Path) -> Iterator[Path]:
     """Yields an empty temporary folder beside `target`; when the block succeeds it replaces
     `target` (an older `target` is removed only then). On failure nothing at `target` changes."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".partial-{target.name}-"))
+    staging = _staging_folder(target.parent, target.name)
     try:
         yield staging
         if target.exists():
@@ -32,8 +54,7 @@ def staged_files(folder: Path, last: str | None = None) -> Iterator[Path]:
     """Yields an empty temporary folder inside `folder`; when the block succeeds each file written
     there is renamed into `folder` (replacing a file of that name), `last` after all others (a
     marker that says the rest is complete). On failure nothing in `folder` changes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".partial-"))
+    staging = _staging_folder(folder, "files")
     try:
         yield staging
         for path in sorted(staging.iterdir(), key=lambda path: path.name == last):

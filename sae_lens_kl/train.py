@@ -63,19 +63,24 @@ def mse_phase(
     cfg = dataclasses.replace(
         runner_cfg, training_tokens=mse_tokens, is_dataset_tokenized="tokens" in (dataset.column_names or [])
     )
-    # The runner's SAE initialisation and activation shuffling draw from torch's global generator.
-    torch.manual_seed(cfg.seed)
-    runner = LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model)
-    return runner.run()
+    # The runner's SAE initialisation and activation shuffling draw from torch's global generator:
+    # seed it for them, and leave the caller's state as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        runner = LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model)
+        return runner.run()
 
 
 def fresh_sae(
     runner_cfg: LanguageModelSAERunnerConfig[Any], model: HookedTransformer, data: DataSource
 ) -> TrainingSAE[Any]:
-    """The SAE SAELens's runner would start from, with the metadata it would record."""
-    runner = LanguageModelSAETrainingRunner(
-        runner_cfg, override_dataset=as_hf_dataset(data), override_model=model
-    )
+    """The SAE SAELens's runner would start from (initialised from runner_cfg.seed), with the
+    metadata it would record."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(runner_cfg.seed)
+        runner = LanguageModelSAETrainingRunner(
+            runner_cfg, override_dataset=as_hf_dataset(data), override_model=model
+        )
     # sae-lens 6.54 sets the metadata only inside run() and has no public seam for it
     # (tests/test_sae_lens_seams.py checks the fields)
     runner._set_sae_metadata()

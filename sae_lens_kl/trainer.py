@@ -21,13 +21,13 @@ from sae_lens.saes.topk_sae import TopK, TopKTrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
+from sae_lens_kl.checkpoints import FINETUNE_STATE_FILENAME, prune
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.losses import Objective, StepTensors, objective_for
 from sae_lens_kl.runs import CleanRun, SpliceRunner
 from sae_lens_kl.staging import staged_folder
 
-FINETUNE_STATE_FILENAME = "kl_finetune_state.json"
 StepCallback = Callable[["KLFinetuneTrainer", TrainStepOutput], None]
 
 
@@ -113,6 +113,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         special_token_ids: Sequence[int] = (),
         controller: SparsityController | None = None,
         checkpoint_dir: Path | None = None,
+        fingerprints: dict[str, str] | None = None,
         callbacks: Sequence[StepCallback] = (),
     ) -> None:
         tokens_per_step = cfg.batch_size * context_size
@@ -152,6 +153,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         self.controller = controller
         self.callbacks = list(callbacks)
         self.tokens_per_step = tokens_per_step
+        self.fingerprints = dict(fingerprints or {})
         self.last_checkpoint: Path | None = None
         self._next_checkpoint_tokens = cfg.checkpoint_every_tokens
 
@@ -278,6 +280,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         with staged_folder(final) as staging:
             super().save_checkpoint(staging.name, staging.parent, wandb_aliases)
         self.last_checkpoint = final
+        prune(Path(base), self.ft_cfg.keep_checkpoints)
 
     def save_trainer_state(self, checkpoint_path: Path) -> None:
         super().save_trainer_state(checkpoint_path)
@@ -286,6 +289,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
             "train_sequences_consumed": self.n_training_steps_done * self.ft_cfg.batch_size,
             "training_tokens": self.n_training_samples,
             "controller": None,
+            "fingerprints": self.fingerprints,
         }
         if self.controller is not None:
             scheduler = self.coefficient_schedulers[self.controller.coefficient_name]
@@ -294,6 +298,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
 
     def load_trainer_state(self, checkpoint_path: Path | str) -> None:
         super().load_trainer_state(checkpoint_path)
+        self.last_checkpoint = Path(checkpoint_path)
         # SAETrainer.fit saves checkpoints before advancing n_training_steps (sae-lens 6.54, checked
         # by tests/test_sae_lens_seams.py), so the stored count is one behind the steps taken;
         # continue from the true count.

@@ -1,0 +1,163 @@
+"""A run's resumable checkpoints: which one to resume from, what a resume must match, how many
+are kept.
+
+A checkpoint is SAELens's checkpoint folder (SAE weights and config, optimiser and scheduler
+state) plus kl_finetune_state.json: the config, the tokens and sequences consumed, the L0
+controller, and fingerprints of the starting SAE and the data, so a resume with another SAE or
+other data is refused instead of silently continuing the wrong run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import SAE
+from sae_lens.constants import SAE_CFG_FILENAME, TRAINER_STATE_FILENAME
+from safetensors import safe_open
+
+from sae_lens_kl.config import KLFinetuneConfig
+from sae_lens_kl.data import DataSource, describe
+
+CHECKPOINTS_DIRNAME = "checkpoints"
+FINETUNE_STATE_FILENAME = "kl_finetune_state.json"
+# Settings that decide the result: a resume must use the original run's.
+RESUME_MUST_MATCH = (
+    "tokens",
+    "loss",
+    "kl_coefficient",
+    "lr",
+    "lr_warm_up_steps",
+    "batch_size",
+    "context_size",
+    "prepend_bos",
+    "eval_tokens",
+    "exclude_special_tokens",
+    "exclude_first_positions",
+)
+
+
+def sae_fingerprint(sae: SAE[Any]) -> str:
+    """A short hash of the SAE's architecture, hook and every weight."""
+    digest = hashlib.sha256()
+    digest.update(
+        f"{sae.cfg.architecture()}|{sae.cfg.metadata.hook_name}|{sae.cfg.d_in}|{sae.cfg.d_sae}".encode()
+    )
+    for name, tensor in sorted(sae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(data: DataSource) -> str:
+    """A short hash naming the data: a token tensor's values, a local text file or folder's file
+    names and sizes, a Hugging Face dataset's own fingerprint, else its description."""
+    digest = hashlib.sha256(describe(data).encode())
+    if isinstance(data, torch.Tensor):
+        digest.update(data.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    elif isinstance(data, (str, Path)) and Path(data).expanduser().exists():
+        path = Path(data).expanduser()
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for file in files:
+            if file.is_file():
+                digest.update(
+                    f"{file.relative_to(path) if path.is_dir() else file.name}:{file.stat().st_size}".encode()
+                )
+    elif isinstance(getattr(data, "_fingerprint", None), str):
+        digest.update(data._fingerprint.encode())
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_tokens(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / FINETUNE_STATE_FILENAME).read_text())["training_tokens"])
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or the newest readable checkpoint of a run folder. A damaged newer one
+    (a killed write, a corrupt file) is skipped with a warning saying which and why."""
+    if (path / FINETUNE_STATE_FILENAME).is_file():
+        if problem := _unreadable(path):
+            raise ValueError(f"resume_from={path} is a damaged checkpoint ({problem}); pass its run folder.")
+        return path
+    candidates = [
+        state.parent
+        for state in [
+            *(path / CHECKPOINTS_DIRNAME).glob(f"*/{FINETUNE_STATE_FILENAME}"),
+            *path.glob(f"*/{FINETUNE_STATE_FILENAME}"),
+        ]
+        # folders named .partial-* are checkpoints a killed run was still writing
+        if not state.parent.name.startswith(".")
+    ]
+    by_recency: list[tuple[int, Path]] = []
+    for candidate in candidates:
+        try:
+            by_recency.append((checkpoint_tokens(candidate), candidate))
+        except (OSError, ValueError, KeyError) as error:
+            warnings.warn(f"Skipping checkpoint {candidate}: unreadable state ({error}).", stacklevel=2)
+    for _, candidate in sorted(by_recency, reverse=True):
+        if problem := _unreadable(candidate):
+            warnings.warn(f"Skipping checkpoint {candidate}: {problem}; trying an older one.", stacklevel=2)
+            continue
+        return candidate
+    raise FileNotFoundError(
+        f"resume_from={path} holds no readable kl_finetune checkpoint (a folder with "
+        f"{TRAINER_STATE_FILENAME} and {FINETUNE_STATE_FILENAME})."
+    )
+
+
+def _unreadable(checkpoint: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None: every file it needs is there and
+    parses (JSON, safetensors, the trainer state's archive checksums)."""
+    try:
+        json.loads((checkpoint / FINETUNE_STATE_FILENAME).read_text())["config"]
+        json.loads((checkpoint / SAE_CFG_FILENAME).read_text())
+        weights = sorted(checkpoint.glob("*.safetensors"))
+        if not weights:
+            return "no weights file"
+        for file in weights:
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+                    handle.get_slice(key)
+        with zipfile.ZipFile(checkpoint / TRAINER_STATE_FILENAME) as archive:  # torch.save's format
+            if (damaged := archive.testzip()) is not None:
+                return f"{TRAINER_STATE_FILENAME} is damaged ({damaged})"
+    except Exception as error:  # noqa: BLE001 (any failure to read means: not this checkpoint)
+        return f"{type(error).__name__}: {str(error)[:200]}"
+    return None
+
+
+def check_resume(checkpoint: Path, cfg: KLFinetuneConfig, fingerprints: dict[str, str]) -> None:
+    """Refuse to resume with other settings, another starting SAE or other data than the run's."""
+    state = json.loads((checkpoint / FINETUNE_STATE_FILENAME).read_text())
+    saved, current = state["config"], cfg.to_dict()
+    differing = [
+        f"{n}: checkpoint {saved.get(n)!r} vs now {current[n]!r}"
+        for n in RESUME_MUST_MATCH
+        if saved.get(n) != current[n]
+    ]
+    saved_prints = state.get("fingerprints", {})
+    differing += [
+        f"the starting {what} (fingerprint {saved_prints[what]} vs now {fingerprints[what]})"
+        for what in ("sae", "data")
+        if what in saved_prints and saved_prints[what] != fingerprints[what]
+    ]
+    if differing:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it differs in {'; '.join(differing)}. Resume with the "
+            "original run's SAE, data and settings, or start a new run (overwrite=True)."
+        )
+
+
+def prune(checkpoints_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` intermediate checkpoints (final ones are kept)."""
+    intermediate = sorted(
+        (folder for folder in checkpoints_dir.iterdir() if folder.name.isdigit()), key=lambda f: int(f.name)
+    )
+    for folder in intermediate[: max(len(intermediate) - keep, 0)]:
+        shutil.rmtree(folder, ignore_errors=True)
