@@ -8,7 +8,9 @@ local Hugging Face model folder, or any official TransformerLens model name (nee
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +116,23 @@ def _from_hf_folder(
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     hf_cfg: dict[str, Any] = hf_model.config.to_dict()
-    cfg = get_pretrained_model_config(str(folder), hf_cfg=hf_cfg, dtype=dtype, device=str(device))
-    cfg.model_name = name
-    state_dict = get_pretrained_state_dict(str(folder), cfg, hf_model, dtype=dtype)
+    # transformer-lens 3.9 reads a local folder's architecture from its path when that contains
+    # "llama" or "gemma", and its GPT-2 converter reads n_ctx, which transformers 5 configs no
+    # longer carry: it reads a copy of the config, under a neutral name, with n_ctx restored.
+    if hf_cfg.get("model_type") == "gpt2":
+        hf_cfg.setdefault("n_ctx", hf_cfg["n_positions"])
+    with tempfile.TemporaryDirectory(prefix="tl-config-") as config_dir:
+        (Path(config_dir) / "config.json").write_text(json.dumps(hf_cfg))
+        try:
+            cfg = get_pretrained_model_config(config_dir, hf_cfg=hf_cfg, dtype=dtype, device=str(device))
+        except NotImplementedError as error:
+            raise ValueError(
+                f"TransformerLens cannot convert the local model in {folder} ({error}). Local folders "
+                "and GGUF files of GPT-2 and Llama-architecture models (e.g. SmolLM2) load offline "
+                "(tested); others load by their official TransformerLens name, with the hub."
+            ) from error
+        cfg.model_name = name
+        state_dict = get_pretrained_state_dict(config_dir, cfg, hf_model, dtype=dtype)
     del hf_model
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     # Plain weights (no LayerNorm folding or centring): activations equal the HF model's.

@@ -158,8 +158,9 @@ def save_artifact(
     tuned: SAE[Any], trainer: KLFinetuneTrainer, report: dict[str, Any], save_dir: Path
 ) -> None:
     """The SAELens folder (cfg.json, sae_weights.safetensors, sparsity.safetensors) plus the
-    fine-tune's config and metrics, each file renamed into save_dir whole."""
-    with staged_files(save_dir) as staging:
+    fine-tune's config and metrics. cfg.json, without which SAELens loads nothing, goes last, and
+    an older one first: an old cfg.json never stands beside new weights, nor the reverse."""
+    with staged_files(save_dir, last=SAE_CFG_FILENAME) as staging:
         tuned.save_model(staging)
         save_file({"sparsity": trainer.log_feature_sparsity}, staging / SPARSITY_FILENAME)
         (staging / CONFIG_FILENAME).write_text(json.dumps(report["config"], indent=2))

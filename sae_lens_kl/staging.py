@@ -52,12 +52,17 @@ def staged_folder(target: Path) -> Iterator[Path]:
 @contextmanager
 def staged_files(folder: Path, last: str | None = None) -> Iterator[Path]:
     """Yields an empty temporary folder inside `folder`; when the block succeeds each file written
-    there is renamed into `folder` (replacing a file of that name), `last` after all others (a
-    marker that says the rest is complete). On failure nothing in `folder` changes."""
+    there is renamed into `folder` (replacing a file of that name). `last` is the marker a reader
+    needs to use the set (an SAE's cfg.json, a cache's cache.json): the old one is deleted before
+    any file is replaced and the new one renamed in after all of them, so a reader sees the old
+    set, no marker, or the new set, never a mix, even if the process dies in between. If the
+    block fails nothing in `folder` changes."""
     staging = _staging_folder(folder, "files")
     try:
         yield staging
-        for path in sorted(staging.iterdir(), key=lambda path: path.name == last):
+        if last is not None:
+            (folder / last).unlink(missing_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda path: (path.name == last, path.name)):
             os.replace(path, folder / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

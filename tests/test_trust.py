@@ -190,3 +190,23 @@ def test_the_non_finite_loss_error_names_the_resumed_checkpoint(tmp_path) -> Non
     checkpoint = Path("checkpoints") / str(2 * STEP_TOKENS)
     with pytest.raises(NonFiniteLossError, match=f"Last good checkpoint: .*{checkpoint}"):
         finetune(sae, save_dir=out, resume_from=out, callbacks=[poison], **every)
+
+
+def test_a_set_of_files_never_mixes_old_and_new(tmp_path) -> None:
+    from sae_lens_kl.staging import staged_files
+
+    folder = tmp_path / "sae"
+    folder.mkdir()
+    for name in ("weights", "cfg.json"):
+        (folder / name).write_text("old")
+    (folder / "z_blocked").mkdir()
+    (folder / "z_blocked" / "child").write_text("a non-empty folder cannot be renamed over")
+    with pytest.raises(OSError), staged_files(folder, last="cfg.json") as staging:
+        for name in ("weights", "cfg.json"):
+            (staging / name).write_text("new")
+        (staging / "z_blocked").mkdir()  # renamed after "weights" (by name), and that fails
+    # New weights arrived, but the old marker went first and the new one never came: the set is
+    # unusable rather than old cfg.json beside new weights.
+    assert (folder / "weights").read_text() == "new"
+    assert not (folder / "cfg.json").exists()
+    assert not list(folder.glob(".partial-*"))
