@@ -22,14 +22,20 @@ from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME, FINETUNE_STATE_FILENAME
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataSource, batched, budgeted, held_out_and_training
-from sae_lens_kl.evaluation import EvalResult, HeldOutEvaluator, special_token_ids
-from sae_lens_kl.losses import Objective, objective_for
+from sae_lens_kl.evaluation import EvalResult, HeldOutEvaluator, special_token_ids, weight_stability
+from sae_lens_kl.losses import Objective, objective_of
 from sae_lens_kl.multi import MultiKLFinetuneTrainer
 from sae_lens_kl.plan import Plan, make_plan
 from sae_lens_kl.report import prepare_save_dir, run_report, save_artifact
 from sae_lens_kl.runs import CleanRun, SpliceRunner, shared_clean_runs
 from sae_lens_kl.splice import CompiledBlocks
-from sae_lens_kl.trainer import KLFinetuneTrainer, NonFiniteLossError, StepCallback, needs_spliced_run
+from sae_lens_kl.trainer import (
+    KLFinetuneTrainer,
+    NonFiniteLossError,
+    StepCallback,
+    needs_spliced_run,
+    recorded_hooks,
+)
 
 
 def kl_finetune(
@@ -83,11 +89,14 @@ def kl_finetune(
         )
     plans = [make_plan(one, model, data, cfg, save_dir, resume_from, overwrite) for one in saes]
     if len(saes) > 1 and (
-        not all(plan.prefix_reuse for plan in plans) or isinstance(plans[0].data, CleanPassCache)
+        not all(plan.prefix_reuse for plan in plans)
+        or isinstance(plans[0].data, CleanPassCache)
+        or recorded_hooks(objective_of(plans[0].cfg))
     ):
         raise ValueError(
-            "Several SAEs per pass need a HookedTransformer, prefix_reuse=True and token data "
-            "(fine-tune from a clean-pass cache one SAE at a time)."
+            "Several SAEs per pass need a HookedTransformer, prefix_reuse=True, token data "
+            "(fine-tune from a clean-pass cache one SAE at a time) and a loss without downstream "
+            "hooks (fine-tune e2e+ds one SAE at a time)."
         )
     # Nothing in the fine-tune is random, but SAELens draws an initialisation when it builds a
     # training SAE (then overwritten): the caller's generator state is left as it was.
@@ -114,6 +123,7 @@ def frozen(model: HookedRootModule) -> Iterator[None]:
 class _Job:
     """One SAE's fine-tune: its plan, trainer, controller and the 'before' evaluation."""
 
+    start: SAE[Any]
     plan: Plan
     trainer: KLFinetuneTrainer
     controller: SparsityController | None
@@ -135,7 +145,7 @@ def _run(
     first = plans[0]
     cfg = first.cfg
     trainings, consumed = _starting_saes(saes, plans, model)
-    objective = objective_for(cfg.loss, cfg.kl_coefficient)
+    objective = objective_of(cfg)
     # one compiled set of blocks serves every SAE (make_plan checked that compiling applies)
     blocks = CompiledBlocks(model) if cfg.compile_blocks else None  # type: ignore[arg-type]
     # SAE i is "sae_<i>": its key in the shared clean runs and its folder under save_dir
@@ -240,7 +250,9 @@ def _data_streams(
     batches = budgeted(batched(sequences, cfg.batch_size), steps, plan.data, cfg.tokens)
     if len(runners) == 1:
         (runner,) = runners.values()
-        return eval_sequences, runner.clean_runs(batches, needs_spliced_run(objective))
+        return eval_sequences, runner.clean_runs(
+            batches, needs_spliced_run(objective), recorded_hooks(objective)
+        )
     assert isinstance(model, HookedTransformer)
     return eval_sequences, shared_clean_runs(model, batches, runners, cfg.kl_chunk_tokens)
 
@@ -299,7 +311,7 @@ def _prepare(
     )
     if plan.checkpoint is not None:
         trainer.load_trainer_state(plan.checkpoint)
-    return _Job(plan, trainer, controller, before, trainer.n_training_samples, save_dir)
+    return _Job(sae, plan, trainer, controller, before, trainer.n_training_samples, save_dir)
 
 
 def _finish(
@@ -330,6 +342,7 @@ def _finish(
         resumed_tokens=job.resumed_tokens,
         wall_seconds=wall_seconds,
     )
+    report["weight_stability"] = weight_stability(job.start, tuned)
     tuned.cfg.metadata.kl_finetune = report
     if job.save_dir is not None:
         save_artifact(tuned, trainer, report, job.save_dir)

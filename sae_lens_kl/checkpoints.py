@@ -14,6 +14,7 @@ import json
 import shutil
 import warnings
 import zipfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,10 @@ RESUME_MUST_MATCH = (
     "tokens",
     "loss",
     "kl_coefficient",
+    "downstream_hooks",
+    "downstream_coefficient",
     "lr",
+    "lr_schedule",
     "lr_warm_up_steps",
     "batch_size",
     "context_size",
@@ -135,11 +139,14 @@ def _unreadable(checkpoint: Path) -> str | None:
 def check_resume(checkpoint: Path, cfg: KLFinetuneConfig, fingerprints: dict[str, str]) -> None:
     """Refuse to resume with other settings, another starting SAE or other data than the run's."""
     state = json.loads((checkpoint / FINETUNE_STATE_FILENAME).read_text())
-    saved, current = state["config"], cfg.to_dict()
+    # a field newer than the checkpoint counts as its default (what that run used)
+    defaults = {f.name: f.default for f in fields(KLFinetuneConfig)}
+    saved = {**defaults, **state["config"]}
+    current = cfg.to_dict()
     differing = [
-        f"{n}: checkpoint {saved.get(n)!r} vs now {current[n]!r}"
+        f"{n}: checkpoint {saved[n]!r} vs now {current[n]!r}"
         for n in RESUME_MUST_MATCH
-        if saved.get(n) != current[n]
+        if saved[n] != current[n]
     ]
     saved_prints = state.get("fingerprints", {})
     differing += [

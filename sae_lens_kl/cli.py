@@ -31,13 +31,16 @@ def field_docs(cls: type) -> dict[str, str]:
     }
 
 
-def _flag_type(annotation: Any) -> tuple[type, list[str] | None]:
-    """argparse type and choices of a field annotation: X, X | None, or a Literal of strings."""
+def _flag_type(annotation: Any) -> tuple[type, list[str] | None, str | None]:
+    """argparse type, choices and nargs of a field annotation: X, X | None, list[X], or a Literal
+    of strings."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
     if typing.get_origin(annotation) is typing.Literal:
-        return str, list(typing.get_args(annotation))
-    return annotation, None
+        return str, list(typing.get_args(annotation)), None
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], None, "+"
+    return annotation, None, None
 
 
 def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -49,7 +52,7 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
     for field in fields(KLFinetuneConfig):
         if field.name in exclude:
             continue
-        kind, choices = _flag_type(hints[field.name])
+        kind, choices, nargs = _flag_type(hints[field.name])
         flag = "--" + field.name.replace("_", "-")
         default = None if field.default is MISSING else field.default
         help_text = f"{docs[field.name]} (default: {default})"
@@ -58,7 +61,7 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
             flags = [flag, "--wandb"] if field.name == "log_to_wandb" else [flag]
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            group.add_argument(flag, type=kind, choices=choices, default=default, help=help_text)
+            group.add_argument(flag, type=kind, choices=choices, nargs=nargs, default=default, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> KLFinetuneConfig:

@@ -8,8 +8,9 @@ from typing import Any, Literal, get_args
 
 # Each set of choices is written once, as a type; the CLI's choices and the checks below derive
 # from it (this module imports nothing heavy, so `--help` stays fast).
-LossMode = Literal["kl+mse", "kl", "mse", "kl+mse-fixed"]
+LossMode = Literal["kl+mse", "kl", "mse", "kl+mse-fixed", "e2e", "e2e+ds"]
 LOSS_MODES: tuple[str, ...] = get_args(LossMode)
+LRSchedule = Literal["linear", "constant"]
 ControllerMode = Literal["auto", "on", "off"]
 CONTROLLER_MODES: tuple[str, ...] = get_args(ControllerMode)
 # SAELens training architectures this package fine-tunes (tested against SAELens's registry).
@@ -29,15 +30,31 @@ class KLFinetuneConfig:
     loss: LossMode = "kl+mse"
     """'kl+mse': 0.5*(mse + alpha*kl) with alpha = (mse/(kl+1e-8)).detach() every batch (paper §3.2);
     'kl': KL only; 'mse': MSE-only continuation on the same tokens (the control);
-    'kl+mse-fixed': mse + kl_coefficient*kl (fixed beta, Braun et al. 2024). The architecture's own
-    sparsity/auxiliary losses are added unchanged in every mode."""
+    'kl+mse-fixed': mse + kl_coefficient*kl (a fixed weight instead of the balancing alpha);
+    'e2e': kl_coefficient*kl, no MSE at the SAE's hook (Braun et al. 2024's e2e SAE);
+    'e2e+ds': kl_coefficient*kl + downstream_coefficient * (mean over downstream_hooks of the MSE,
+    per element, between clean and spliced activations there) (Braun et al.'s e2e+ds). The
+    architecture's own sparsity/auxiliary losses (SAELens's) are added unchanged in every mode."""
 
     kl_coefficient: float = 1.0
-    """beta of the 'kl+mse-fixed' mode; ignored by the other modes."""
+    """Weight of the KL term in 'kl+mse-fixed', 'e2e' and 'e2e+ds' (Braun et al. used 0.5 for
+    e2e+ds on GPT-2); ignored by the other modes."""
+
+    downstream_hooks: list[str] | None = None
+    """'e2e+ds': hook points after the SAE's where clean and spliced activations are compared;
+    default: hook_resid_post of every block from the SAE's on (after its hook)."""
+
+    downstream_coefficient: float = 2.5
+    """'e2e+ds': total weight of the downstream MSE, split evenly over downstream_hooks (Braun et
+    al.'s in_to_orig total_coeff)."""
 
     lr: float = 5e-5
     """Adam learning rate, decayed linearly to 0 over the fine-tune. 5e-5 is the paper's value for
     ~12k steps; short runs need a larger one (see README)."""
+
+    lr_schedule: LRSchedule = "linear"
+    """'linear': decayed linearly to 0 over the fine-tune (the paper's §3.3); 'constant': held at lr
+    after the warm-up (the paper's Gemma runs, App. A.1)."""
 
     lr_warm_up_steps: int = 0
     """Linear warm-up steps before the decay."""
@@ -131,13 +148,22 @@ class KLFinetuneConfig:
     """Steps between wandb logs."""
 
     def __post_init__(self) -> None:
-        for name in ("lr", "kl_coefficient", "controller_rate", "target_l0", "sparsity_coefficient"):
+        for name in (
+            "lr",
+            "kl_coefficient",
+            "downstream_coefficient",
+            "controller_rate",
+            "target_l0",
+            "sparsity_coefficient",
+        ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
                 raise ValueError(f"{name}={value!r} must be a finite number.")
-        for name in ("kl_coefficient", "target_l0", "sparsity_coefficient"):
+        for name in ("kl_coefficient", "downstream_coefficient", "target_l0", "sparsity_coefficient"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0.")
+        if self.lr_schedule not in get_args(LRSchedule):
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not one of {get_args(LRSchedule)}.")
         if self.loss not in LOSS_MODES:
             raise ValueError(f"loss={self.loss!r} is not one of {LOSS_MODES}.")
         if self.sparsity_controller not in CONTROLLER_MODES:

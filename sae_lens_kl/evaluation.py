@@ -227,3 +227,26 @@ class HeldOutEvaluator:
             dead_latents=int((~fired).sum().item()),
             n_tokens=sum(part.numel() for part in parts["l0"]),
         )
+
+
+@torch.no_grad()
+def weight_stability(before: SAE[Any], after: SAE[Any]) -> dict[str, dict[str, float]]:
+    """How far each latent's weights moved (Karvonen 2025, App. H): the cosine similarity between
+    the two SAEs' encoder vectors (W_enc[:, i]) and decoder vectors (W_dec[i]) of every latent,
+    as its 25th/50th/75th percentiles. 1.0 means the direction did not move."""
+    if (before.cfg.d_in, before.cfg.d_sae) != (after.cfg.d_in, after.cfg.d_sae):
+        raise ValueError(
+            f"Weight stability compares SAEs of one shape; got d_in x d_sae {before.cfg.d_in} x "
+            f"{before.cfg.d_sae} and {after.cfg.d_in} x {after.cfg.d_sae}."
+        )
+    pairs = {
+        "encoder": (before.W_enc.T, after.W_enc.T.to(before.W_enc.device)),
+        "decoder": (before.W_dec, after.W_dec.to(before.W_dec.device)),
+    }
+    quantiles = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    result = {}
+    for name, (start, end) in pairs.items():
+        cosine = torch.nn.functional.cosine_similarity(start.double(), end.double(), dim=-1)
+        p25, p50, p75 = torch.quantile(cosine.cpu(), quantiles).tolist()
+        result[name] = {"p25": p25, "p50": p50, "p75": p75}
+    return result

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
@@ -208,6 +208,10 @@ class StepTensors:
     """The spliced run's outputs at the rows (None when no term needs the spliced run)."""
     projection: VocabProjection
     chunk_tokens: int
+    clean_at: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    """Clean activations [rows, d] at the hooks the terms asked for (`LossTerm.hooks`)."""
+    spliced_at: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    """Spliced activations [rows, d] at those hooks."""
 
 
 class LossTerm(Protocol):
@@ -216,6 +220,8 @@ class LossTerm(Protocol):
     name: str
     needs_spliced_run: bool
     """Whether the step must run the spliced suffix (and the clean pass to the output) for it."""
+    hooks: tuple[str, ...]
+    """Hook points whose clean and spliced activations it reads (recorded by both passes)."""
 
     def __call__(self, step: StepTensors) -> torch.Tensor: ...
 
@@ -227,6 +233,7 @@ class KLTerm:
 
     name: str = "kl"
     needs_spliced_run: bool = True
+    hooks: tuple[str, ...] = ()
 
     def __call__(self, step: StepTensors) -> torch.Tensor:
         assert step.clean is not None and step.spliced is not None
@@ -240,9 +247,26 @@ class HookMSETerm:
 
     name: str = "mse"
     needs_spliced_run: bool = False
+    hooks: tuple[str, ...] = ()
 
     def __call__(self, step: StepTensors) -> torch.Tensor:
         return step.sae_output.losses["mse_loss"]
+
+
+@dataclass(frozen=True)
+class DownstreamMSETerm:
+    """Mean over `hooks` of the MSE between spliced and clean activations there (mean over rows
+    and dimensions: Braun et al. 2024's in_to_orig loss, whose weight is split evenly over hooks)."""
+
+    hooks: tuple[str, ...]
+    name: str = "downstream_mse"
+    needs_spliced_run: bool = True
+
+    def __call__(self, step: StepTensors) -> torch.Tensor:
+        # float32 at least (float64 for a float64 model), as every loss term here
+        dtype = kl_dtype(step.spliced_at[self.hooks[0]].dtype)
+        per_hook = [F.mse_loss(step.spliced_at[h].to(dtype), step.clean_at[h].to(dtype)) for h in self.hooks]
+        return torch.stack(per_hook).mean()
 
 
 class Objective(Protocol):
@@ -298,22 +322,38 @@ class WeightedSum:
         return loss, None
 
 
-def objective_for(loss: str, kl_coefficient: float = 1.0) -> Objective:
+def objective_for(
+    loss: str,
+    kl_coefficient: float = 1.0,
+    downstream_hooks: Sequence[str] = (),
+    downstream_coefficient: float = 2.5,
+) -> Objective:
     """The objective of a `KLFinetuneConfig.loss` name:
 
     kl+mse:        0.5 * (mse + alpha * kl) + aux, alpha = (mse / (kl + 1e-8)).detach()
     kl:            kl + aux
     mse:           mse + aux
     kl+mse-fixed:  mse + kl_coefficient * kl + aux
+    e2e:           kl_coefficient * kl + aux
+    e2e+ds:        kl_coefficient * kl + downstream_coefficient * downstream_mse + aux
     `aux` is the architecture's own sparsity/auxiliary loss, kept as SAELens computes it.
     """
-    objectives: dict[str, Objective] = {
-        "kl+mse": BalancedKLMSE(),
-        "kl": WeightedSum(((KLTerm(), 1.0),)),
-        "mse": WeightedSum(((HookMSETerm(), 1.0),)),
-        "kl+mse-fixed": WeightedSum(((HookMSETerm(), 1.0), (KLTerm(), kl_coefficient))),
+    objectives: dict[str, Callable[[], Objective]] = {
+        "kl+mse": BalancedKLMSE,
+        "kl": lambda: WeightedSum(((KLTerm(), 1.0),)),
+        "mse": lambda: WeightedSum(((HookMSETerm(), 1.0),)),
+        "kl+mse-fixed": lambda: WeightedSum(((HookMSETerm(), 1.0), (KLTerm(), kl_coefficient))),
+        "e2e": lambda: WeightedSum(((KLTerm(), kl_coefficient),)),
+        "e2e+ds": lambda: WeightedSum(
+            ((KLTerm(), kl_coefficient), (DownstreamMSETerm(tuple(downstream_hooks)), downstream_coefficient))
+        ),
     }
-    return objectives[loss]
+    return objectives[loss]()
+
+
+def objective_of(cfg: Any) -> Objective:
+    """The objective a `KLFinetuneConfig` names (its downstream hooks already resolved)."""
+    return objective_for(cfg.loss, cfg.kl_coefficient, cfg.downstream_hooks or (), cfg.downstream_coefficient)
 
 
 def combine_losses(

@@ -5,6 +5,7 @@ fails here with one message naming the problem and the fix."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import shutil
 from dataclasses import dataclass
@@ -90,6 +91,12 @@ def make_plan(
             )
         cfg = dataclasses.replace(cfg, context_size=data.context_size)
         cache_bos = data.meta["prepend_bos"]
+    if isinstance(data, CleanPassCache) and cfg.loss == "e2e+ds":
+        raise ValueError(
+            "loss='e2e+ds' compares activations after the SAE's hook, which a clean-pass cache does "
+            "not store; fine-tune e2e+ds from token data."
+        )
+    cfg = dataclasses.replace(cfg, downstream_hooks=_downstream_hooks(cfg, model, site))
     if cfg.compile_blocks and not (
         cfg.prefix_reuse and supports_prefix_reuse(model, site) and getattr(model_cfg, "n_devices", 1) == 1
     ):
@@ -192,6 +199,32 @@ def _check_model_name(sae_model: str, model_name: str) -> None:
             f"The SAE was trained on {sae_model!r} but the model is {model_name!r}. Pass "
             "the matching model, or check_model_name=False if they are the same weights."
         )
+
+
+def _downstream_hooks(cfg: KLFinetuneConfig, model: HookedRootModule, site: HookSite) -> list[str] | None:
+    """The hooks of loss 'e2e+ds', checked to exist and to come after the SAE's hook; default:
+    hook_resid_post of every block from the SAE's on that comes after it (Braun et al. 2024)."""
+    if cfg.loss != "e2e+ds":
+        if cfg.downstream_hooks:
+            raise ValueError(f"downstream_hooks apply to loss='e2e+ds' only, not loss={cfg.loss!r}.")
+        return None
+    order = list(model.hook_dict)  # TransformerLens registers hook points in forward order
+    after = order[order.index(site.hook_name) + 1 :]
+    if cfg.downstream_hooks is None:
+        hooks = [name for name in after if name.endswith("hook_resid_post")]
+        if not hooks:
+            raise ValueError(f"No residual hook comes after {site.hook_name}; e2e+ds needs one.")
+        return hooks
+    for hook in cfg.downstream_hooks:
+        if hook not in model.hook_dict:
+            close = difflib.get_close_matches(hook, order, n=3)
+            raise ValueError(f"downstream hook {hook!r} does not exist in this model; close: {close}.")
+        if hook not in after:
+            raise ValueError(
+                f"downstream hook {hook!r} does not come after the SAE's hook {site.hook_name!r}; "
+                "e2e+ds compares activations downstream of the SAE."
+            )
+    return list(cfg.downstream_hooks)
 
 
 def _check_finite(sae: SAE[Any]) -> None:

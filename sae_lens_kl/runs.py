@@ -8,8 +8,9 @@ clean-pass cache (cache.py), or from one clean pass shared by several SAEs (`sha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -45,6 +46,8 @@ class CleanRun:
     prefix: Prefix | None
     final: torch.Tensor | None = None
     statistics: CleanStatistics | None = None
+    recorded: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Clean activations [batch, pos, ...] at further hooks a loss term reads (`LossTerm.hooks`)."""
 
     def __post_init__(self) -> None:
         if self.final is not None and self.statistics is not None:
@@ -87,22 +90,26 @@ class SpliceRunner:
         self.projection = VocabProjection.for_run(model, self.prefix_reuse)
 
     @torch.no_grad()
-    def clean_run(self, tokens: torch.Tensor, with_distribution: bool = True) -> CleanRun:
-        """The clean pass of a [batch, pos] token batch; without the distribution it stops at the
-        SAE's block (the MSE-only control needs nothing after it)."""
+    def clean_run(
+        self, tokens: torch.Tensor, with_distribution: bool = True, record: Sequence[str] = ()
+    ) -> CleanRun:
+        """The clean pass of a [batch, pos] token batch, recording the activations at the hooks
+        in `record`; without the distribution it stops at the SAE's block (the MSE-only control
+        needs nothing after it)."""
         model, site = self.model, self.site
         tokens = tokens.to(next(model.parameters()).device)
-        prefix = run_prefix(model, tokens, site, self.blocks) if self.prefix_reuse else None  # type: ignore[arg-type]
-        if not with_distribution:
-            return CleanRun(tokens, run_to_hook(model, tokens, prefix, site), prefix)
-        final, acts = run_to_output(model, tokens, prefix, site)
-        return CleanRun(tokens, acts, prefix, final=final)
+        with _recording(model, record) as recorded:
+            prefix = run_prefix(model, tokens, site, self.blocks) if self.prefix_reuse else None  # type: ignore[arg-type]
+            if not with_distribution:
+                return CleanRun(tokens, run_to_hook(model, tokens, prefix, site), prefix, recorded=recorded)
+            final, acts = run_to_output(model, tokens, prefix, site)
+        return CleanRun(tokens, acts, prefix, final=final, recorded=recorded)
 
     def clean_runs(
-        self, batches: Iterable[torch.Tensor], with_distribution: bool = True
+        self, batches: Iterable[torch.Tensor], with_distribution: bool = True, record: Sequence[str] = ()
     ) -> Iterator[CleanRun]:
         for tokens in batches:
-            yield self.clean_run(tokens, with_distribution)
+            yield self.clean_run(tokens, with_distribution, record)
 
     def prefix_from(self, tokens: torch.Tensor, residual: torch.Tensor) -> Prefix:
         """The prefix of a stored residual entering the SAE's block (a clean-pass cache)."""
@@ -110,11 +117,34 @@ class SpliceRunner:
         return cached_prefix(self.model, tokens, residual, self.site, self.blocks)
 
     def spliced_output(
-        self, run: CleanRun, replacement: Callable[[torch.Tensor], torch.Tensor]
-    ) -> torch.Tensor:
+        self,
+        run: CleanRun,
+        replacement: Callable[[torch.Tensor], torch.Tensor],
+        record: Sequence[str] = (),
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run output [batch, pos, d] with the hook's activation replaced by `replacement(acts)`,
-        continuing from the clean run's prefix; gradients flow into what `replacement` returns."""
-        return run_to_output(self.model, run.tokens, run.prefix, self.site, replacement)[0]
+        continuing from the clean run's prefix, and the activations at the hooks in `record`;
+        gradients flow into what `replacement` returns."""
+        with _recording(self.model, record) as recorded:
+            output = run_to_output(self.model, run.tokens, run.prefix, self.site, replacement)[0]
+        return output, recorded
+
+
+@contextmanager
+def _recording(model: HookedRootModule, hooks: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Yields a dict that the forward passes inside the block fill with the activations at `hooks`
+    (no hook context at all when there are none: the common case costs nothing)."""
+    recorded: dict[str, torch.Tensor] = {}
+    if not hooks:
+        yield recorded
+        return
+
+    def record(raw: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        recorded[hook.name] = raw  # type: ignore[index]
+        return raw
+
+    with model.hooks(fwd_hooks=[(hook, record) for hook in hooks]):
+        yield recorded
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from sae_lens_kl.checkpoints import FINETUNE_STATE_FILENAME, prune
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
-from sae_lens_kl.losses import Objective, StepTensors, objective_for
+from sae_lens_kl.losses import Objective, StepTensors, objective_of
 from sae_lens_kl.runs import CleanRun, SpliceRunner
 from sae_lens_kl.staging import staged_folder
 
@@ -96,6 +96,11 @@ def needs_spliced_run(objective: Objective) -> bool:
     return any(term.needs_spliced_run for term in objective.terms)
 
 
+def recorded_hooks(objective: Objective) -> tuple[str, ...]:
+    """The hooks whose clean and spliced activations the objective's terms read."""
+    return tuple(dict.fromkeys(hook for term in objective.terms for hook in term.hooks))
+
+
 class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
     """SAELens's trainer whose data provider yields one `CleanRun` per token batch and whose step
     splices the `replacement`'s output in and minimises the `objective`."""
@@ -128,7 +133,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
                 # constant + decay over every step after warm-up = linear decay to 0 (paper §3.3)
                 lr_scheduler_name="constant",
                 lr_warm_up_steps=cfg.lr_warm_up_steps,
-                lr_decay_steps=n_steps - cfg.lr_warm_up_steps,
+                lr_decay_steps=n_steps - cfg.lr_warm_up_steps if cfg.lr_schedule == "linear" else 0,
                 device=str(sae.device),
                 dead_feature_window=cfg.dead_feature_window,
                 feature_sampling_window=cfg.feature_sampling_window,
@@ -147,7 +152,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         use_fused_adam(self.optimizer)
         self.runner = runner
         self.ft_cfg = cfg
-        self.objective = objective if objective is not None else objective_for(cfg.loss, cfg.kl_coefficient)
+        self.objective = objective if objective is not None else objective_of(cfg)
         self.replacement = replacement
         self.special_token_ids = list(special_token_ids)
         self.controller = controller
@@ -176,7 +181,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
             out = self.replacement(sae, self._step_input(run.acts.flatten(0, 1)[rows]))
 
         # Spliced suffix from the clean run's prefix, when a loss term reads it.
-        clean, spliced = None, None
+        clean, spliced, spliced_at = None, None, {}
         if needs_spliced_run(self.objective):
 
             def splice(acts: torch.Tensor) -> torch.Tensor:
@@ -184,9 +189,19 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
                 return flat.view_as(acts)
 
             clean = run.clean_rows(rows)
-            spliced = self.runner.spliced_output(run, splice).flatten(0, 1)[rows]
+            spliced, spliced_at = self.runner.spliced_output(run, splice, recorded_hooks(self.objective))
+            spliced = spliced.flatten(0, 1)[rows]
 
-        tensors = StepTensors(out, clean, spliced, self.runner.projection, cfg.kl_chunk_tokens)
+        at_rows = {hook: acts.flatten(0, 1)[rows] for hook, acts in run.recorded.items()}
+        tensors = StepTensors(
+            out,
+            clean,
+            spliced,
+            self.runner.projection,
+            cfg.kl_chunk_tokens,
+            clean_at=at_rows,
+            spliced_at={hook: acts.flatten(0, 1)[rows] for hook, acts in spliced_at.items()},
+        )
         values = {term.name: term(tensors) for term in self.objective.terms}
         loss, alpha = self.objective.combine(values, out.loss - out.losses["mse_loss"])
         firing = _firing(out.feature_acts)
