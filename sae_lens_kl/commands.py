@@ -275,7 +275,9 @@ def evaluate(args: argparse.Namespace) -> None:
             context_size=args.context_size,
             exclude_first_positions=args.exclude_first_positions,
         )
-        rows[spec] = result.to_dict()
+        row = result.to_dict()
+        downstream = row.pop("downstream_mse")
+        rows[spec] = {**row, **{f"downstream_mse[{hook}]": value for hook, value in downstream.items()}}
     names = list(rows)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key in rows[names[0]]:

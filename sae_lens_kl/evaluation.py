@@ -15,9 +15,12 @@ from transformer_lens.hook_points import HookedRootModule
 from sae_lens_kl.architectures import flat_activations, to_inference_sae
 from sae_lens_kl.data import DataError, DataSource, take, token_sequences
 from sae_lens_kl.losses import cross_entropy_per_token, kl_per_token
+from sae_lens_kl.runs import recording
 from sae_lens_kl.splice import (
     HookSite,
     VocabProjection,
+    kl_dtype,
+    later_residual_hooks,
     run_prefix,
     run_to_output,
     supports_prefix_reuse,
@@ -54,6 +57,10 @@ class EvalResult:
     """1 - E||x - x_hat||^2 / Var(x) (SAELens's ExplainedVarianceCalculator)."""
     dead_latents: int
     """Latents that never fired on these tokens."""
+    downstream_mse: dict[str, float]
+    """At every later hook_resid_post: mean over tokens of the squared difference between the
+    spliced and the clean activation, summed over dimensions (Braun et al. 2024, Fig. 2): how far
+    the reconstruction's error travels down the network."""
     n_tokens: int
     """Positions evaluated."""
 
@@ -153,8 +160,11 @@ class HeldOutEvaluator:
         device = next(model.parameters()).device
         baseline = self._baseline.get((site.hook_name, site.head_index))
         new_baseline: list[dict[str, torch.Tensor]] = []
+        later = later_residual_hooks(model, site.hook_name)
         parts: dict[str, list[torch.Tensor]] = {
-            name: [] for name in ("ce_clean", "ce_ablated", "kl_ablated", "ce_spliced", "kl", "l0", "mse")
+            name: []
+            for name in ("ce_clean", "ce_ablated", "kl_ablated", "ce_spliced", "kl", "l0", "mse")
+            + tuple(f"downstream:{hook}" for hook in later)
         }
         variance = ExplainedVarianceCalculator()
         fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
@@ -165,7 +175,8 @@ class HeldOutEvaluator:
             kept, ce_rows = keep.flatten(), keep[:, :-1].flatten()
             targets = tokens[:, 1:].flatten()
             prefix = run_prefix(model, tokens, site) if reuse else None
-            clean_out, acts = run_to_output(model, tokens, prefix, site)
+            with recording(model, later) as clean_later:
+                clean_out, acts = run_to_output(model, tokens, prefix, site)
             clean_flat = clean_out.flatten(0, 1)
 
             def ce(
@@ -195,7 +206,12 @@ class HeldOutEvaluator:
                 feature_acts = sae.encode(acts.to(sae.device))
                 recon = sae.decode(feature_acts).to(acts.device, acts.dtype)
             spliced_acts = torch.where(keep[..., None], recon, acts)
-            spliced_out, _ = run_to_output(model, tokens, prefix, site, lambda _, new=spliced_acts: new)
+            with recording(model, later) as spliced_later:
+                spliced_out, _ = run_to_output(model, tokens, prefix, site, lambda _, new=spliced_acts: new)
+            for hook in later:
+                error = (spliced_later[hook] - clean_later[hook])[keep]
+                error = error.to(kl_dtype(error.dtype))
+                parts[f"downstream:{hook}"].append(error.pow(2).sum(-1))
             parts["ce_spliced"].append(ce(spliced_out))
             parts["kl"].append(
                 kl_per_token(clean_flat, spliced_out.flatten(0, 1), projection, self.chunk_tokens)[kept]
@@ -210,7 +226,8 @@ class HeldOutEvaluator:
 
         if baseline is None:
             self._baseline[(site.hook_name, site.head_index)] = new_baseline
-        means = {name: torch.cat(values).float().mean().item() for name, values in parts.items()}
+        # means accumulated in float64: n_tokens terms would lose float32 digits
+        means = {name: torch.cat(values).double().mean().item() for name, values in parts.items()}
         ce_clean, ce_spliced, ce_ablated = means["ce_clean"], means["ce_spliced"], means["ce_ablated"]
         return EvalResult(
             ce_clean=ce_clean,
@@ -225,6 +242,7 @@ class HeldOutEvaluator:
             mse=means["mse"],
             explained_variance=variance.compute(),
             dead_latents=int((~fired).sum().item()),
+            downstream_mse={hook: means[f"downstream:{hook}"] for hook in later},
             n_tokens=sum(part.numel() for part in parts["l0"]),
         )
 

@@ -21,7 +21,7 @@ from sae_lens_kl.cache import CACHE_FILENAME, CleanPassCache
 from sae_lens_kl.checkpoints import check_resume, data_fingerprint, find_checkpoint, sae_fingerprint
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.data import DataError, DataSource
-from sae_lens_kl.splice import HookSite, hook_width, supports_prefix_reuse
+from sae_lens_kl.splice import HookSite, hook_width, later_residual_hooks, supports_prefix_reuse
 
 
 @dataclass
@@ -211,7 +211,7 @@ def _downstream_hooks(cfg: KLFinetuneConfig, model: HookedRootModule, site: Hook
     order = list(model.hook_dict)  # TransformerLens registers hook points in forward order
     after = order[order.index(site.hook_name) + 1 :]
     if cfg.downstream_hooks is None:
-        hooks = [name for name in after if name.endswith("hook_resid_post")]
+        hooks = later_residual_hooks(model, site.hook_name)
         if not hooks:
             raise ValueError(f"No residual hook comes after {site.hook_name}; e2e+ds needs one.")
         return hooks

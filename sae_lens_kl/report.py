@@ -103,6 +103,10 @@ def markdown(title: str, runs: Mapping[str, Mapping[str, Any]], notes: list[str]
     for key, label in ROWS:
         cells = [_fmt(first["before"][key])] + [_fmt(runs[n]["after"][key]) for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for hook in first["before"].get("downstream_mse", {}):
+        cells = [_fmt(first["before"]["downstream_mse"][hook])]
+        cells += [_fmt(runs[n]["after"]["downstream_mse"][hook]) for n in names]
+        lines.append(f"| spliced − clean at {hook} (sum of squares) | " + " | ".join(cells) + " |")
     extra = (
         ("fraction of CE gap closed", lambda r: _fmt(r["fraction_ce_gap_closed"])),
         ("training tokens", lambda r: _fmt(r["training_tokens"])),

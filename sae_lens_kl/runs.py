@@ -98,7 +98,7 @@ class SpliceRunner:
         needs nothing after it)."""
         model, site = self.model, self.site
         tokens = tokens.to(next(model.parameters()).device)
-        with _recording(model, record) as recorded:
+        with recording(model, record) as recorded:
             prefix = run_prefix(model, tokens, site, self.blocks) if self.prefix_reuse else None  # type: ignore[arg-type]
             if not with_distribution:
                 return CleanRun(tokens, run_to_hook(model, tokens, prefix, site), prefix, recorded=recorded)
@@ -125,13 +125,13 @@ class SpliceRunner:
         """Run output [batch, pos, d] with the hook's activation replaced by `replacement(acts)`,
         continuing from the clean run's prefix, and the activations at the hooks in `record`;
         gradients flow into what `replacement` returns."""
-        with _recording(self.model, record) as recorded:
+        with recording(self.model, record) as recorded:
             output = run_to_output(self.model, run.tokens, run.prefix, self.site, replacement)[0]
         return output, recorded
 
 
 @contextmanager
-def _recording(model: HookedRootModule, hooks: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+def recording(model: HookedRootModule, hooks: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
     """Yields a dict that the forward passes inside the block fill with the activations at `hooks`
     (no hook context at all when there are none: the common case costs nothing)."""
     recorded: dict[str, torch.Tensor] = {}

@@ -134,6 +134,13 @@ def cached_prefix(
     return Prefix(residual, tokens, shortformer_pos_embed, attention_mask, site.block, blocks)
 
 
+def later_residual_hooks(model: HookedRootModule, hook_name: str) -> list[str]:
+    """Every hook_resid_post that comes after `hook_name` in the forward pass (TransformerLens
+    registers hook points in forward order)."""
+    order = list(model.hook_dict)
+    return [name for name in order[order.index(hook_name) + 1 :] if name.endswith("hook_resid_post")]
+
+
 def supports_prefix_reuse(model: HookedRootModule, site: HookSite) -> bool:
     return isinstance(model, HookedTransformer) and site.block is not None
 
