@@ -23,6 +23,7 @@ from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataSource, batched, budgeted, held_out_and_training
 from sae_lens_kl.evaluation import EvalResult, HeldOutEvaluator, special_token_ids, weight_stability
+from sae_lens_kl.lora import add_lora, merge_lora
 from sae_lens_kl.losses import Objective, objective_of
 from sae_lens_kl.multi import MultiKLFinetuneTrainer
 from sae_lens_kl.plan import Plan, make_plan
@@ -207,6 +208,9 @@ def _starting_saes(
         to_training_sae(sae, plan.cfg.sparsity_coefficient).to(device)
         for sae, plan in zip(saes, plans, strict=True)
     ]
+    for training, plan in zip(trainings, plans, strict=True):
+        if plan.cfg.sae_lora_rank is not None:
+            add_lora(training, plan.cfg.sae_lora_rank)
     return trainings, 0
 
 
@@ -323,6 +327,7 @@ def _finish(
         final_coefficient = trainer.coefficient_schedulers[controller.coefficient_name].final_value
         setattr(trainer.sae.cfg, f"{controller.coefficient_name}_coefficient", final_coefficient)
         trainer.sae.cfg.add_training_info_to_metadata()
+    merge_lora(trainer.sae)
     tuned = to_inference_sae(trainer.sae)
     for name, tensor in tuned.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

@@ -35,6 +35,7 @@ RESUME_MUST_MATCH = (
     "kl_coefficient",
     "downstream_hooks",
     "downstream_coefficient",
+    "sae_lora_rank",
     "lr",
     "lr_schedule",
     "lr_warm_up_steps",

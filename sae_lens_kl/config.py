@@ -48,6 +48,11 @@ class KLFinetuneConfig:
     """'e2e+ds': total weight of the downstream MSE, split evenly over downstream_hooks (Braun et
     al.'s in_to_orig total_coeff)."""
 
+    sae_lora_rank: int | None = None
+    """Train only a rank-r update of the SAE's encoder and decoder (LoRA on the SAE, paper App. D),
+    merged into the weights at the end: the result is a plain SAE of the same architecture. None:
+    fine-tune every SAE parameter."""
+
     lr: float = 5e-5
     """Adam learning rate, decayed linearly to 0 over the fine-tune. 5e-5 is the paper's value for
     ~12k steps; short runs need a larger one (see README)."""
@@ -191,6 +196,10 @@ class KLFinetuneConfig:
             raise ValueError("checkpoint_every_tokens must be positive or None.")
         if self.exclude_first_positions < 0:
             raise ValueError("exclude_first_positions must be >= 0.")
+        if self.sae_lora_rank is not None and (
+            not isinstance(self.sae_lora_rank, int) or self.sae_lora_rank < 1
+        ):
+            raise ValueError(f"sae_lora_rank={self.sae_lora_rank!r} must be a positive integer or None.")
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints!r} must be a positive integer.")
 

@@ -21,6 +21,7 @@ from sae_lens_kl.cache import CACHE_FILENAME, CleanPassCache
 from sae_lens_kl.checkpoints import check_resume, data_fingerprint, find_checkpoint, sae_fingerprint
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.data import DataError, DataSource
+from sae_lens_kl.lora import check_rank
 from sae_lens_kl.splice import HookSite, hook_width, later_residual_hooks, supports_prefix_reuse
 
 
@@ -65,6 +66,13 @@ def make_plan(
             f"The SAE's hook_head_index={site.head_index} is not a head of this model (0 to "
             f"{n_heads - 1}); pass an SAE trained on this model's heads."
         )
+    if cfg.sae_lora_rank is not None:
+        check_rank(cfg.sae_lora_rank, sae.cfg.d_in, sae.cfg.d_sae)
+        if resume_from is not None:
+            raise ValueError(
+                "resume_from with sae_lora_rank is not supported yet (checkpoints hold the unmerged "
+                "factors); rerun the LoRA fine-tune from the start."
+            )
     width = hook_width(model, site)
     if width != sae.cfg.d_in:
         raise ValueError(

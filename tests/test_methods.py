@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_sae, random_tokens, tiny_model
+from sae_lens import SAE
 from sae_lens.saes.sae import TrainStepOutput
 
 from sae_lens_kl import KLFinetuneTrainer, kl_finetune
@@ -195,3 +196,59 @@ def test_weight_stability() -> None:
     assert all(0 < moved[part]["p50"] < 1 for part in ("encoder", "decoder"))
     with pytest.raises(ValueError, match="one shape"):
         weight_stability(sae, make_sae("standard", d_sae=48))
+
+
+@pytest.mark.parametrize("architecture", ["topk", "standard"])
+def test_lora_on_the_sae_trains_a_low_rank_update_and_merges_it(architecture: str, tmp_path) -> None:
+    sae = make_sae(architecture)
+    options = {"tokens": 6 * 4 * SEQ, "batch_size": 4, "eval_tokens": 8 * SEQ, "lr": 5e-3}
+    tuned = kl_finetune(
+        sae,
+        tiny_model(),
+        DATA,
+        sae_lora_rank=2,
+        save_dir=tmp_path / "out",
+        checkpoint_every_tokens=2 * 4 * SEQ,
+        **options,
+    )
+    assert type(tuned) is type(sae) and tuned.cfg.architecture() == architecture
+    assert torch.equal(SAE.load_from_disk(tmp_path / "out").W_dec, tuned.W_dec)
+    for name in ("W_enc", "W_dec"):
+        start = getattr(sae, name).detach().double()
+        update = getattr(tuned, name).detach().double() - start
+        # The merge W0 + B A rounds in float32: an error matrix E with |E_ij| <= u32 |W0_ij|, so
+        # ||E||_2 <= u32 ||W0||_F. Singular values above twice that are the update's own.
+        rounding = 2 * 2**-24 * start.norm()
+        assert torch.linalg.matrix_rank(update, atol=rounding) == 2, name  # moved, in a rank-2 subspace
+    for name in ("b_enc", "b_dec"):
+        assert torch.equal(getattr(tuned, name), getattr(sae, name)), name
+    report = tuned.cfg.metadata.kl_finetune
+    assert report["after"]["kl"] < report["before"]["kl"]
+
+
+def test_merged_lora_computes_what_the_unmerged_did() -> None:
+    from sae_lens_kl.architectures import to_training_sae
+    from sae_lens_kl.lora import add_lora, merge_lora
+
+    training = to_training_sae(make_sae("standard"))
+    add_lora(training, 3)
+    x = torch.randn(10, 32, generator=torch.Generator().manual_seed(0))
+    before_training = training.decode(training.encode(x))
+    with torch.no_grad():  # as if trained: a non-zero update
+        for name in ("W_enc", "W_dec"):
+            training.parametrizations[name][0].B.normal_(0, 0.1)
+    unmerged = training.decode(training.encode(x))
+    merge_lora(training)
+    assert not torch.equal(unmerged, before_training)
+    assert torch.equal(training.decode(training.encode(x)), unmerged)
+    assert {name for name, _ in training.named_parameters()} == {"W_enc", "b_enc", "W_dec", "b_dec"}
+
+
+def test_lora_rank_bad_input(tmp_path) -> None:
+    options = {"tokens": 4 * SEQ, "batch_size": 4, "eval_tokens": 0}
+    with pytest.raises(ValueError, match="sae_lora_rank=0 must be a positive integer"):
+        kl_finetune(make_sae("topk"), tiny_model(), DATA, sae_lora_rank=0, **options)
+    with pytest.raises(ValueError, match=r"sae_lora_rank=32 must lie in \(0, 32\)"):
+        kl_finetune(make_sae("topk"), tiny_model(), DATA, sae_lora_rank=32, **options)
+    with pytest.raises(ValueError, match="resume_from with sae_lora_rank"):
+        kl_finetune(make_sae("topk"), tiny_model(), DATA, sae_lora_rank=2, resume_from=tmp_path, **options)
