@@ -139,11 +139,12 @@ def recording(model: HookedRootModule, hooks: Sequence[str]) -> Iterator[dict[st
         yield recorded
         return
 
-    def record(raw: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        recorded[hook.name] = raw  # type: ignore[index]
+    def record(raw: torch.Tensor, hook: HookPoint, name: str) -> torch.Tensor:  # noqa: ARG001
+        # keyed by the name asked for: a TransformerBridge's hook point may carry another name
+        recorded[name] = raw
         return raw
 
-    with model.hooks(fwd_hooks=[(hook, record) for hook in hooks]):
+    with model.hooks(fwd_hooks=[(hook, _bind(record, name=hook)) for hook in hooks]):
         yield recorded
 
 
