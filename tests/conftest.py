@@ -242,3 +242,22 @@ def text_folders(tmp_path_factory) -> tuple[Path, Path]:
             (folder / f"doc_{index:03d}.txt").write_text("\n".join(sentences(12, seed=seed * 1000 + index)))
         folders.append(folder)
     return folders[0], folders[1]
+
+
+def clean_and_spliced_at(
+    model: HookedTransformer, tokens: torch.Tensor, sae_hook: str, sae: SAE[Any], hooks: list[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Activations at `hooks` of a plain forward and of one with `sae`'s reconstruction at
+    `sae_hook`, by TransformerLens's run_with_cache / run_with_hooks alone (an independent check
+    of sae_lens_kl's splice)."""
+    _, clean = model.run_with_cache(tokens, names_filter=hooks)
+    spliced: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        model.run_with_hooks(
+            tokens,
+            fwd_hooks=[
+                (sae_hook, lambda acts, hook: sae(acts)),  # noqa: ARG005
+                *[(h, lambda acts, hook: spliced.__setitem__(hook.name, acts)) for h in hooks],
+            ],
+        )
+    return dict(clean.items()), spliced

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_sae, random_tokens, sentences, tiny_model, tiny_text_model
+from conftest import clean_and_spliced_at, make_sae, random_tokens, sentences, tiny_model, tiny_text_model
 from datasets import Dataset
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
@@ -123,16 +123,7 @@ def test_downstream_error_at_every_later_residual_hook() -> None:
     result = evaluate(sae, model, tokens, n_tokens=8 * 16, batch_size=4)
     hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
     assert list(result.downstream_mse) == hooks
-    _, clean = model.run_with_cache(tokens, names_filter=hooks)
-    spliced: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        model.run_with_hooks(
-            tokens,
-            fwd_hooks=[
-                ("blocks.0.hook_resid_post", lambda acts, hook: sae(acts)),  # noqa: ARG005
-                *[(h, lambda acts, hook: spliced.__setitem__(hook.name, acts)) for h in hooks],
-            ],
-        )
+    clean, spliced = clean_and_spliced_at(model, tokens, "blocks.0.hook_resid_post", sae, hooks)
     for hook in hooks:
         expected = (spliced[hook] - clean[hook]).pow(2).sum(-1).mean().item()
         assert result.downstream_mse[hook] == pytest.approx(expected, rel=1e-9)

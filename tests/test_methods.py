@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_sae, random_tokens, tiny_model
+from conftest import clean_and_spliced_at, make_sae, random_tokens, tiny_model
 from sae_lens import SAE
 from sae_lens.saes.sae import TrainStepOutput
 
@@ -104,16 +104,7 @@ def test_the_downstream_term_is_measured_on_the_spliced_run() -> None:
     hooks = tuned.cfg.metadata.kl_finetune["config"]["downstream_hooks"]
     assert hooks == ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
     tokens = DATA[:4]
-    _, clean = model.run_with_cache(tokens, names_filter=hooks)
-    spliced: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        model.run_with_hooks(
-            tokens,
-            fwd_hooks=[
-                (HOOK, lambda acts, hook: sae(acts)),  # noqa: ARG005
-                *[(h, lambda acts, hook: spliced.__setitem__(hook.name, acts)) for h in hooks],
-            ],
-        )
+    clean, spliced = clean_and_spliced_at(model, tokens, HOOK, sae, hooks)
     expected = torch.stack([F.mse_loss(spliced[h], clean[h]) for h in hooks]).mean().item()
     assert seen == [pytest.approx(expected, rel=1e-9)]
 
