@@ -77,6 +77,7 @@ def cached_mse_sae(
         "seqpos": runner_cfg.seqpos_slice,
         "data": runner_cfg.dataset_path,
         "seed": runner_cfg.seed,
+        "dead_feature_window": runner_cfg.dead_feature_window,
     }
     key = hashlib.sha1(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = cache_root() / "mse_saes" / key

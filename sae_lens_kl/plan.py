@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,14 @@ def make_plan(
     model_cfg = getattr(model, "cfg", None)
     if cfg.check_model_name and metadata.model_name and model_cfg is not None:
         _check_model_name(metadata.model_name, model_cfg.model_name)
+    elif cfg.check_model_name and model_cfg is not None:
+        warnings.warn(
+            f"The SAE's metadata names no model, so sae_lens_kl cannot check that it was trained on "
+            f"{model_cfg.model_name!r}; its hook {metadata.hook_name!r} exists and is {sae.cfg.d_in} "
+            "wide here, but an SAE from another model would fine-tune silently. Set "
+            "sae.cfg.metadata.model_name (or check_model_name=False to silence this).",
+            stacklevel=3,
+        )
     cache_bos = None
     if isinstance(data, (str, Path)) and (Path(data).expanduser() / CACHE_FILENAME).is_file():
         data = CleanPassCache(data)

@@ -169,11 +169,15 @@ def runner_config(
     sink_positions: int,
     dataset_name: str,
     seed: int = 42,
+    dead_feature_window: int | None = None,
 ) -> LanguageModelSAERunnerConfig[Any]:
     """A SAELens runner config for an SAE of `architecture` at `hook` of `model`, with the settings
     this package's MSE phases use: BOS per sequence, special tokens and the first `sink_positions`
     positions left out, no checkpoints or output folders (the caller saves), no wandb. `seed`
-    seeds the runner's SAE initialisation and activation shuffling (42: the demo's MSE phase)."""
+    seeds the runner's SAE initialisation and activation shuffling (42: the demo's MSE phase).
+    `dead_feature_window`: steps without firing after which a latent counts as dead (and TopK's
+    aux-k loss revives it); default 5 % of the run's steps, since SAELens's 1,000 steps exceed a
+    short run and leave the aux-k loss at 0 throughout."""
     _, sae_cfg_cls = get_sae_training_class(architecture)
     sae_fields = {"d_in": model.cfg.d_model, "d_sae": d_sae}
     if "topk" in architecture:
@@ -194,6 +198,7 @@ def runner_config(
         lr=lr,
         device=str(model.cfg.device),
         seed=seed,
+        dead_feature_window=dead_feature_window or max(1, tokens // batch_tokens // 20),
         prepend_bos=True,
         exclude_special_tokens=True,
         seqpos_slice=(sink_positions, None),

@@ -210,3 +210,10 @@ def test_a_set_of_files_never_mixes_old_and_new(tmp_path) -> None:
     assert (folder / "weights").read_text() == "new"
     assert not (folder / "cfg.json").exists()
     assert not list(folder.glob(".partial-*"))
+
+
+def test_an_sae_naming_no_model_is_a_loud_warning() -> None:
+    sae = make_sae("standard")
+    sae.cfg.metadata.model_name = None
+    with pytest.warns(UserWarning, match="names no model, so sae_lens_kl cannot check"):
+        finetune(sae, tokens=STEP_TOKENS)
