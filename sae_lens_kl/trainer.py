@@ -71,6 +71,11 @@ def use_fused_adam(optimizer: torch.optim.Optimizer) -> None:
         group["fused"], group["foreach"] = True, False
 
 
+def _at_rows(recorded: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Recorded [batch, pos, ...] activations at the kept rows, [rows, ...]."""
+    return {hook: acts.flatten(0, 1)[rows] for hook, acts in recorded.items()}
+
+
 @torch.no_grad()
 def _firing(feature_acts: torch.Tensor) -> torch.Tensor:
     """[rows, d_sae] bool: which latents fired; accepts SAELens's sparse TopK activations."""
@@ -192,15 +197,14 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
             spliced, spliced_at = self.runner.spliced_output(run, splice, recorded_hooks(self.objective))
             spliced = spliced.flatten(0, 1)[rows]
 
-        at_rows = {hook: acts.flatten(0, 1)[rows] for hook, acts in run.recorded.items()}
         tensors = StepTensors(
             out,
             clean,
             spliced,
             self.runner.projection,
             cfg.kl_chunk_tokens,
-            clean_at=at_rows,
-            spliced_at={hook: acts.flatten(0, 1)[rows] for hook, acts in spliced_at.items()},
+            clean_at=_at_rows(run.recorded, rows),
+            spliced_at=_at_rows(spliced_at, rows),
         )
         values = {term.name: term(tensors) for term in self.objective.terms}
         loss, alpha = self.objective.combine(values, out.loss - out.losses["mse_loss"])
