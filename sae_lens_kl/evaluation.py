@@ -15,7 +15,7 @@ from transformer_lens.hook_points import HookedRootModule
 from sae_lens_kl.architectures import flat_activations, to_inference_sae
 from sae_lens_kl.data import DataError, DataSource, take, token_sequences
 from sae_lens_kl.losses import cross_entropy_per_token, kl_per_token
-from sae_lens_kl.runs import recording
+from sae_lens_kl.runs import position_mask, recording
 from sae_lens_kl.splice import (
     HookSite,
     VocabProjection,
@@ -25,7 +25,6 @@ from sae_lens_kl.splice import (
     run_to_output,
     supports_prefix_reuse,
 )
-from sae_lens_kl.trainer import position_mask
 
 
 @dataclass
@@ -257,14 +256,16 @@ def weight_stability(before: SAE[Any], after: SAE[Any]) -> dict[str, dict[str, f
             f"Weight stability compares SAEs of one shape; got d_in x d_sae {before.cfg.d_in} x "
             f"{before.cfg.d_sae} and {after.cfg.d_in} x {after.cfg.d_sae}."
         )
-    pairs = {
-        "encoder": (before.W_enc.T, after.W_enc.T.to(before.W_enc.device)),
-        "decoder": (before.W_dec, after.W_dec.to(before.W_dec.device)),
+    return {
+        "encoder": latent_cosine_percentiles(before.W_enc.T, after.W_enc.T),
+        "decoder": latent_cosine_percentiles(before.W_dec, after.W_dec),
     }
+
+
+@torch.no_grad()
+def latent_cosine_percentiles(start: torch.Tensor, end: torch.Tensor) -> dict[str, float]:
+    """25th/50th/75th percentiles over latents (rows) of the cosine similarity of `start` and `end`."""
+    cosine = torch.nn.functional.cosine_similarity(start.double(), end.to(start.device).double(), dim=-1)
     quantiles = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
-    result = {}
-    for name, (start, end) in pairs.items():
-        cosine = torch.nn.functional.cosine_similarity(start.double(), end.double(), dim=-1)
-        p25, p50, p75 = torch.quantile(cosine.cpu(), quantiles).tolist()
-        result[name] = {"p25": p25, "p50": p50, "p75": p75}
-    return result
+    p25, p50, p75 = torch.quantile(cosine.cpu(), quantiles).tolist()
+    return {"p25": p25, "p50": p50, "p75": p75}

@@ -70,6 +70,17 @@ class CleanRun:
         return self.tokens.numel()
 
 
+def position_mask(
+    tokens: torch.Tensor, special_token_ids: Sequence[int], exclude_first_positions: int
+) -> torch.Tensor:
+    """[batch, pos] True where the SAE's reconstruction replaces the activation and losses count."""
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    if special_token_ids:
+        keep &= ~torch.isin(tokens, torch.tensor(list(special_token_ids), device=tokens.device))
+    keep[:, :exclude_first_positions] = False
+    return keep
+
+
 class SpliceRunner:
     """Runs one SAE's clean and spliced passes through `model`: from the prefix entering the SAE's
     block when the model allows it (the layers before run once per batch), else as two full hooked

@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 from sae_lens_kl.checkpoints import FINETUNE_STATE_FILENAME, prune
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
+from sae_lens_kl.evaluation import latent_cosine_percentiles
 from sae_lens_kl.losses import Objective, StepTensors, objective_of
-from sae_lens_kl.runs import CleanRun, SpliceRunner
+from sae_lens_kl.runs import CleanRun, SpliceRunner, position_mask
 from sae_lens_kl.staging import staged_folder
 
 StepCallback = Callable[["KLFinetuneTrainer", TrainStepOutput], None]
@@ -33,17 +34,6 @@ StepCallback = Callable[["KLFinetuneTrainer", TrainStepOutput], None]
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def position_mask(
-    tokens: torch.Tensor, special_token_ids: Sequence[int], exclude_first_positions: int
-) -> torch.Tensor:
-    """[batch, pos] True where the SAE's reconstruction replaces the activation and losses count."""
-    keep = torch.ones_like(tokens, dtype=torch.bool)
-    if special_token_ids:
-        keep &= ~torch.isin(tokens, torch.tensor(list(special_token_ids), device=tokens.device))
-    keep[:, :exclude_first_positions] = False
-    return keep
 
 
 def use_sparse_topk(sae: TrainingSAE[Any], enabled: bool) -> None:
@@ -164,6 +154,12 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         self.callbacks = list(callbacks)
         self.tokens_per_step = tokens_per_step
         self.fingerprints = dict(fingerprints or {})
+        # Weight stability (paper App. H) against the starting weights, logged with wandb's steps.
+        self.start_weights = (
+            {"encoder": sae.W_enc.detach().T.clone(), "decoder": sae.W_dec.detach().clone()}
+            if cfg.log_to_wandb
+            else None
+        )
         self.last_checkpoint: Path | None = None
         self._next_checkpoint_tokens = cfg.checkpoint_every_tokens
 
@@ -252,14 +248,22 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         if self.controller is not None:
             self.controller.update(self.coefficient_schedulers[self.controller.coefficient_name], l0)
 
-    @staticmethod
     def _step_output(
-        out: TrainStepOutput, loss: torch.Tensor, values: dict[str, torch.Tensor], numbers: dict[str, float]
+        self,
+        out: TrainStepOutput,
+        loss: torch.Tensor,
+        values: dict[str, torch.Tensor],
+        numbers: dict[str, float],
     ) -> TrainStepOutput:
         out.loss = loss.detach()
         for name, value in values.items():
             out.losses.setdefault(f"{name}_loss", value.detach())
         out.metrics.update(numbers)
+        if self.start_weights is not None and self._is_logging_step():
+            now = {"encoder": self.sae.W_enc.detach().T, "decoder": self.sae.W_dec.detach()}
+            for part, start in self.start_weights.items():
+                percentiles = latent_cosine_percentiles(start, now[part])
+                out.metrics.update({f"weight_stability_{part}_{q}": v for q, v in percentiles.items()})
         return out
 
     @torch.no_grad()

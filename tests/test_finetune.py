@@ -168,7 +168,13 @@ def test_wandb_logging_through_sae_lens_logger(tmp_path, monkeypatch) -> None:
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
     history = runs[0].read_bytes()
-    for key in (b"losses/kl_loss", b"losses/mse_loss", b"metrics/alpha", b"metrics/l0"):
+    for key in (
+        b"losses/kl_loss",
+        b"losses/mse_loss",
+        b"metrics/alpha",
+        b"metrics/l0",
+        b"metrics/weight_stability_decoder_p50",
+    ):
         assert key in history, key
 
 
