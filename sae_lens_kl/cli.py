@@ -19,7 +19,7 @@ from typing import Any
 
 from simple_parsing.docstring import get_attribute_docstring
 
-from sae_lens_kl.config import TRAINING_ARCHITECTURES, KLFinetuneConfig
+from sae_lens_kl.config import LOSS_MODES, TRAINING_ARCHITECTURES, KLFinetuneConfig
 
 # This module only parses: torch, SAELens and TransformerLens load when a command runs.
 
@@ -145,7 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--eval-tokens", type=int, default=20_480, help="Held-out evaluation tokens (default: %(default)s)."
     )
-    demo.add_argument("--no-control", action="store_true", help="Skip the MSE-only control run.")
+    demo.add_argument(
+        "--controls",
+        type=lambda text: text.split(","),
+        default=["mse"],
+        help="Comma-separated objectives also run on the KL phase's tokens from the same MSE-phase "
+        f"SAE, for comparison (any of {', '.join(LOSS_MODES)}; default: mse, the MSE-only control; "
+        "'mse,kl' adds the paper's KL-only comparison).",
+    )
+    demo.add_argument("--no-control", action="store_true", help="Run no control (only the KL+MSE phase).")
     sizes = demo.add_argument_group(
         "model, data and SAE (defaults: the offline demo; smaller for a quick run)"
     )

@@ -16,7 +16,7 @@ from sae_lens import SAE, LanguageModelSAERunnerConfig, TrainingSAE
 from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
 from sae_lens_kl.api import kl_finetune
-from sae_lens_kl.config import KLFinetuneConfig
+from sae_lens_kl.config import LOSS_MODES, KLFinetuneConfig
 from sae_lens_kl.corpus import django_docs
 from sae_lens_kl.evaluation import evaluate as evaluate_sae
 from sae_lens_kl.models import cache_root, load_model
@@ -49,6 +49,10 @@ def load_sae(spec: str, device: str = "cpu") -> SAE[Any]:
         close = difflib.get_close_matches(sae_id, list(directory[release].saes_map), n=5, cutoff=0.4)
         raise SystemExit(f"Unknown sae_id {sae_id!r} in release {release!r}. Close matches: {close}.")
     return SAE.from_pretrained(release, sae_id, device=device)
+
+
+CONTROL_NAMES = {"mse": "MSE-only control", "kl": "KL-only", "e2e+ds": "e2e+ds"}
+CONTROL_FOLDERS = {"mse": "mse_control"}
 
 
 def _check_out(out: str | None, overwrite: bool) -> Path | None:
@@ -90,6 +94,9 @@ def cached_mse_sae(
 
 
 def demo(args: argparse.Namespace) -> None:
+    unknown = [loss for loss in args.controls if loss not in LOSS_MODES]
+    if unknown:
+        raise SystemExit(f"--controls {','.join(unknown)}: not a loss; choose from {', '.join(LOSS_MODES)}.")
     out = _check_out(args.out, args.overwrite)
     assert out is not None
     model = load_model(args.model)
@@ -142,20 +149,22 @@ def demo(args: argparse.Namespace) -> None:
         **options,
     )
     runs = {"KL+MSE": result.sae.cfg.metadata.kl_finetune}
-    if not args.no_control:
-        print("MSE-only control on the same tokens")
+    # Controls on the same tokens from the same MSE-phase SAE: MSE-only continuation (paper App. B),
+    # and any other objective asked for (KL-only, Braun et al.'s e2e+ds, ...).
+    for loss in [] if args.no_control else args.controls:
+        print(f"control: loss={loss} on the same tokens")
         control = kl_finetune(
             mse_sae,
             model,
             result.kl_data,
             tokens=result.kl_tokens,
-            loss="mse",
+            loss=loss,
             eval_data=eval_data,
-            save_dir=out / "mse_control",
+            save_dir=out / CONTROL_FOLDERS.get(loss, loss.replace("+", "_")),
             overwrite=args.overwrite,
             **options,
         )
-        runs["MSE-only control"] = control.cfg.metadata.kl_finetune
+        runs[CONTROL_NAMES.get(loss, loss)] = control.cfg.metadata.kl_finetune
     notes = [
         f"Model: {model.cfg.model_name}; SAE: TopK k={args.k}, d_sae={args.d_sae} at {hook}, MSE-trained "
         f"with SAELens's runner on {args.mse_tokens:,} tokens of {train_data}.",

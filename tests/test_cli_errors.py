@@ -110,3 +110,9 @@ def test_sigterm_during_a_run_says_how_to_resume(capsys, tiny_lm_folder: Path, l
     assert code == 130
     assert f"--resume {out}" in err and "interrupted" in err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main restored the handler
+
+
+def test_demo_control_that_is_not_a_loss(capsys, tmp_path) -> None:
+    code, err = run(capsys, "demo", "--controls", "mse,kl-only", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--controls kl-only: not a loss" in err
+    assert not (tmp_path / "o").exists()

@@ -68,9 +68,11 @@ def test_demo_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path, Pat
     args = ["demo", "--model", str(tiny_lm_folder), "--hook", "blocks.1.hook_resid_post", "--d-sae", "64"]
     args += ["--k", "4", "--context-size", "32", "--mse-tokens", "2048", "--kl-steps", "2"]
     args += ["--eval-tokens", "256", "--data", str(train_text), "--eval-data", str(eval_text)]
-    assert main([*args, "--out", str(tmp_path / "demo")]) == 0
+    assert main([*args, "--controls", "mse,kl", "--out", str(tmp_path / "demo")]) == 0
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert set(report["runs"]) == {"KL+MSE", "MSE-only control"}
+    assert set(report["runs"]) == {"KL+MSE", "MSE-only control", "KL-only"}
+    # every run starts from the same MSE-phase SAE, evaluated on the same held-out tokens
+    assert len({json.dumps(run["before"], sort_keys=True) for run in report["runs"].values()}) == 1
     assert report["mse_phase_cached"] is False
     for run in report["runs"].values():
         assert run["training_tokens"] == 2 * 8 * 32
