@@ -53,11 +53,6 @@ class CleanRun:
         if self.final is not None and self.statistics is not None:
             raise ValueError("A CleanRun holds the clean distribution as one of final, statistics.")
 
-    @property
-    def clean(self) -> torch.Tensor | CleanStatistics | None:
-        """The clean distribution, in the form it was given (None: not computed)."""
-        return self.final if self.final is not None else self.statistics
-
     def clean_rows(self, rows: torch.Tensor) -> torch.Tensor | CleanStatistics:
         """The clean distribution of the [batch, pos] tokens, flattened, at `rows`."""
         if self.statistics is not None:
