@@ -1,4 +1,5 @@
-"""Loss terms of the fine-tune, as pure functions. All vocabulary-sized work is float32 and chunked."""
+"""Loss terms of the fine-tune and the objectives that combine them. Vocabulary-sized work is
+float32 (float64 for a float64 model) and chunked."""
 
 from __future__ import annotations
 
