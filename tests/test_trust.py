@@ -217,3 +217,12 @@ def test_an_sae_naming_no_model_is_a_loud_warning() -> None:
     sae.cfg.metadata.model_name = None
     with pytest.warns(UserWarning, match="names no model, so sae_lens_kl cannot check"):
         finetune(sae, tokens=STEP_TOKENS)
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails_its_checks(tmp_path) -> None:
+    out = tmp_path / "out"
+    finetune(save_dir=out)
+    weights = (out / "sae_weights.safetensors").read_bytes()
+    with pytest.raises(DataError, match="fewer than 8 sequences"):
+        finetune(data=DATA[:5], save_dir=out, overwrite=True)
+    assert (out / "sae_weights.safetensors").read_bytes() == weights
