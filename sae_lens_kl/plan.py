@@ -23,7 +23,7 @@ from sae_lens_kl.checkpoints import check_resume, data_fingerprint, find_checkpo
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.data import DataError, DataSource
 from sae_lens_kl.lora import check_rank
-from sae_lens_kl.splice import HookSite, hook_width, later_residual_hooks, supports_prefix_reuse
+from sae_lens_kl.splice import HookSite, hook_width, hooks_after, later_residual_hooks, supports_prefix_reuse
 
 
 @dataclass
@@ -225,16 +225,15 @@ def _downstream_hooks(cfg: KLFinetuneConfig, model: HookedRootModule, site: Hook
         if cfg.downstream_hooks:
             raise ValueError(f"downstream_hooks apply to loss='e2e+ds' only, not loss={cfg.loss!r}.")
         return None
-    order = list(model.hook_dict)  # TransformerLens registers hook points in forward order
-    after = order[order.index(site.hook_name) + 1 :]
     if cfg.downstream_hooks is None:
         hooks = later_residual_hooks(model, site.hook_name)
         if not hooks:
             raise ValueError(f"No residual hook comes after {site.hook_name}; e2e+ds needs one.")
         return hooks
+    after = hooks_after(model, site.hook_name)
     for hook in cfg.downstream_hooks:
         if hook not in model.hook_dict:
-            close = difflib.get_close_matches(hook, order, n=3)
+            close = difflib.get_close_matches(hook, list(model.hook_dict), n=3)
             raise ValueError(f"downstream hook {hook!r} does not exist in this model; close: {close}.")
         if hook not in after:
             raise ValueError(

@@ -134,11 +134,16 @@ def cached_prefix(
     return Prefix(residual, tokens, shortformer_pos_embed, attention_mask, site.block, blocks)
 
 
-def later_residual_hooks(model: HookedRootModule, hook_name: str) -> list[str]:
-    """Every hook_resid_post that comes after `hook_name` in the forward pass (TransformerLens
-    registers hook points in forward order)."""
+def hooks_after(model: HookedRootModule, hook_name: str) -> list[str]:
+    """Every hook point after `hook_name` in the forward pass (TransformerLens registers hook
+    points in forward order)."""
     order = list(model.hook_dict)
-    return [name for name in order[order.index(hook_name) + 1 :] if name.endswith("hook_resid_post")]
+    return order[order.index(hook_name) + 1 :]
+
+
+def later_residual_hooks(model: HookedRootModule, hook_name: str) -> list[str]:
+    """Every hook_resid_post after `hook_name` in the forward pass."""
+    return [name for name in hooks_after(model, hook_name) if name.endswith("hook_resid_post")]
 
 
 def supports_prefix_reuse(model: HookedRootModule, site: HookSite) -> bool:

@@ -119,31 +119,30 @@ def test_e2e_ds_trains_differently_from_e2e() -> None:
     assert not torch.equal(e2e.W_dec, with_ds.W_dec)
 
 
-def test_downstream_bad_input(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (
+            {"loss": "e2e+ds", "downstream_hooks": ["blocks.0.hook_resid_post"]},
+            "does not come after the SAE's hook",
+        ),
+        (
+            {"loss": "e2e+ds", "downstream_hooks": ["blocks.9.hook_resid_post"]},
+            "'blocks.9.hook_resid_post' does not exist",
+        ),
+        ({"loss": "kl", "downstream_hooks": ["blocks.2.hook_resid_post"]}, "apply to loss='e2e\\+ds' only"),
+    ],
+)
+def test_downstream_hooks_bad_input(options: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        kl_finetune(
+            make_sae("topk"), tiny_model(), DATA, tokens=4 * SEQ, batch_size=4, eval_tokens=0, **options
+        )
+
+
+def test_downstream_loss_bad_input(tmp_path) -> None:
     model = tiny_model()
     options = {"tokens": 4 * SEQ, "batch_size": 4, "eval_tokens": 0}
-    with pytest.raises(ValueError, match="does not come after the SAE's hook"):
-        kl_finetune(
-            make_sae("topk"),
-            model,
-            DATA,
-            loss="e2e+ds",
-            downstream_hooks=["blocks.0.hook_resid_post"],
-            **options,
-        )
-    with pytest.raises(ValueError, match="'blocks.9.hook_resid_post' does not exist"):
-        kl_finetune(
-            make_sae("topk"),
-            model,
-            DATA,
-            loss="e2e+ds",
-            downstream_hooks=["blocks.9.hook_resid_post"],
-            **options,
-        )
-    with pytest.raises(ValueError, match="apply to loss='e2e\\+ds' only"):
-        kl_finetune(
-            make_sae("topk"), model, DATA, loss="kl", downstream_hooks=["blocks.2.hook_resid_post"], **options
-        )
     with pytest.raises(ValueError, match="one SAE at a time"):
         kl_finetune([make_sae("topk"), make_sae("topk", seed=2)], model, DATA, loss="e2e+ds", **options)
     cache = build_cache(
