@@ -42,6 +42,8 @@ def prepare_save_dir(save_dir: Path, *, overwrite: bool, resuming: bool) -> None
     save_dir.mkdir(parents=True, exist_ok=True)
     for folder in (save_dir, save_dir / CHECKPOINTS_DIRNAME):
         remove_partial_folders(folder)
+    # the old copy an artifact swap (staging.staged_files) left beside save_dir if killed
+    remove_partial_folders(save_dir.resolve().parent, save_dir.resolve().name)
     if overwrite and not resuming:
         for name in WRITTEN_FILES:
             (save_dir / name).unlink(missing_ok=True)
@@ -162,8 +164,9 @@ def save_artifact(
     tuned: SAE[Any], trainer: KLFinetuneTrainer, report: dict[str, Any], save_dir: Path
 ) -> None:
     """The SAELens folder (cfg.json, sae_weights.safetensors, sparsity.safetensors) plus the
-    fine-tune's config and metrics. cfg.json, without which SAELens loads nothing, goes last, and
-    an older one first: an old cfg.json never stands beside new weights, nor the reverse."""
+    fine-tune's config and metrics, appearing in save_dir together (one atomic exchange of
+    folders; where the filesystem cannot, cfg.json, without which SAELens loads nothing, goes
+    last and an older one first: an old cfg.json never stands beside new weights)."""
     with staged_files(save_dir, last=SAE_CFG_FILENAME) as staging:
         tuned.save_model(staging)
         save_file({"sparsity": trainer.log_feature_sparsity}, staging / SPARSITY_FILENAME)

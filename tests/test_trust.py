@@ -160,6 +160,8 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_old_checkpoints_pruned(tmp_pa
     out = tmp_path / "out"
     (out / "checkpoints" / ".partial-192-dead").mkdir(parents=True)
     (out / ".partial-files-dead").mkdir()
+    (tmp_path / ".partial-out-0123abcd").mkdir()  # the old copy a killed artifact swap leaves
+    (tmp_path / ".partial-out-2-0123abcd").mkdir()  # another folder's (out-2): not ours to delete
     finetune(
         save_dir=out,
         overwrite=True,
@@ -170,6 +172,7 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_old_checkpoints_pruned(tmp_pa
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == [str(4 * STEP_TOKENS), str(5 * STEP_TOKENS), f"final_{6 * STEP_TOKENS}"]
     assert not list(out.glob(".partial-*"))
+    assert [p.name for p in tmp_path.glob(".partial-*")] == [".partial-out-2-0123abcd"]
     umask = os.umask(0)
     os.umask(umask)
     for folder in (out / "checkpoints", *(out / "checkpoints").iterdir()):
@@ -192,16 +195,42 @@ def test_the_non_finite_loss_error_names_the_resumed_checkpoint(tmp_path) -> Non
         finetune(sae, save_dir=out, resume_from=out, callbacks=[poison], **every)
 
 
-def test_a_set_of_files_never_mixes_old_and_new(tmp_path) -> None:
+def test_an_artifact_appears_in_one_exchange_of_folders(tmp_path) -> None:
     from sae_lens_kl.staging import staged_files
 
+    folder = tmp_path / "sae"
+    (folder / "checkpoints" / "64").mkdir(parents=True)
+    (folder / "checkpoints" / "64" / "weights").write_text("a checkpoint")
+    for name in ("weights", "cfg.json"):
+        (folder / name).write_text("old")
+    (folder / "notes.txt").write_text("mine")
+    before = {path: path.stat().st_ino for path in (folder, folder / "notes.txt")}
+    with staged_files(folder, last="cfg.json") as staging:
+        for name in ("weights", "cfg.json"):
+            (staging / name).write_text("new")
+        assert (folder / "weights").read_text() == "old"  # nothing changes before the block ends
+    # Another folder now stands at the path (one rename), holding the new set and, as the same
+    # files (hard links), everything else the old one held.
+    assert folder.stat().st_ino != before[folder]
+    assert [(folder / name).read_text() for name in ("weights", "cfg.json")] == ["new", "new"]
+    assert (folder / "notes.txt").stat().st_ino == before[folder / "notes.txt"]
+    assert (folder / "checkpoints" / "64" / "weights").read_text() == "a checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "checkpoints", "notes.txt", "weights"]
+
+
+def test_without_an_exchange_a_set_of_files_never_mixes_old_and_new(tmp_path, monkeypatch) -> None:
+    from sae_lens_kl import staging as staging_module
+
+    # as on a platform or filesystem without renameat2(RENAME_EXCHANGE)
+    monkeypatch.setattr(staging_module, "_exchange", lambda a, b: False)  # noqa: ARG005
     folder = tmp_path / "sae"
     folder.mkdir()
     for name in ("weights", "cfg.json"):
         (folder / name).write_text("old")
     (folder / "z_blocked").mkdir()
     (folder / "z_blocked" / "child").write_text("a non-empty folder cannot be renamed over")
-    with pytest.raises(OSError), staged_files(folder, last="cfg.json") as staging:
+    with pytest.raises(OSError), staging_module.staged_files(folder, last="cfg.json") as staging:
         for name in ("weights", "cfg.json"):
             (staging / name).write_text("new")
         (staging / "z_blocked").mkdir()  # renamed after "weights" (by name), and that fails
@@ -209,7 +238,7 @@ def test_a_set_of_files_never_mixes_old_and_new(tmp_path) -> None:
     # unusable rather than old cfg.json beside new weights.
     assert (folder / "weights").read_text() == "new"
     assert not (folder / "cfg.json").exists()
-    assert not list(folder.glob(".partial-*"))
+    assert not list(folder.glob(".partial-*")) and sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
 
 
 def test_an_sae_naming_no_model_is_a_loud_warning() -> None:
