@@ -25,7 +25,9 @@ from sae_lens_kl.train import mse_phase, runner_config
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--hook", default="blocks.15.hook_resid_post")
     parser.add_argument("--d-sae", type=int, default=4608)
@@ -33,7 +35,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=184_320)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-tokens", type=int, default=512)
-    parser.add_argument("--lr-decay", type=float, default=0.0, help="Fraction of steps decayed to 0 at the end.")
+    parser.add_argument(
+        "--lr-decay", type=float, default=0.0, help="Fraction of steps decayed to 0 at the end."
+    )
     parser.add_argument("--warm-up", type=float, default=0.0, help="Fraction of steps of linear warm-up.")
     parser.add_argument("--dead-window", type=int, default=None, help="Steps (default: 5 %% of the run).")
     parser.add_argument("--eval-tokens", type=int, default=20_480)
@@ -68,7 +72,13 @@ def main() -> None:
     sae = mse_phase(cfg, model, corpus.train, args.tokens)
     train_s = time.perf_counter() - start
     result = evaluate(
-        sae, model, corpus.eval, n_tokens=args.eval_tokens, batch_size=8, context_size=128, exclude_first_positions=2
+        sae,
+        model,
+        corpus.eval,
+        n_tokens=args.eval_tokens,
+        batch_size=8,
+        context_size=128,
+        exclude_first_positions=2,
     )
     print(
         json.dumps(

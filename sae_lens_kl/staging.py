@@ -145,7 +145,8 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     at_fdcwd, rename_exchange = -100, 2
     renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-    if renameat2(at_fdcwd, os.fsencode(a.resolve()), at_fdcwd, os.fsencode(b.resolve()), rename_exchange) == 0:
+    old, new = os.fsencode(a.resolve()), os.fsencode(b.resolve())
+    if renameat2(at_fdcwd, old, at_fdcwd, new, rename_exchange) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
