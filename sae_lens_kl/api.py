@@ -16,6 +16,7 @@ from sae_lens import SAE, TrainingSAE
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule
 
+from sae_lens_kl.adapters import Adapter, load_adapter
 from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, to_inference_sae, to_training_sae
 from sae_lens_kl.cache import CleanPassCache
 from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME, FINETUNE_STATE_FILENAME
@@ -127,6 +128,7 @@ class _Job:
     start: SAE[Any]
     plan: Plan
     trainer: KLFinetuneTrainer
+    adapter: Adapter | None
     controller: SparsityController | None
     before: EvalResult | None
     resumed_tokens: int
@@ -145,7 +147,7 @@ def _run(
     started = time.perf_counter()
     first = plans[0]
     cfg = first.cfg
-    trainings, consumed = _starting_saes(saes, plans, model)
+    trainings, adapters, consumed = _starting_saes(saes, plans, model)
     objective = objective_of(cfg)
     # one compiled set of blocks serves every SAE (make_plan checked that compiling applies)
     blocks = CompiledBlocks(model) if cfg.compile_blocks else None  # type: ignore[arg-type]
@@ -168,6 +170,7 @@ def _run(
             sae,
             plan,
             training,
+            adapter,
             runner,
             clean_runs if single else iter(()),
             objective,
@@ -175,8 +178,8 @@ def _run(
             callbacks,
             save_dir,
         )
-        for sae, plan, training, runner, save_dir in zip(
-            saes, plans, trainings, runners.values(), save_dirs, strict=True
+        for sae, plan, training, adapter, runner, save_dir in zip(
+            saes, plans, trainings, adapters, runners.values(), save_dirs, strict=True
         )
     ]
     fitter: KLFinetuneTrainer | MultiKLFinetuneTrainer = (
@@ -195,15 +198,15 @@ def _run(
 
 def _starting_saes(
     saes: Sequence[SAE[Any]], plans: Sequence[Plan], model: HookedRootModule
-) -> tuple[list[TrainingSAE[Any]], int]:
-    """The training SAEs to start from (a resumed run's checkpoint), and the training sequences
-    already consumed."""
+) -> tuple[list[TrainingSAE[Any]], list[Adapter | None], int]:
+    """The training SAEs to start from (a resumed run's checkpoint), their adapters when one is
+    trained after them (the SAEs then frozen), and the training sequences already consumed."""
     device = torch.device(plans[0].cfg.device) if plans[0].cfg.device else next(model.parameters()).device
     checkpoint = plans[0].checkpoint
     if checkpoint is not None:
         state = json.loads((checkpoint / FINETUNE_STATE_FILENAME).read_text())
         resumed = TrainingSAE.load_from_disk(checkpoint, device=str(device))
-        return [resumed], state["train_sequences_consumed"]
+        return [resumed], [_start_adapter(resumed, plans[0], checkpoint)], state["train_sequences_consumed"]
     trainings = [
         to_training_sae(sae, plan.cfg.sparsity_coefficient).to(device)
         for sae, plan in zip(saes, plans, strict=True)
@@ -211,7 +214,21 @@ def _starting_saes(
     for training, plan in zip(trainings, plans, strict=True):
         if plan.cfg.sae_lora_rank is not None:
             add_lora(training, plan.cfg.sae_lora_rank)
-    return trainings, 0
+    adapters = [_start_adapter(training, plan, None) for training, plan in zip(trainings, plans, strict=True)]
+    return trainings, adapters, 0
+
+
+def _start_adapter(training: TrainingSAE[Any], plan: Plan, checkpoint: Path | None) -> Adapter | None:
+    """The adapter trained after `training` (which is frozen), new or from a checkpoint."""
+    cfg = plan.cfg
+    if cfg.adapter is None:
+        return None
+    for parameter in training.parameters():
+        parameter.requires_grad_(False)
+    if checkpoint is not None:
+        return load_adapter(checkpoint, training)
+    adapter = Adapter(cfg.adapter, training.cfg.d_in, cfg.adapter_width)
+    return adapter.to(device=training.W_dec.device, dtype=training.W_dec.dtype).attach(training)
 
 
 def _data_streams(
@@ -282,6 +299,7 @@ def _prepare(
     sae: SAE[Any],
     plan: Plan,
     training: TrainingSAE[Any],
+    adapter: Adapter | None,
     runner: SpliceRunner,
     clean_runs: Iterator[CleanRun],
     objective: Objective,
@@ -312,10 +330,11 @@ def _prepare(
         checkpoint_dir=None if save_dir is None else save_dir / CHECKPOINTS_DIRNAME,
         fingerprints=plan.fingerprints,
         callbacks=callbacks,
+        modules=[] if adapter is None else [adapter],
     )
     if plan.checkpoint is not None:
         trainer.load_trainer_state(plan.checkpoint)
-    return _Job(sae, plan, trainer, controller, before, trainer.n_training_samples, save_dir)
+    return _Job(sae, plan, trainer, adapter, controller, before, trainer.n_training_samples, save_dir)
 
 
 def _finish(
@@ -329,7 +348,13 @@ def _finish(
         trainer.sae.cfg.add_training_info_to_metadata()
     merge_lora(trainer.sae)
     tuned = to_inference_sae(trainer.sae)
-    for name, tensor in tuned.state_dict().items():
+    if job.adapter is not None:  # the returned SAE carries the adapter, as the trained one did
+        job.adapter.detach(trainer.sae)
+        job.adapter.attach(tuned)
+    trained = dict(tuned.state_dict())
+    if job.adapter is not None:
+        trained.update({f"adapter.{name}": p for name, p in job.adapter.state_dict().items()})
+    for name, tensor in trained.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise NonFiniteLossError(
                 f"The fine-tuned SAE's {name} holds non-finite values (NaN or inf); it was not saved. "
@@ -350,7 +375,7 @@ def _finish(
     report["weight_stability"] = weight_stability(job.start, tuned)
     tuned.cfg.metadata.kl_finetune = report
     if job.save_dir is not None:
-        save_artifact(tuned, trainer, report, job.save_dir)
+        save_artifact(tuned, trainer, report, job.save_dir, job.adapter)
     return tuned
 
 

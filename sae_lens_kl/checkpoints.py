@@ -36,6 +36,8 @@ RESUME_MUST_MATCH = (
     "downstream_hooks",
     "downstream_coefficient",
     "sae_lora_rank",
+    "adapter",
+    "adapter_width",
     "lr",
     "lr_schedule",
     "lr_warm_up_steps",

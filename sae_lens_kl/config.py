@@ -11,6 +11,8 @@ from typing import Any, Literal, get_args
 LossMode = Literal["kl+mse", "kl", "mse", "kl+mse-fixed", "e2e", "e2e+ds"]
 LOSS_MODES: tuple[str, ...] = get_args(LossMode)
 LRSchedule = Literal["linear", "constant"]
+AdapterKind = Literal["linear", "mlp"]
+ADAPTER_KINDS: tuple[str, ...] = get_args(AdapterKind)
 ControllerMode = Literal["auto", "on", "off"]
 CONTROLLER_MODES: tuple[str, ...] = get_args(ControllerMode)
 # SAELens training architectures this package fine-tunes (tested against SAELens's registry).
@@ -52,6 +54,17 @@ class KLFinetuneConfig:
     """Train only a rank-r update of the SAE's encoder and decoder (LoRA on the SAE, paper App. D),
     merged into the weights at the end: the result is a plain SAE of the same architecture. None:
     fine-tune every SAE parameter."""
+
+    adapter: AdapterKind | None = None
+    """Train an adapter after the SAE instead of the SAE, which stays frozen (paper App. C):
+    'linear': x_hat + U V x_hat (rank adapter_width, V zero-initialised); 'mlp': x_hat +
+    W2 relu(W1 x_hat + b1) + b2 (hidden width adapter_width, last layer zero-initialised). It acts
+    on the SAE's hook_sae_recons, is saved as save_dir/adapter.safetensors and re-attached with
+    `load_adapter(save_dir, sae)`. Two-stage (paper): fine-tune first, then train an adapter
+    after the fine-tuned SAE."""
+
+    adapter_width: int = 64
+    """Rank of the linear adapter / hidden width of the MLP adapter."""
 
     lr: float = 5e-5
     """Adam learning rate, decayed linearly to 0 over the fine-tune. 5e-5 is the paper's value for
@@ -200,6 +213,15 @@ class KLFinetuneConfig:
             not isinstance(self.sae_lora_rank, int) or self.sae_lora_rank < 1
         ):
             raise ValueError(f"sae_lora_rank={self.sae_lora_rank!r} must be a positive integer or None.")
+        if self.adapter is not None and self.adapter not in ADAPTER_KINDS:
+            raise ValueError(f"adapter={self.adapter!r} is not one of {ADAPTER_KINDS} (or None).")
+        if not isinstance(self.adapter_width, int) or self.adapter_width < 1:
+            raise ValueError(f"adapter_width={self.adapter_width!r} must be a positive integer.")
+        if self.adapter is not None and self.sae_lora_rank is not None:
+            raise ValueError(
+                "adapter and sae_lora_rank both set: an adapter trains with the SAE frozen; train "
+                "LoRA on the SAE first, then an adapter after the result (two calls)."
+            )
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints!r} must be a positive integer.")
 

@@ -17,6 +17,7 @@ import torch
 from sae_lens import SAE
 from transformer_lens.hook_points import HookedRootModule
 
+from sae_lens_kl.adapters import attached
 from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, check_supported
 from sae_lens_kl.cache import CACHE_FILENAME, CleanPassCache
 from sae_lens_kl.checkpoints import check_resume, data_fingerprint, find_checkpoint, sae_fingerprint
@@ -74,6 +75,12 @@ def make_plan(
                 "resume_from with sae_lora_rank is not supported yet (checkpoints hold the unmerged "
                 "factors); rerun the LoRA fine-tune from the start."
             )
+    if attached(sae) is not None:
+        raise ValueError(
+            "This SAE has an adapter attached (load_adapter); kl_finetune trains the SAE alone or a "
+            "new adapter after it. Detach it first (adapter.detach(sae)), or fine-tune the SAE "
+            "loaded without it."
+        )
     width = hook_width(model, site)
     if width != sae.cfg.d_in:
         raise ValueError(

@@ -15,6 +15,7 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_
 from sae_lens.saes.sae import TrainStepOutput
 from safetensors.torch import save_file
 
+from sae_lens_kl.adapters import ADAPTER_FILENAME, Adapter
 from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.evaluation import EvalResult
@@ -31,6 +32,7 @@ WRITTEN_FILES = (
     SPARSITY_FILENAME,
     CONFIG_FILENAME,
     METRICS_FILENAME,
+    ADAPTER_FILENAME,
     *REPORT_FILES,
 )
 
@@ -161,7 +163,11 @@ def run_report(
 
 
 def save_artifact(
-    tuned: SAE[Any], trainer: KLFinetuneTrainer, report: dict[str, Any], save_dir: Path
+    tuned: SAE[Any],
+    trainer: KLFinetuneTrainer,
+    report: dict[str, Any],
+    save_dir: Path,
+    adapter: Adapter | None = None,
 ) -> None:
     """The SAELens folder (cfg.json, sae_weights.safetensors, sparsity.safetensors) plus the
     fine-tune's config and metrics, appearing in save_dir together (one atomic exchange of
@@ -172,6 +178,8 @@ def save_artifact(
         save_file({"sparsity": trainer.log_feature_sparsity}, staging / SPARSITY_FILENAME)
         (staging / CONFIG_FILENAME).write_text(json.dumps(report["config"], indent=2))
         (staging / METRICS_FILENAME).write_text(json.dumps(report, indent=2))
+        if adapter is not None:
+            adapter.save(staging / ADAPTER_FILENAME)
 
 
 def write_report(

@@ -18,6 +18,7 @@ from sae_lens import LoggingConfig, TrainingSAE
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopK, TopKTrainingSAE
+from sae_lens.training.optim import get_lr_scheduler
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
@@ -72,6 +73,17 @@ def _firing(feature_acts: torch.Tensor) -> torch.Tensor:
     return (feature_acts.to_dense() if feature_acts.is_sparse else feature_acts) != 0
 
 
+class TrainedModule(Protocol):
+    """A module trained beside the SAE (an adapter after it, LoRA on the LM): its parameters join
+    the optimizer, and each checkpoint holds it as `filename`."""
+
+    filename: str
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+    def save(self, path: Path) -> None: ...
+
+
 class Replacement(Protocol):
     """What replaces the activation at the hook during a training step: given the SAE and its
     clean input rows (with SAELens's step state), a TrainStepOutput whose `sae_out` is spliced in
@@ -115,6 +127,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         checkpoint_dir: Path | None = None,
         fingerprints: dict[str, str] | None = None,
         callbacks: Sequence[StepCallback] = (),
+        modules: Sequence[TrainedModule] = (),
     ) -> None:
         tokens_per_step = cfg.batch_size * context_size
         n_steps = cfg.tokens // tokens_per_step
@@ -144,6 +157,9 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
             sae,
             data_provider=clean_runs,
         )
+        self.modules = list(modules)
+        if self.modules:
+            self._train_modules_too()
         use_fused_adam(self.optimizer)
         self.runner = runner
         self.ft_cfg = cfg
@@ -209,11 +225,31 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
 
         self._record_firing(firing)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.trained_parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self._advance_schedules(numbers["l0"])
         return self._step_output(out, loss, values, numbers)
+
+    def trained_parameters(self) -> list[torch.Tensor]:
+        """Every parameter the optimizer updates: the SAE's and those of the trained modules."""
+        return [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+    def _train_modules_too(self) -> None:
+        """Put the modules' parameters into SAELens's Adam (one more param group, same lr and
+        betas) and rebuild its LR schedule over both groups, as SAETrainer builds it (sae-lens 6.54
+        has no seam for extra parameters; no step has run yet, so nothing is lost)."""
+        self.optimizer.add_param_group({"params": [p for m in self.modules for p in m.parameters()]})
+        self.lr_scheduler = get_lr_scheduler(
+            self.cfg.lr_scheduler_name,
+            lr=self.cfg.lr,
+            optimizer=self.optimizer,
+            warm_up_steps=self.cfg.lr_warm_up_steps,
+            decay_steps=self.cfg.lr_decay_steps,
+            training_steps=self.cfg.total_training_steps,
+            lr_end=self.cfg.lr_end,  # type: ignore[arg-type]
+            num_cycles=self.cfg.n_restart_cycles,
+        )
 
     def _step_input(self, sae_in: torch.Tensor) -> TrainStepInput:
         return TrainStepInput(
@@ -307,6 +343,8 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
 
     def save_trainer_state(self, checkpoint_path: Path) -> None:
         super().save_trainer_state(checkpoint_path)
+        for module in self.modules:
+            module.save(checkpoint_path / module.filename)
         state: dict[str, Any] = {
             "config": self.ft_cfg.to_dict(),
             "train_sequences_consumed": self.n_training_steps_done * self.ft_cfg.batch_size,
