@@ -24,6 +24,7 @@ from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataSource, batched, budgeted, held_out_and_training
 from sae_lens_kl.evaluation import EvalResult, HeldOutEvaluator, special_token_ids, weight_stability
+from sae_lens_kl.lm_lora import LMLoRA, lm_lora_targets, load_lm_lora
 from sae_lens_kl.lora import add_lora, merge_lora
 from sae_lens_kl.losses import Objective, objective_of
 from sae_lens_kl.multi import MultiKLFinetuneTrainer
@@ -94,11 +95,12 @@ def kl_finetune(
         not all(plan.prefix_reuse for plan in plans)
         or isinstance(plans[0].data, CleanPassCache)
         or recorded_hooks(objective_of(plans[0].cfg))
+        or cfg.lm_lora_rank is not None
     ):
         raise ValueError(
             "Several SAEs per pass need a HookedTransformer, prefix_reuse=True, token data "
-            "(fine-tune from a clean-pass cache one SAE at a time) and a loss without downstream "
-            "hooks (fine-tune e2e+ds one SAE at a time)."
+            "(fine-tune from a clean-pass cache one SAE at a time), a loss without downstream "
+            "hooks and no LoRA on the LM (fine-tune e2e+ds or lm_lora_rank one SAE at a time)."
         )
     # Nothing in the fine-tune is random, but SAELens draws an initialisation when it builds a
     # training SAE (then overwritten): the caller's generator state is left as it was.
@@ -148,12 +150,19 @@ def _run(
     first = plans[0]
     cfg = first.cfg
     trainings, adapters, consumed = _starting_saes(saes, plans, model)
+    lm_lora = _start_lm_lora(first, model)
     objective = objective_of(cfg)
     # one compiled set of blocks serves every SAE (make_plan checked that compiling applies)
     blocks = CompiledBlocks(model) if cfg.compile_blocks else None  # type: ignore[arg-type]
     # SAE i is "sae_<i>": its key in the shared clean runs and its folder under save_dir
     runners = {
-        f"sae_{index}": SpliceRunner(model, plan.site, prefix_reuse=plan.prefix_reuse, blocks=blocks)
+        f"sae_{index}": SpliceRunner(
+            model,
+            plan.site,
+            prefix_reuse=plan.prefix_reuse,
+            blocks=blocks,
+            spliced_hooks=lm_lora.hooks() if lm_lora is not None else (),
+        )
         for index, plan in enumerate(plans)
     }
     eval_sequences, clean_runs = _data_streams(first, model, runners, eval_data, consumed, objective)
@@ -170,7 +179,7 @@ def _run(
             sae,
             plan,
             training,
-            adapter,
+            [module for module in (adapter, lm_lora) if module is not None],
             runner,
             clean_runs if single else iter(()),
             objective,
@@ -206,6 +215,7 @@ def _starting_saes(
     if checkpoint is not None:
         state = json.loads((checkpoint / FINETUNE_STATE_FILENAME).read_text())
         resumed = TrainingSAE.load_from_disk(checkpoint, device=str(device))
+        resumed.requires_grad_(plans[0].cfg.trains_sae)
         return [resumed], [_start_adapter(resumed, plans[0], checkpoint)], state["train_sequences_consumed"]
     trainings = [
         to_training_sae(sae, plan.cfg.sparsity_coefficient).to(device)
@@ -214,8 +224,23 @@ def _starting_saes(
     for training, plan in zip(trainings, plans, strict=True):
         if plan.cfg.sae_lora_rank is not None:
             add_lora(training, plan.cfg.sae_lora_rank)
+    for training, plan in zip(trainings, plans, strict=True):
+        if not plan.cfg.trains_sae:
+            training.requires_grad_(False)
     adapters = [_start_adapter(training, plan, None) for training, plan in zip(trainings, plans, strict=True)]
     return trainings, adapters, 0
+
+
+def _start_lm_lora(plan: Plan, model: HookedRootModule) -> LMLoRA | None:
+    """LoRA on the LM's blocks after the SAE (new, or from the checkpoint resumed)."""
+    if plan.cfg.lm_lora_rank is None:
+        return None
+    assert isinstance(model, HookedTransformer)  # make_plan checked
+    if plan.checkpoint is not None:
+        return load_lm_lora(plan.checkpoint, model)
+    targets = lm_lora_targets(model, plan.site.hook_name)
+    lora = LMLoRA(targets, plan.cfg.lm_lora_rank, model_name=model.cfg.model_name)
+    return lora.to(next(model.parameters()).device)
 
 
 def _start_adapter(training: TrainingSAE[Any], plan: Plan, checkpoint: Path | None) -> Adapter | None:
@@ -223,8 +248,6 @@ def _start_adapter(training: TrainingSAE[Any], plan: Plan, checkpoint: Path | No
     cfg = plan.cfg
     if cfg.adapter is None:
         return None
-    for parameter in training.parameters():
-        parameter.requires_grad_(False)
     if checkpoint is not None:
         return load_adapter(checkpoint, training)
     adapter = Adapter(cfg.adapter, training.cfg.d_in, cfg.adapter_width)
@@ -299,7 +322,7 @@ def _prepare(
     sae: SAE[Any],
     plan: Plan,
     training: TrainingSAE[Any],
-    adapter: Adapter | None,
+    modules: list[Adapter | LMLoRA],
     runner: SpliceRunner,
     clean_runs: Iterator[CleanRun],
     objective: Objective,
@@ -313,8 +336,10 @@ def _prepare(
     before = None if evaluator is None else evaluator(sae)
     coefficient = SPARSITY_COEFFICIENT.get(training.cfg.architecture())
     controller = None
-    if coefficient is not None and (
-        cfg.sparsity_controller == "on" or (cfg.sparsity_controller == "auto" and coefficient == "l1")
+    if (
+        cfg.trains_sae
+        and coefficient is not None
+        and (cfg.sparsity_controller == "on" or (cfg.sparsity_controller == "auto" and coefficient == "l1"))
     ):
         target = cfg.target_l0 if cfg.target_l0 is not None else (before.l0 if before else None)
         controller = SparsityController(coefficient, cfg.controller_rate, target)
@@ -330,10 +355,11 @@ def _prepare(
         checkpoint_dir=None if save_dir is None else save_dir / CHECKPOINTS_DIRNAME,
         fingerprints=plan.fingerprints,
         callbacks=callbacks,
-        modules=[] if adapter is None else [adapter],
+        modules=modules,
     )
     if plan.checkpoint is not None:
         trainer.load_trainer_state(plan.checkpoint)
+    adapter = next((module for module in modules if isinstance(module, Adapter)), None)
     return _Job(sae, plan, trainer, adapter, controller, before, trainer.n_training_samples, save_dir)
 
 
@@ -352,15 +378,15 @@ def _finish(
         job.adapter.detach(trainer.sae)
         job.adapter.attach(tuned)
     trained = dict(tuned.state_dict())
-    if job.adapter is not None:
-        trained.update({f"adapter.{name}": p for name, p in job.adapter.state_dict().items()})
+    for module in trainer.modules:
+        trained.update({f"{module.filename}:{name}": p for name, p in module.state_dict().items()})
     for name, tensor in trained.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise NonFiniteLossError(
                 f"The fine-tuned SAE's {name} holds non-finite values (NaN or inf); it was not saved. "
                 f"Last checkpoint: {trainer.last_checkpoint or 'none saved'}. Lower lr, or check the data."
             )
-    after = None if evaluator is None else evaluator(tuned)
+    after = None if evaluator is None else evaluator(tuned, trainer.runner.spliced_hooks)
     report = run_report(
         trainer,
         hook_name=job.plan.site.hook_name,
@@ -375,7 +401,7 @@ def _finish(
     report["weight_stability"] = weight_stability(job.start, tuned)
     tuned.cfg.metadata.kl_finetune = report
     if job.save_dir is not None:
-        save_artifact(tuned, trainer, report, job.save_dir, job.adapter)
+        save_artifact(tuned, trainer, report, job.save_dir)
     return tuned
 
 

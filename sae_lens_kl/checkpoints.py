@@ -38,6 +38,7 @@ RESUME_MUST_MATCH = (
     "sae_lora_rank",
     "adapter",
     "adapter_width",
+    "lm_lora_rank",
     "lr",
     "lr_schedule",
     "lr_warm_up_steps",

@@ -66,6 +66,12 @@ class KLFinetuneConfig:
     adapter_width: int = 64
     """Rank of the linear adapter / hidden width of the MLP adapter."""
 
+    lm_lora_rank: int | None = None
+    """Train rank-r LoRA updates of the language model's weights in the blocks after the SAE's hook
+    instead of the SAE, which stays frozen (Chen et al. 2025); loss='kl' is theirs. The base
+    weights are never changed: the updates act through hook points in the spliced pass only, and
+    are saved as their own artifact, save_dir/lm_lora.safetensors (read with `load_lm_lora`)."""
+
     lr: float = 5e-5
     """Adam learning rate, decayed linearly to 0 over the fine-tune. 5e-5 is the paper's value for
     ~12k steps; short runs need a larger one (see README)."""
@@ -217,13 +223,28 @@ class KLFinetuneConfig:
             raise ValueError(f"adapter={self.adapter!r} is not one of {ADAPTER_KINDS} (or None).")
         if not isinstance(self.adapter_width, int) or self.adapter_width < 1:
             raise ValueError(f"adapter_width={self.adapter_width!r} must be a positive integer.")
-        if self.adapter is not None and self.sae_lora_rank is not None:
+        if self.lm_lora_rank is not None and (
+            not isinstance(self.lm_lora_rank, int) or self.lm_lora_rank < 1
+        ):
+            raise ValueError(f"lm_lora_rank={self.lm_lora_rank!r} must be a positive integer or None.")
+        methods = {
+            "adapter": self.adapter,
+            "sae_lora_rank": self.sae_lora_rank,
+            "lm_lora_rank": self.lm_lora_rank,
+        }
+        chosen = [name for name, value in methods.items() if value is not None]
+        if len(chosen) > 1:
             raise ValueError(
-                "adapter and sae_lora_rank both set: an adapter trains with the SAE frozen; train "
-                "LoRA on the SAE first, then an adapter after the result (two calls)."
+                f"{' and '.join(chosen)} both set: each trains one thing (an adapter or LoRA on the LM "
+                "with the SAE frozen, LoRA on the SAE); run them one after the other (two calls)."
             )
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints!r} must be a positive integer.")
+
+    @property
+    def trains_sae(self) -> bool:
+        """False when an adapter or LoRA on the LM trains and the SAE stays frozen."""
+        return self.adapter is None and self.lm_lora_rank is None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from transformer_lens.hook_points import HookedRootModule
 from sae_lens_kl.architectures import flat_activations, to_inference_sae
 from sae_lens_kl.data import DataError, DataSource, take, token_sequences
 from sae_lens_kl.losses import cross_entropy_per_token, kl_per_token
-from sae_lens_kl.runs import position_mask, recording
+from sae_lens_kl.runs import hooks_on, position_mask, recording
 from sae_lens_kl.splice import (
     HookSite,
     VocabProjection,
@@ -149,7 +150,11 @@ class HeldOutEvaluator:
         self._baseline: dict[tuple[str, int | None], list[dict[str, torch.Tensor]]] = {}
 
     @torch.no_grad()
-    def __call__(self, sae: SAE[Any]) -> EvalResult:
+    def __call__(
+        self, sae: SAE[Any], spliced_hooks: Sequence[tuple[str, Callable[..., Any]]] = ()
+    ) -> EvalResult:
+        """`spliced_hooks`: what else the spliced model has (LoRA on the LM after the SAE); the
+        clean model runs without them."""
         if isinstance(sae, TrainingSAE):
             sae = to_inference_sae(sae)
         model, metadata = self.model, sae.cfg.metadata
@@ -205,7 +210,7 @@ class HeldOutEvaluator:
                 feature_acts = sae.encode(acts.to(sae.device))
                 recon = sae.decode(feature_acts).to(acts.device, acts.dtype)
             spliced_acts = torch.where(keep[..., None], recon, acts)
-            with recording(model, later) as spliced_later:
+            with recording(model, later) as spliced_later, hooks_on(model, spliced_hooks):
                 spliced_out, _ = run_to_output(model, tokens, prefix, site, lambda _, new=spliced_acts: new)
             for hook in later:
                 error = (spliced_later[hook] - clean_later[hook])[keep]

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from sae_lens import SAE
+from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl.adapters import attached
@@ -23,6 +24,7 @@ from sae_lens_kl.cache import CACHE_FILENAME, CleanPassCache
 from sae_lens_kl.checkpoints import check_resume, data_fingerprint, find_checkpoint, sae_fingerprint
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.data import DataError, DataSource
+from sae_lens_kl.lm_lora import lm_lora_targets
 from sae_lens_kl.lora import check_rank
 from sae_lens_kl.splice import HookSite, hook_width, hooks_after, later_residual_hooks, supports_prefix_reuse
 
@@ -75,6 +77,17 @@ def make_plan(
                 "resume_from with sae_lora_rank is not supported yet (checkpoints hold the unmerged "
                 "factors); rerun the LoRA fine-tune from the start."
             )
+    if cfg.lm_lora_rank is not None:
+        if not isinstance(model, HookedTransformer):
+            raise ValueError(
+                "lm_lora_rank needs a HookedTransformer: its hook points carry the LoRA updates."
+            )
+        if save_dir is None:
+            raise ValueError(
+                "lm_lora_rank needs save_dir: the LoRA is its own artifact (save_dir/lm_lora.safetensors; "
+                "kl_finetune returns the SAE, unchanged)."
+            )
+        lm_lora_targets(model, site.hook_name)  # refuses an SAE after the last block
     if attached(sae) is not None:
         raise ValueError(
             "This SAE has an adapter attached (load_adapter); kl_finetune trains the SAE alone or a "

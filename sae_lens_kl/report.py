@@ -15,10 +15,11 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_
 from sae_lens.saes.sae import TrainStepOutput
 from safetensors.torch import save_file
 
-from sae_lens_kl.adapters import ADAPTER_FILENAME, Adapter
+from sae_lens_kl.adapters import ADAPTER_FILENAME
 from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.evaluation import EvalResult
+from sae_lens_kl.lm_lora import LM_LORA_FILENAME
 from sae_lens_kl.staging import remove_partial_folders, staged_files, write_file
 from sae_lens_kl.trainer import KLFinetuneTrainer
 
@@ -33,6 +34,7 @@ WRITTEN_FILES = (
     CONFIG_FILENAME,
     METRICS_FILENAME,
     ADAPTER_FILENAME,
+    LM_LORA_FILENAME,
     *REPORT_FILES,
 )
 
@@ -167,7 +169,6 @@ def save_artifact(
     trainer: KLFinetuneTrainer,
     report: dict[str, Any],
     save_dir: Path,
-    adapter: Adapter | None = None,
 ) -> None:
     """The SAELens folder (cfg.json, sae_weights.safetensors, sparsity.safetensors) plus the
     fine-tune's config and metrics, appearing in save_dir together (one atomic exchange of
@@ -178,8 +179,8 @@ def save_artifact(
         save_file({"sparsity": trainer.log_feature_sparsity}, staging / SPARSITY_FILENAME)
         (staging / CONFIG_FILENAME).write_text(json.dumps(report["config"], indent=2))
         (staging / METRICS_FILENAME).write_text(json.dumps(report, indent=2))
-        if adapter is not None:
-            adapter.save(staging / ADAPTER_FILENAME)
+        for module in trainer.modules:  # an adapter, LoRA on the LM: each its own file
+            module.save(staging / module.filename)
 
 
 def write_report(

@@ -88,9 +88,12 @@ class SpliceRunner:
         *,
         prefix_reuse: bool = True,
         blocks: CompiledBlocks | None = None,
+        spliced_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
     ) -> None:
         self.model = model
         self.site = site
+        # what else the spliced model has besides the SAE (LoRA on the LM's later blocks)
+        self.spliced_hooks = list(spliced_hooks)
         self.prefix_reuse = prefix_reuse and supports_prefix_reuse(model, site)
         self.blocks = blocks if self.prefix_reuse else None
         self.projection = VocabProjection.for_run(model, self.prefix_reuse)
@@ -131,9 +134,19 @@ class SpliceRunner:
         """Run output [batch, pos, d] with the hook's activation replaced by `replacement(acts)`,
         continuing from the clean run's prefix, and the activations at the hooks in `record`;
         gradients flow into what `replacement` returns."""
-        with recording(self.model, record) as recorded:
+        with recording(self.model, record) as recorded, hooks_on(self.model, self.spliced_hooks):
             output = run_to_output(self.model, run.tokens, run.prefix, self.site, replacement)[0]
         return output, recorded
+
+
+@contextmanager
+def hooks_on(model: HookedRootModule, hooks: Sequence[tuple[str, Callable[..., Any]]]) -> Iterator[None]:
+    """`hooks` registered inside the block (no hook context at all when there are none)."""
+    if not hooks:
+        yield
+        return
+    with model.hooks(fwd_hooks=list(hooks)):
+        yield
 
 
 @contextmanager

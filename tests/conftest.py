@@ -27,6 +27,7 @@ N_CTX = 64
 
 def tiny_model(seed: int = 0, **overrides: Any) -> HookedTransformer:
     torch.manual_seed(seed)
+    fields: dict[str, Any] = {"act_fn": "gelu", "normalization_type": "LN", **overrides}
     cfg = HookedTransformerConfig(
         n_layers=3,
         d_model=D_MODEL,
@@ -35,11 +36,9 @@ def tiny_model(seed: int = 0, **overrides: Any) -> HookedTransformer:
         d_mlp=64,
         d_vocab=VOCAB,
         n_ctx=N_CTX,
-        act_fn="gelu",
-        normalization_type="LN",
         model_name="tiny-test-model",
         seed=seed,
-        **overrides,
+        **fields,
     )
     model = HookedTransformer(cfg)
     model.eval()
