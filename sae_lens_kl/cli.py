@@ -113,6 +113,35 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _demo_sizes(parser: argparse.ArgumentParser) -> None:
+    """The demo's run lengths, model, data and SAE (shared by `demo` and `experiment`)."""
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=5e-4,
+        help="KL-phase learning rate (default: %(default)s; the paper's 5e-5 is for ~12k steps).",
+    )
+    parser.add_argument("--kl-steps", type=int, help="KL-phase steps of 8 x 128 tokens (default: 24).")
+    parser.add_argument("--mse-tokens", type=int, help="MSE-phase training tokens (default: 184,320).")
+    parser.add_argument("--eval-tokens", type=int, help="Held-out evaluation tokens (default: 20,480).")
+    sizes = parser.add_argument_group(
+        "model, data and SAE (defaults: the offline demo; smaller for a quick run)"
+    )
+    sizes.add_argument(
+        "--model", default="smollm2", help="Model (default: %(default)s, the offline SmolLM2)."
+    )
+    sizes.add_argument(
+        "--hook", default="blocks.15.hook_resid_post", help="Hook point (default: %(default)s)."
+    )
+    sizes.add_argument("--d-sae", type=int, help="TopK SAE latents (default: 4608).")
+    sizes.add_argument("--k", type=int, default=32, help="TopK k (default: %(default)s).")
+    sizes.add_argument(
+        "--context-size", type=int, default=128, help="Tokens per sequence (default: %(default)s)."
+    )
+    sizes.add_argument("--data", default=None, help="Training text (default: Django's docs, from PyPI).")
+    sizes.add_argument("--eval-data", default=None, help="Held-out text (default: Django's held-out files).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sae-lens-kl",
@@ -130,21 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo)
     demo.add_argument("--out", default="sae_lens_kl_demo", help="Output folder (default: %(default)s).")
     demo.add_argument("--overwrite", action="store_true", help="Replace an existing output folder's files.")
-    demo.add_argument(
-        "--lr",
-        type=float,
-        default=5e-4,
-        help="KL-phase learning rate (default: %(default)s; the paper's 5e-5 is for ~12k steps).",
-    )
-    demo.add_argument(
-        "--kl-steps", type=int, default=24, help="KL-phase steps of 8 x 128 tokens (default: %(default)s)."
-    )
-    demo.add_argument(
-        "--mse-tokens", type=int, default=184_320, help="MSE-phase training tokens (default: %(default)s)."
-    )
-    demo.add_argument(
-        "--eval-tokens", type=int, default=20_480, help="Held-out evaluation tokens (default: %(default)s)."
-    )
+    _demo_sizes(demo)
     demo.add_argument(
         "--controls",
         type=lambda text: text.split(","),
@@ -154,22 +169,29 @@ def build_parser() -> argparse.ArgumentParser:
         "'mse,kl' adds the paper's KL-only comparison).",
     )
     demo.add_argument("--no-control", action="store_true", help="Run no control (only the KL+MSE phase).")
-    sizes = demo.add_argument_group(
-        "model, data and SAE (defaults: the offline demo; smaller for a quick run)"
+
+    experiment = sub.add_parser(
+        "experiment",
+        help="One of the paper's comparisons (A-F) on the demo's model, SAE and tokens.",
+        description="Runs every arm of an experiment (A: KL+MSE vs MSE-only vs KL-only; B: adapters; "
+        "C: LoRA on the SAE; D: LoRA on the LM; E: weight stability TopK vs ReLU; F: end to end vs "
+        "a 5 %% KL phase vs e2e+ds) from the demo's MSE-phase SAE and writes experiment.json/.md/.png.",
     )
-    sizes.add_argument(
-        "--model", default="smollm2", help="Model (default: %(default)s, the offline SmolLM2)."
+    _common(experiment)
+    experiment.add_argument("name", choices=list("ABCDEF"), help="Which experiment.")
+    experiment.add_argument(
+        "--out", default=None, help="Output folder (default: sae_lens_kl_experiment_<name>)."
     )
-    sizes.add_argument(
-        "--hook", default="blocks.15.hook_resid_post", help="Hook point (default: %(default)s)."
+    experiment.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing output folder's files."
     )
-    sizes.add_argument("--d-sae", type=int, default=4608, help="TopK SAE latents (default: %(default)s).")
-    sizes.add_argument("--k", type=int, default=32, help="TopK k (default: %(default)s).")
-    sizes.add_argument(
-        "--context-size", type=int, default=128, help="Tokens per sequence (default: %(default)s)."
+    experiment.add_argument(
+        "--quick",
+        action="store_true",
+        help="A minutes-long size (MSE phase 16,384 tokens, 4 KL steps, 2,048 held-out tokens, "
+        "d_sae 1152) instead of the demo's.",
     )
-    sizes.add_argument("--data", default=None, help="Training text (default: Django's docs, from PyPI).")
-    sizes.add_argument("--eval-data", default=None, help="Held-out text (default: Django's held-out files).")
+    _demo_sizes(experiment)
 
     finetune = sub.add_parser(
         "finetune",
@@ -350,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": commands.train,
         "cache": commands.cache,
         "eval": commands.evaluate,
+        "experiment": commands.experiment,
     }[args.command]
     started = time.perf_counter()
     # SIGTERM (a scheduler's kill) ends the run like Ctrl-C: with the resume hint, not a traceback.

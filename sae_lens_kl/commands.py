@@ -93,19 +93,57 @@ def cached_mse_sae(
     return sae, False
 
 
-def demo(args: argparse.Namespace) -> None:
-    unknown = [loss for loss in args.controls if loss not in LOSS_MODES]
-    if unknown:
-        raise SystemExit(f"--controls {','.join(unknown)}: not a loss; choose from {', '.join(LOSS_MODES)}.")
-    out = _check_out(args.out, args.overwrite)
-    assert out is not None
+@dataclasses.dataclass
+class DemoSetup:
+    """What the demo and the experiments share: the model, training and held-out text, the MSE
+    phase's runner config, the KL phase's length and the fine-tune options of every run."""
+
+    model: Any
+    train_data: Any
+    eval_data: Any
+    runner_cfg: LanguageModelSAERunnerConfig[Any]
+    kl_tokens: int
+    options: dict[str, Any]
+    sinks: int
+
+    def runner_config_for(
+        self, architecture: str, tokens: int | None = None
+    ) -> LanguageModelSAERunnerConfig[Any]:
+        """The MSE phase's config for another architecture (same width, data, lr) or length."""
+        if architecture == self.runner_cfg.sae.architecture() and tokens is None:
+            return self.runner_cfg
+        cfg = self.runner_cfg
+        return runner_config(
+            self.model,
+            cfg.hook_name,
+            architecture=architecture,
+            d_sae=cfg.sae.d_sae,
+            k=getattr(cfg.sae, "k", 0),
+            tokens=tokens or cfg.training_tokens,
+            context_size=cfg.context_size,
+            lr=cfg.lr,
+            batch_tokens=cfg.train_batch_size_tokens,
+            sink_positions=self.sinks,
+            dataset_name=cfg.dataset_path,
+        )
+
+
+# The demo's run lengths, and the minutes-long ones of `experiment --quick`.
+DEMO_SIZES = {"mse_tokens": 184_320, "kl_steps": 24, "eval_tokens": 20_480, "d_sae": 4608}
+QUICK_SIZES = {"mse_tokens": 16_384, "kl_steps": 4, "eval_tokens": 2_048, "d_sae": 1152}
+
+
+def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
+    """The demo's setup; sizes not given on the command line take the demo's (or quick) values."""
+    for name, value in (QUICK_SIZES if quick else DEMO_SIZES).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     model = load_model(args.model)
     train_data, eval_data = _text_or_corpus(args.data, args.eval_data)
-    context_size, batch_size, sinks, hook = args.context_size, 8, 2, args.hook
-    kl_tokens = args.kl_steps * batch_size * context_size
+    context_size, batch_size, sinks = args.context_size, 8, 2
     runner_cfg = runner_config(
         model,
-        hook,
+        args.hook,
         architecture="topk",
         d_sae=args.d_sae,
         k=args.k,
@@ -119,13 +157,6 @@ def demo(args: argparse.Namespace) -> None:
         # the SAE metadata's dataset_path: a local folder that `finetune` can read again
         dataset_name=str(train_data),
     )
-    print(
-        f"MSE phase: SAELens runner, TopK k={args.k}, d_sae={args.d_sae} at {hook}, "
-        f"{args.mse_tokens:,} tokens"
-    )
-    mse_sae, cached = cached_mse_sae(runner_cfg, model, train_data)
-    print("  (read from cache)" if cached else "  (trained and cached)")
-    total = args.mse_tokens + kl_tokens
     options = {
         "batch_size": batch_size,
         "lr": args.lr,
@@ -134,6 +165,32 @@ def demo(args: argparse.Namespace) -> None:
         "exclude_first_positions": sinks,
         "kl_chunk_tokens": 256,
     }
+    kl_tokens = args.kl_steps * batch_size * context_size
+    return DemoSetup(model, train_data, eval_data, runner_cfg, kl_tokens, options, sinks)
+
+
+def demo(args: argparse.Namespace) -> None:
+    unknown = [loss for loss in args.controls if loss not in LOSS_MODES]
+    if unknown:
+        raise SystemExit(f"--controls {','.join(unknown)}: not a loss; choose from {', '.join(LOSS_MODES)}.")
+    out = _check_out(args.out, args.overwrite)
+    assert out is not None
+    setup = demo_setup(args)
+    model, train_data, eval_data, runner_cfg = (
+        setup.model,
+        setup.train_data,
+        setup.eval_data,
+        setup.runner_cfg,
+    )
+    hook, sinks, options, kl_tokens = args.hook, setup.sinks, setup.options, setup.kl_tokens
+    batch_size, context_size = options["batch_size"], args.context_size
+    print(
+        f"MSE phase: SAELens runner, TopK k={args.k}, d_sae={args.d_sae} at {hook}, "
+        f"{args.mse_tokens:,} tokens"
+    )
+    mse_sae, cached = cached_mse_sae(runner_cfg, model, train_data)
+    print("  (read from cache)" if cached else "  (trained and cached)")
+    total = args.mse_tokens + kl_tokens
     history = History()
     print(f"KL+MSE phase: {args.kl_steps} steps of {batch_size}x{context_size} tokens, lr {args.lr}")
     result = train_with_kl_phase(
@@ -182,6 +239,25 @@ def demo(args: argparse.Namespace) -> None:
     )
     print((out / "report.md").read_text())
     print("wrote", ", ".join(str(p) for p in written))
+
+
+def experiment(args: argparse.Namespace) -> None:
+    from sae_lens_kl.experiments import run_experiment
+
+    out = _check_out(args.out or f"sae_lens_kl_experiment_{args.name}", args.overwrite)
+    assert out is not None
+    setup = demo_setup(args, quick=args.quick)
+
+    def mse_sae_for(architecture: str, tokens: int | None = None) -> TrainingSAE[Any]:
+        runner_cfg = setup.runner_config_for(architecture, tokens)
+        print(
+            f"MSE phase: {architecture}, {runner_cfg.training_tokens:,} tokens (cached after the first run)"
+        )
+        return cached_mse_sae(runner_cfg, setup.model, setup.train_data)[0]
+
+    run_experiment(args.name, setup, mse_sae_for, out, overwrite=args.overwrite)
+    print((out / "experiment.md").read_text())
+    print(f"wrote {out / 'experiment.json'}, {out / 'experiment.md'}, {out / 'experiment.png'}")
 
 
 def _text_or_corpus(data: str | None, eval_data: str | None) -> tuple[Any, Any]:

@@ -214,7 +214,7 @@ def write_report(
             axis.set_title(key)
             axis.set_xlabel("training tokens")
         fig.tight_layout()
-        _save_figure(fig, out_dir / "training_curves.png")
+        save_figure(fig, out_dir / "training_curves.png")
         written.append(out_dir / "training_curves.png")
 
     names = list(runs)
@@ -229,11 +229,11 @@ def write_report(
         axis.set_title(key)
         axis.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
-    _save_figure(fig, out_dir / "before_after.png")
+    save_figure(fig, out_dir / "before_after.png")
     written.append(out_dir / "before_after.png")
     return written
 
 
-def _save_figure(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     with staged_files(path.parent) as staging:
         fig.savefig(staging / path.name, dpi=100)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,18 +114,8 @@ def train_with_kl_phase(
         mse_sae = mse_phase(runner_cfg, model, data, mse_tokens) if mse_tokens > 0 else None
     start = mse_sae if mse_sae is not None else fresh_sae(runner_cfg, model, data)
     context_size = runner_cfg.context_size
-    # The KL phase reads the token stream after the sequences the MSE phase consumed (SAELens's
-    # store packs sequences the same way; its read-ahead buffer makes the boundary approximate).
-    skip = -(-mse_tokens // context_size)
-    n_seq = -(-kl_tokens // context_size)
-    stream = token_sequences(data, model, context_size, runner_cfg.prepend_bos)
-    kl_sequences = take(itertools.islice(stream, skip, None), n_seq)
-    if kl_sequences is None:
-        raise DataError(
-            f"The training data has fewer than {skip + n_seq} sequences of {context_size} "
-            "tokens, needed for the MSE phase and the KL phase after it; pass more data or "
-            "lower training_tokens."
-        )
+    kl_sequences, stream = kl_phase_sequences(runner_cfg, model, data, mse_tokens, kl_tokens)
+    n_seq = len(kl_sequences)
     if eval_data is None:
         # Held out: the sequences after the KL phase's, never trained on by either phase.
         eval_tokens = kl_options.get("eval_tokens", 65_536)
@@ -153,6 +143,30 @@ def train_with_kl_phase(
         kl_data=kl_sequences,
         eval_data=eval_data,
     )
+
+
+def kl_phase_sequences(
+    runner_cfg: LanguageModelSAERunnerConfig[Any],
+    model: HookedTransformer,
+    data: DataSource,
+    mse_tokens: int,
+    kl_tokens: int,
+) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
+    """The KL phase's token sequences [n, context_size]: those after the sequences an MSE phase of
+    `mse_tokens` consumed (SAELens's store packs sequences the same way; its read-ahead buffer makes
+    the boundary approximate), and the stream of the sequences after them."""
+    context_size = runner_cfg.context_size
+    skip = -(-mse_tokens // context_size)
+    n_seq = -(-kl_tokens // context_size)
+    stream = token_sequences(data, model, context_size, runner_cfg.prepend_bos)
+    kl_sequences = take(itertools.islice(stream, skip, None), n_seq)
+    if kl_sequences is None:
+        raise DataError(
+            f"The training data has fewer than {skip + n_seq} sequences of {context_size} "
+            "tokens, needed for the MSE phase and the KL phase after it; pass more data or "
+            "lower training_tokens."
+        )
+    return kl_sequences, stream
 
 
 def runner_config(

@@ -98,3 +98,31 @@ def test_train_has_no_tokens_flag_to_drop() -> None:
     # Its budget is --training-tokens; a --tokens flag would be accepted and ignored.
     with pytest.raises(SystemExit):
         main(["train", "--tokens", "1000"])
+
+
+@pytest.mark.parametrize("name", list("ABCDEF"))
+def test_each_experiment_at_a_tiny_size(
+    name: str, tiny_lm_folder: Path, text_folders: tuple[Path, Path], tmp_path
+) -> None:
+    from sae_lens_kl.experiments import EXPERIMENTS
+
+    train_text, eval_text = text_folders
+    args = ["experiment", name, "--model", str(tiny_lm_folder), "--hook", "blocks.1.hook_resid_pre"]
+    args += ["--d-sae", "64", "--k", "4", "--context-size", "32", "--mse-tokens", "2048", "--kl-steps", "2"]
+    args += ["--eval-tokens", "256", "--data", str(train_text), "--eval-data", str(eval_text), "--quick"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "experiment.json").read_text())
+    arms = EXPERIMENTS[name].arms
+    assert [row["arm"] for row in result["arms"]] == [arm.name for arm in arms]
+    assert (tmp_path / "out" / "experiment.png").is_file() and (tmp_path / "out" / "experiment.md").is_file()
+    for arm, row in zip(arms, result["arms"], strict=True):
+        reports = result["reports"][arm.name]
+        assert len(reports) == len(arm.stages) and row["train_seconds"] > 0
+        if arm.kl_fraction is None:  # every arm from the same MSE-phase SAE of its architecture
+            assert reports[0]["training_tokens"] == 2 * 8 * 32
+    befores = {
+        json.dumps(result["reports"][a.name][0]["before"])
+        for a in arms
+        if a.kl_fraction is None and a.start == "topk"
+    }
+    assert len(befores) <= 1

@@ -1,0 +1,262 @@
+"""The paper's comparisons as recipes (Karvonen 2025, App. B-D, H, Fig. 3; Braun et al. 2024,
+Fig. 1): each experiment is a table of arms, each arm a sequence of `kl_finetune` stages (or a
+training run from scratch) started from the demo's MSE-phase SAE on the demo's tokens. Every arm
+goes through the same splice and step and saves SAELens artifacts; the experiment writes one
+JSON result, a Markdown table and a PNG figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from sae_lens_kl.api import kl_finetune
+from sae_lens_kl.report import save_figure
+from sae_lens_kl.staging import write_file
+from sae_lens_kl.train import kl_phase_sequences, train_with_kl_phase
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One method under comparison."""
+
+    name: str
+    stages: tuple[dict[str, Any], ...] = ({},)
+    """`kl_finetune` options of each stage, run one after the other on the same KL tokens."""
+    start: str = "topk"
+    """Architecture of the MSE-phase SAE the arm starts from."""
+    kl_fraction: float | None = None
+    """Train from scratch instead: MSE for (1 - kl_fraction) of the MSE phase's + the KL phase's
+    tokens, then the first stage's objective on the rest (1.0: end to end)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    title: str
+    paper: str
+    """What the paper found, to read the result against."""
+    arms: tuple[Arm, ...]
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "A": Experiment(
+        "App. B: KL+MSE vs the MSE-only continuation vs KL-only, on the same tokens",
+        "KL-only closes about as much of the CE gap as KL+MSE, with a much worse MSE; an MSE-only "
+        "continuation closes little.",
+        (Arm("KL+MSE"), Arm("MSE-only", ({"loss": "mse"},)), Arm("KL-only", ({"loss": "kl"},))),
+    ),
+    "B": Experiment(
+        "App. C: SAE fine-tune vs adapters after the SAE (SAE frozen) vs two-stage",
+        "Adapters recover about 60 % of the fine-tune's gain; fine-tune then adapter does not stack.",
+        (
+            Arm("SAE fine-tune"),
+            Arm("linear adapter", ({"adapter": "linear"},)),
+            Arm("MLP adapter", ({"adapter": "mlp"},)),
+            Arm("two-stage: fine-tune, then linear adapter", ({}, {"adapter": "linear"})),
+        ),
+    ),
+    "C": Experiment(
+        "App. D: full fine-tune vs LoRA on the SAE (merged back into a plain SAE)",
+        "Rank 2 recovers more than 50 % of the full fine-tune's gain.",
+        (
+            Arm("full fine-tune"),
+            Arm("LoRA on the SAE, rank 2", ({"sae_lora_rank": 2},)),
+            Arm("LoRA on the SAE, rank 64", ({"sae_lora_rank": 64},)),
+        ),
+    ),
+    "D": Experiment(
+        "Fig. 3: SAE fine-tune vs LoRA on the LM after the SAE (SAE frozen), KL loss",
+        "The SAE fine-tune is slightly better than LoRA on the whole model; LoRA on the layers after "
+        "the SAE only is much weaker.",
+        (
+            Arm("SAE fine-tune (KL)", ({"loss": "kl"},)),
+            Arm("LoRA on the LM after the SAE, rank 16 (KL)", ({"lm_lora_rank": 16, "loss": "kl"},)),
+        ),
+    ),
+    "E": Experiment(
+        "App. H: weight stability (cosine of each latent's encoder/decoder vector, before vs after)",
+        "Latents stay close to where they started; for TopK SAEs the decoder moves more than the encoder.",
+        (Arm("TopK", start="topk"), Arm("ReLU (L1, controller on)", start="standard")),
+    ),
+    "F": Experiment(
+        "Fig. 1 (Braun et al.): end to end vs MSE then a 5 % KL+MSE phase vs e2e+ds, equal total tokens",
+        "End-to-end training reaches a lower CE gap at equal L0 but costs far more compute; a short "
+        "KL+MSE phase after MSE training gets much of it.",
+        (
+            Arm("MSE, then 5 % KL+MSE", kl_fraction=0.05),
+            Arm("end to end, KL+MSE", kl_fraction=1.0),
+            Arm("end to end, e2e+ds", ({"loss": "e2e+ds", "kl_coefficient": 0.5},), kl_fraction=1.0),
+        ),
+    ),
+}
+
+
+def run_experiment(name: str, setup: Any, mse_sae_for: Any, out: Path, *, overwrite: bool) -> dict[str, Any]:
+    """Run every arm of experiment `name` on the demo `setup` (commands.DemoSetup); `mse_sae_for`
+    maps an architecture to the cached MSE-phase SAE. Writes experiment.json/.md/.png in `out`."""
+    experiment = EXPERIMENTS[name]
+    rows, reports = [], {}
+    for arm in experiment.arms:
+        print(f"[{name}] {arm.name}")
+        started = time.perf_counter()
+        arm_reports = _run_arm(arm, setup, mse_sae_for, out / _slug(arm.name), overwrite)
+        reports[arm.name] = arm_reports
+        rows.append(_row(arm.name, arm_reports, time.perf_counter() - started))
+    result = {
+        "experiment": name,
+        "title": experiment.title,
+        "paper": experiment.paper,
+        "settings": {
+            "model": setup.model.cfg.model_name,
+            "hook": setup.runner_cfg.hook_name,
+            "d_sae": setup.runner_cfg.sae.d_sae,
+            "mse_phase_tokens": setup.runner_cfg.training_tokens,
+            "kl_tokens": setup.kl_tokens,
+            "options": setup.options,
+        },
+        "arms": rows,
+        "reports": reports,
+    }
+    write_file(out / "experiment.json", json.dumps(result, indent=2))
+    write_file(out / "experiment.md", _markdown(result))
+    _figure(result, out / "experiment.png")
+    return result
+
+
+def _run_arm(arm: Arm, setup: Any, mse_sae_for: Any, folder: Path, overwrite: bool) -> list[dict[str, Any]]:
+    """The kl_finetune report of each stage."""
+    if arm.kl_fraction is not None:
+        total = setup.runner_cfg.training_tokens + setup.kl_tokens
+        # at least one KL step (a quick run's 5 % can be less than a batch)
+        one_step = setup.options["batch_size"] * setup.runner_cfg.context_size
+        fraction = max(arm.kl_fraction, one_step / total)
+        mse_tokens = total - round(total * fraction)
+        result = train_with_kl_phase(
+            setup.runner_config_for(arm.start, total),
+            setup.model,
+            setup.train_data,
+            kl_fraction=fraction,
+            eval_data=setup.eval_data,
+            save_dir=folder,
+            mse_sae=mse_sae_for(arm.start, mse_tokens) if mse_tokens else None,
+            overwrite=overwrite,
+            **{**setup.options, **arm.stages[0]},
+        )
+        return [result.sae.cfg.metadata.kl_finetune]
+    sae = mse_sae_for(arm.start)
+    runner_cfg = setup.runner_config_for(arm.start)
+    kl_data, _ = kl_phase_sequences(
+        runner_cfg, setup.model, setup.train_data, runner_cfg.training_tokens, setup.kl_tokens
+    )
+    reports = []
+    for index, stage in enumerate(arm.stages):
+        options = {**setup.options, **stage}
+        if "sae_lora_rank" in options:  # a rank the SAE allows (a quick run's SAE is small)
+            options["sae_lora_rank"] = min(options["sae_lora_rank"], min(sae.cfg.d_in, sae.cfg.d_sae) // 2)
+        sae = kl_finetune(
+            sae,
+            setup.model,
+            kl_data,
+            tokens=len(kl_data) * kl_data.shape[1],
+            eval_data=setup.eval_data,
+            save_dir=folder if len(arm.stages) == 1 else folder / f"stage_{index + 1}",
+            overwrite=overwrite,
+            **options,
+        )
+        reports.append(sae.cfg.metadata.kl_finetune)
+    return reports
+
+
+def _row(name: str, reports: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """An arm's summary: the last stage's 'after' against the first stage's 'before'."""
+    first, last = reports[0]["before"], reports[-1]["after"]
+    downstream = last["downstream_mse"]
+    stability = reports[0].get("weight_stability", {})
+    return {
+        "arm": name,
+        "ce_gap_before": first["ce_gap"],
+        "ce_gap": last["ce_gap"],
+        "fraction_of_ce_gap_closed": (first["ce_gap"] - last["ce_gap"]) / first["ce_gap"],
+        "kl": last["kl"],
+        "mse_before": first["mse"],
+        "mse": last["mse"],
+        "explained_variance": last["explained_variance"],
+        "l0": last["l0"],
+        "downstream_mse_last": downstream[list(downstream)[-1]] if downstream else None,
+        "encoder_cosine_p50": stability.get("encoder", {}).get("p50"),
+        "decoder_cosine_p50": stability.get("decoder", {}).get("p50"),
+        "train_seconds": sum(report["train_seconds"] for report in reports),
+        "wall_seconds": seconds,
+    }
+
+
+COLUMNS = (
+    ("ce_gap_before", "CE gap before"),
+    ("ce_gap", "CE gap after"),
+    ("fraction_of_ce_gap_closed", "CE gap closed"),
+    ("kl", "KL after"),
+    ("mse_before", "MSE before"),
+    ("mse", "MSE after"),
+    ("explained_variance", "EV after"),
+    ("l0", "L0 after"),
+    ("downstream_mse_last", "error at last layer"),
+    ("encoder_cosine_p50", "enc. cos p50"),
+    ("decoder_cosine_p50", "dec. cos p50"),
+    ("train_seconds", "train s"),
+)
+
+
+def _markdown(result: Mapping[str, Any]) -> str:
+    lines = [f"# Experiment {result['experiment']}: {result['title']}", "", f"Paper: {result['paper']}", ""]
+    lines += [
+        "| arm | " + " | ".join(label for _, label in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+    ]
+    for row in result["arms"]:
+        cells = [_fmt(row[key]) for key, _ in COLUMNS]
+        lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
+    settings = result["settings"]
+    lines += [
+        "",
+        f"Model {settings['model']}, SAE at {settings['hook']} (d_sae {settings['d_sae']}), MSE phase "
+        f"{settings['mse_phase_tokens']:,} tokens, each stage {settings['kl_tokens']:,} tokens; options "
+        f"{json.dumps(settings['options'])}. 'before' is the arm's starting SAE (for end-to-end arms, "
+        "the SAE at the start of the KL phase).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _figure(result: Mapping[str, Any], path: Path) -> None:
+    rows = result["arms"]
+    names = [row["arm"] for row in rows]
+    panels = [("fraction_of_ce_gap_closed", "CE gap closed"), ("mse", "MSE after"), ("l0", "L0 after")]
+    if any(row["decoder_cosine_p50"] is not None for row in rows):
+        panels.append(("decoder_cosine_p50", "decoder cos p50 (vs start)"))
+    fig = Figure(figsize=(4 * len(panels), 3.6))
+    for axis, (key, label) in zip(fig.subplots(1, len(panels)), panels, strict=True):
+        axis.bar(range(len(rows)), [row[key] or 0 for row in rows])
+        axis.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)
+        axis.set_title(label)
+    fig.suptitle(f"Experiment {result['experiment']}")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
