@@ -227,6 +227,11 @@ class KLFinetuneConfig:
             not isinstance(self.lm_lora_rank, int) or self.lm_lora_rank < 1
         ):
             raise ValueError(f"lm_lora_rank={self.lm_lora_rank!r} must be a positive integer or None.")
+        if self.lm_lora_rank is not None and self.loss == "mse":
+            raise ValueError(
+                "lm_lora_rank with loss='mse': the MSE at the SAE's hook does not depend on the later "
+                "blocks LoRA adapts, so nothing would train; use loss='kl' (Chen et al.) or 'kl+mse'."
+            )
         methods = {
             "adapter": self.adapter,
             "sae_lora_rank": self.sae_lora_rank,
