@@ -14,10 +14,10 @@ from sae_lens_kl.cli import build_parser, config_from_args, field_docs, parse
 from sae_lens_kl.commands import load_sae
 
 
-@pytest.mark.parametrize("command", ["demo", "finetune", "train", "cache", "eval"])
+@pytest.mark.parametrize("command", ["demo", "finetune", "train", "cache", "eval", "experiment"])
 def test_every_subcommand_has_help(command: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "sae_lens_kl.cli", command, "--help"],
+        [sys.executable, "-m", "sae_lens_kl", command, "--help"],
         capture_output=True,
         text=True,
         check=True,
@@ -105,6 +105,7 @@ def test_public_names_resolve_to_what_they_name() -> None:
     import sae_lens_kl
 
     for module in pkgutil.iter_modules(sae_lens_kl.__path__):
-        importlib.import_module(f"sae_lens_kl.{module.name}")
+        if module.name != "__main__":  # (runs the command line)
+            importlib.import_module(f"sae_lens_kl.{module.name}")
     for name in sae_lens_kl.__all__:
         assert not isinstance(getattr(sae_lens_kl, name), types.ModuleType), name
