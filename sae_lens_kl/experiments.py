@@ -220,7 +220,10 @@ def _markdown(result: Mapping[str, Any]) -> str:
         "|---" * (len(COLUMNS) + 1) + "|",
     ]
     for row in result["arms"]:
-        cells = [_fmt(row[key]) for key, _ in COLUMNS]
+        cells = [
+            f"{row[key]:.4f}" if "cosine" in key and row[key] is not None else _fmt(row[key])
+            for key, _ in COLUMNS
+        ]
         lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
     settings = result["settings"]
     lines += [

