@@ -1,0 +1,213 @@
+"""Attribution with the error node (Marks et al. 2024, sparse feature circuits): how much of a
+metric's mechanism each SAE latent carries, and how much stays hidden in what the SAE fails to
+reconstruct. A more faithful SAE (after `kl_finetune`) should leave less to the error node.
+
+Every SAE is spliced as x = x_hat(f(x)) + error through a TransformerLens hook, with the error
+computed *with* its gradient, so the spliced model equals the clean one in the forward pass and in
+the backward pass (upstream gradients are the model's own). SAELens's HookedSAETransformer with
+use_error_term=True computes the error under no_grad (sae-lens 6.54), which cuts the gradient of
+earlier hooks' nodes through later SAEs; hence this splice, for any SAELens SAE.
+
+Scores are gradient x activation (attribution patching): score = dm/da . a summed over every
+position of every prompt, the first-order estimate of how much the metric drops when the node is
+zero-ablated at all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sae_lens import SAE
+from transformer_lens import HookedTransformer
+
+from sae_lens_kl.architectures import flat_activations
+from sae_lens_kl.splice import HookSite
+
+Metric = Callable[[torch.Tensor], torch.Tensor]
+"""Logits [batch, pos, vocab] -> a scalar (e.g. a mean logit difference)."""
+ERROR = "error"
+
+
+@dataclass
+class Attribution:
+    """Scores of every latent and error node for one metric."""
+
+    metric: float
+    """The metric with the SAEs spliced (equal to the clean model's: the error node is kept)."""
+    latent_scores: dict[str, torch.Tensor]
+    """hook -> [d_sae] score of each latent."""
+    error_scores: dict[str, float]
+    """hook -> score of the error node."""
+
+    def error_share(self) -> dict[str, float]:
+        """hook -> |error score| / (|error score| + sum of |latent scores|): the part of the
+        attributed effect the SAE does not explain."""
+        shares = {}
+        for hook, scores in self.latent_scores.items():
+            error = abs(self.error_scores[hook])
+            shares[hook] = error / (error + float(scores.abs().sum()))
+        return shares
+
+    def top(self, n: int) -> list[dict[str, Any]]:
+        """The n nodes (latents and error nodes, all hooks) of largest |score|, as table rows."""
+        rows = [
+            {"hook": hook, "node": int(index), "score": float(scores[index])}
+            for hook, scores in self.latent_scores.items()
+            for index in scores.abs().topk(min(n, len(scores))).indices
+        ]
+        rows += [{"hook": hook, "node": ERROR, "score": score} for hook, score in self.error_scores.items()]
+        return sorted(rows, key=lambda row: -abs(row["score"]))[:n]
+
+
+@dataclass
+class _Splice:
+    """The splice of one SAE as x_hat(f) + error, and what it kept in the last forward pass.
+
+    The latents f and the error are leaves of the autograd graph (f.grad = J_dec^T g, error.grad
+    = g for the gradient g at the hook), and the hook passes g on upstream unchanged, as the clean
+    model would (Marks et al.'s feature-circuits passes x.grad = x_recon.grad the same way)."""
+
+    sae: SAE[Any]
+    site: HookSite
+    keep_latents: torch.Tensor | None = None  # [d_sae] bool: latents left in (others zero-ablated)
+    fixed_error: torch.Tensor | None = None  # the clean run's error, when ablating
+    latents: torch.Tensor | None = None
+    error: torch.Tensor | None = None
+
+    def __call__(self, raw: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG002
+        x = self.site.read(raw)
+        track = torch.is_grad_enabled()
+        with flat_activations(self.sae):
+            latents = self.sae.encode(x.to(self.sae.dtype)).detach()
+            if self.keep_latents is not None:
+                latents = latents * self.keep_latents.to(latents.device, latents.dtype)
+            latents.requires_grad_(track)
+            reconstruction = self.sae.decode(latents).to(x.dtype)
+        error = (x - reconstruction).detach() if self.fixed_error is None else self.fixed_error
+        error.requires_grad_(track)
+        self.latents, self.error = latents, error
+        # forward: x_hat + (x - x_hat) = x; backward: the gradient reaches x unchanged
+        passthrough = x - x.detach() if x.requires_grad else 0
+        return self.site.write(raw, reconstruction + error + passthrough)
+
+
+@contextmanager
+def _spliced(
+    model: HookedTransformer, saes: Sequence[SAE[Any]], **splice_fields: Any
+) -> Iterator[dict[str, _Splice]]:
+    """Every SAE spliced into `model`; no gradient reaches the model's or the SAEs' parameters
+    (their requires_grad flags are restored afterwards)."""
+    splices = {}
+    for sae in saes:
+        metadata = sae.cfg.metadata
+        site = HookSite.for_model(model, metadata.hook_name, metadata.hook_head_index)
+        splices[site.hook_name] = _Splice(sae, site, **splice_fields.get(site.hook_name, {}))
+    parameters = [p for module in (model, *saes) for p in module.parameters()]
+    flags = [p.requires_grad for p in parameters]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        with model.hooks(fwd_hooks=list(splices.items())):
+            yield splices
+    finally:
+        for parameter, flag in zip(parameters, flags, strict=True):
+            parameter.requires_grad_(flag)
+
+
+def attribute(
+    model: HookedTransformer, saes: Sequence[SAE[Any]], tokens: torch.Tensor, metric: Metric
+) -> Attribution:
+    """Attribution-patching scores of every latent of `saes` (one per hook, any SAELens SAEs, ours
+    or not) and of each error node for `metric` on the prompts `tokens` [batch, pos]."""
+    _check_hooks(saes)
+    with _spliced(model, saes) as splices, torch.enable_grad():
+        value = metric(model(tokens))
+        value.backward()
+    latent_scores, error_scores = {}, {}
+    for hook, splice in splices.items():
+        latents, error = splice.latents, splice.error
+        assert latents is not None and error is not None
+        latent_grad = latents.grad if latents.grad is not None else torch.zeros_like(latents)
+        error_grad = error.grad if error.grad is not None else torch.zeros_like(error)
+        # summed over positions and prompts: the metric's own mean over prompts is in its gradient
+        latent_scores[hook] = (latent_grad * latents).detach().sum((0, 1)).float().cpu()
+        error_scores[hook] = float((error_grad * error).detach().sum())
+    return Attribution(float(value.detach()), latent_scores, error_scores)
+
+
+@torch.no_grad()
+def metric_with_latents(
+    model: HookedTransformer,
+    saes: Sequence[SAE[Any]],
+    tokens: torch.Tensor,
+    metric: Metric,
+    keep: Mapping[str, torch.Tensor],
+) -> float:
+    """The metric when, at each hook, only the latents in `keep[hook]` ([d_sae] bool) are left
+    in and the others zero-ablated; each error node keeps its clean value."""
+    with _spliced(model, saes) as clean:
+        model(tokens)
+    fields = {hook: {"keep_latents": keep[hook], "fixed_error": s.error} for hook, s in clean.items()}
+    with _spliced(model, saes, **fields):
+        return float(metric(model(tokens)))
+
+
+def faithfulness_curve(
+    model: HookedTransformer,
+    saes: Sequence[SAE[Any]],
+    tokens: torch.Tensor,
+    metric: Metric,
+    attribution: Attribution,
+    sizes: Sequence[int],
+) -> list[dict[str, float]]:
+    """For each N in `sizes`: the metric with only the top-N latents by |score| (over all hooks)
+    plus the error nodes kept, and the faithfulness (m(N) - m(none)) / (m(all) - m(none))
+    (Marks et al.), where 'none' keeps only the error nodes."""
+    scores = torch.cat([attribution.latent_scores[hook] for hook in attribution.latent_scores])
+    widths = [len(s) for s in attribution.latent_scores.values()]
+    order = scores.abs().argsort(descending=True)
+
+    def keep_top(n: int) -> dict[str, torch.Tensor]:
+        chosen = torch.zeros(len(scores), dtype=torch.bool)
+        chosen[order[:n]] = True
+        return dict(zip(attribution.latent_scores, chosen.split(widths), strict=True))
+
+    none = metric_with_latents(model, saes, tokens, metric, keep_top(0))
+    full = attribution.metric
+    rows = []
+    for n in sizes:
+        value = metric_with_latents(model, saes, tokens, metric, keep_top(n))
+        rows.append({"n_latents": n, "metric": value, "faithfulness": (value - none) / (full - none)})
+    return rows
+
+
+def compare_circuits(
+    saes: Mapping[str, SAE[Any]],
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    metric: Metric,
+    sizes: Sequence[int] = (1, 2, 5, 10, 20, 50, 100),
+    top: int = 10,
+) -> dict[str, Any]:
+    """The same analysis for each SAE (e.g. {"before": sae, "after": kl_finetune(sae, ...)}):
+    the error node's share, the top nodes and the faithfulness curve."""
+    result: dict[str, Any] = {}
+    for name, sae in saes.items():
+        attribution = attribute(model, [sae], tokens, metric)
+        result[name] = {
+            "metric": attribution.metric,
+            "error_share": attribution.error_share(),
+            "top_nodes": attribution.top(top),
+            "faithfulness": faithfulness_curve(model, [sae], tokens, metric, attribution, sizes),
+        }
+    return result
+
+
+def _check_hooks(saes: Sequence[SAE[Any]]) -> None:
+    hooks = [sae.cfg.metadata.hook_name for sae in saes]
+    if not saes or len(set(hooks)) != len(hooks):
+        raise ValueError(f"Pass one SAE per hook point (got hooks {hooks}).")
