@@ -211,3 +211,65 @@ def _check_hooks(saes: Sequence[SAE[Any]]) -> None:
     hooks = [sae.cfg.metadata.hook_name for sae in saes]
     if not saes or len(set(hooks)) != len(hooks):
         raise ValueError(f"Pass one SAE per hook point (got hooks {hooks}).")
+
+
+@dataclass(frozen=True)
+class PromptTask:
+    """Prompts and a metric on their logits."""
+
+    name: str
+    tokens: torch.Tensor
+    metric: Metric
+    accuracy: float
+    """The clean model's top-1 accuracy on what the metric scores (check it solves the task)."""
+
+
+@torch.no_grad()
+def induction_task(
+    model: HookedTransformer, text_tokens: torch.Tensor, n_prompts: int, length: int
+) -> PromptTask:
+    """Induction from real text: each prompt is BOS + a span of `length` tokens of the text + the
+    same span again; the metric is the mean log-probability of the correct next token over the
+    repeated span (after its first token), which a model predicts by copying."""
+    spans = text_tokens.flatten()
+    if len(spans) < n_prompts * length:
+        raise ValueError(
+            f"The text has {len(spans)} tokens, fewer than n_prompts x length = {n_prompts * length}."
+        )
+    spans = spans[: n_prompts * length].view(n_prompts, length).to(next(model.parameters()).device)
+    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
+    first = torch.full((n_prompts, 1), bos if bos is not None else int(spans[0, 0]), device=spans.device)
+    tokens = torch.cat([first, spans, spans], dim=1)
+    scored = slice(length + 1, 2 * length)  # positions predicting the 2nd..last token of the repeat
+    targets = tokens[:, length + 2 :]
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        log_probs = logits[:, scored].log_softmax(-1)
+        return log_probs.gather(-1, targets[..., None]).mean()
+
+    accuracy = float((model(tokens)[:, scored].argmax(-1) == targets).float().mean())
+    return PromptTask(f"induction ({n_prompts} prompts, spans of {length} tokens)", tokens, metric, accuracy)
+
+
+def circuits_markdown(task: PromptTask, result: Mapping[str, Any]) -> str:
+    names = list(result)
+    lines = [
+        f"# Circuit analysis: {task.name}",
+        "",
+        f"Clean model's top-1 accuracy: {task.accuracy:.1%}.",
+        "",
+    ]
+    lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines.append(
+        "| metric (spliced with error) | " + " | ".join(f"{result[n]['metric']:.4f}" for n in names) + " |"
+    )
+    for hook in result[names[0]]["error_share"]:
+        cells = " | ".join(f"{result[n]['error_share'][hook]:.1%}" for n in names)
+        lines.append(f"| error node's share of |attribution| at {hook} | {cells} |")
+    for index, row in enumerate(result[names[0]]["faithfulness"]):
+        cells = " | ".join(f"{result[n]['faithfulness'][index]['faithfulness']:.3f}" for n in names)
+        lines.append(f"| faithfulness, top {row['n_latents']} latents + error | {cells} |")
+    for name in names:
+        top = ", ".join(f"{row['node']} ({row['score']:+.3g})" for row in result[name]["top_nodes"])
+        lines += ["", f"Top nodes, {name}: {top}"]
+    return "\n".join(lines) + "\n"

@@ -340,6 +340,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--out", default=None, help="Folder for report.json/report.md (default: print only)."
     )
+    circuits = sub.add_parser(
+        "circuits",
+        help="Attribution with the error node for SAEs side by side (e.g. before and after a fine-tune).",
+        description="Scores every latent and the error node by attribution patching (Marks et al. "
+        "2024) on an induction task built from held-out text, and the faithfulness of the top-N "
+        "latents; writes circuits.json/.md/.png.",
+    )
+    _common(circuits)
+    circuits.add_argument("--sae", action="append", help="NAME=SAE (RELEASE:SAE_ID or a folder); repeat.")
+    circuits.add_argument("--model", default=None, help="Model (default: the first SAE's model_name).")
+    circuits.add_argument(
+        "--data", default=None, help="Text for the prompts (default: the corpus's held-out files)."
+    )
+    circuits.add_argument("--prompts", type=_positive_int, default=16, help="Prompts (default: %(default)s).")
+    circuits.add_argument(
+        "--length", type=_positive_int, default=24, help="Tokens per repeated span (default: %(default)s)."
+    )
+    circuits.add_argument(
+        "--sizes",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[1, 3, 10, 30, 100, 300, 1000],
+        help="Numbers of top latents for the faithfulness curve (default: 1,3,10,30,100,300,1000).",
+    )
+    circuits.add_argument("--out", default=None, help="Output folder (default: print only).")
+    circuits.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing output folder's files."
+    )
     return parser
 
 
@@ -373,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "cache": commands.cache,
         "eval": commands.evaluate,
         "experiment": commands.experiment,
+        "circuits": commands.circuits,
     }[args.command]
     started = time.perf_counter()
     # SIGTERM (a scheduler's kill) ends the run like Ctrl-C: with the resume hint, not a traceback.

@@ -382,6 +382,62 @@ def evaluate(args: argparse.Namespace) -> None:
         write_file(out / "report.md", "# sae_lens_kl eval\n\n" + table + "\n")
 
 
+def circuits(args: argparse.Namespace) -> None:
+    from matplotlib.figure import Figure
+
+    from sae_lens_kl.circuits import circuits_markdown, compare_circuits, induction_task
+    from sae_lens_kl.data import take, token_sequences
+    from sae_lens_kl.report import save_figure
+
+    named = {}
+    for spec in args.sae or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--sae {spec!r}: write NAME=SAE (e.g. before=./mse_sae).")
+        named[name] = path
+    if not named:
+        raise SystemExit("circuits needs --sae NAME=SAE, e.g. --sae before=A --sae after=B.")
+    out = _check_out(args.out, args.overwrite)
+    saes = {name: load_sae(path) for name, path in named.items()}
+    hooks = {sae.cfg.metadata.hook_name for sae in saes.values()}
+    if len(hooks) != 1:
+        raise SystemExit(f"The SAEs read different hooks {sorted(hooks)}; compare SAEs of one hook.")
+    model = load_model(args.model or next(iter(saes.values())).cfg.metadata.model_name)
+    text = take(
+        token_sequences(args.data or django_docs().eval, model, 128, False),
+        -(-args.prompts * args.length // 128),
+    )
+    if text is None:
+        raise SystemExit("The text is too short for --prompts x --length tokens.")
+    task = induction_task(model, text, args.prompts, args.length)
+    print(f"{task.name}: clean top-1 accuracy {task.accuracy:.1%}")
+    result = compare_circuits(saes, model, task.tokens, task.metric, sizes=args.sizes)
+    table = circuits_markdown(task, result)
+    print(table)
+    if out is not None:
+        write_file(
+            out / "circuits.json",
+            json.dumps({"task": task.name, "accuracy": task.accuracy, **result}, indent=2),
+        )
+        write_file(out / "circuits.md", table)
+        fig = Figure(figsize=(5, 3.4))
+        axis = fig.subplots()
+        for name, run in result.items():
+            curve = run["faithfulness"]
+            axis.plot(
+                [row["n_latents"] for row in curve],
+                [row["faithfulness"] for row in curve],
+                marker=".",
+                label=name,
+            )
+        axis.set_xscale("log")
+        axis.set_xlabel("latents kept (top by |attribution|), error node kept")
+        axis.set_ylabel("faithfulness")
+        axis.legend()
+        fig.tight_layout()
+        save_figure(fig, out / "circuits.png")
+
+
 def cache(args: argparse.Namespace) -> None:
     if not args.hook or not args.out:
         raise SystemExit("cache needs --hook and --out.")

@@ -62,6 +62,16 @@ def test_train_cache_finetune_eval(tiny_lm_folder: Path, text_folders: tuple[Pat
     assert set(rows) == {str(tmp_path / "trained"), str(tmp_path / "tuned")}
     assert all(row["n_tokens"] > 0 for row in rows.values())
 
+    circuits = ["circuits", "--sae", f"before={tmp_path / 'trained'}", "--sae", f"after={tmp_path / 'tuned'}"]
+    circuits += ["--model", model, "--data", str(eval_text), "--prompts", "4", "--length", "8"]
+    assert main([*circuits, "--sizes", "1,4,64", "--out", str(tmp_path / "circuits")]) == 0
+    result = json.loads((tmp_path / "circuits" / "circuits.json").read_text())
+    assert 0 <= result["accuracy"] <= 1 and (tmp_path / "circuits" / "circuits.png").is_file()
+    for name in ("before", "after"):
+        assert 0 <= result[name]["error_share"]["blocks.1.hook_resid_pre"] <= 1
+        assert result[name]["faithfulness"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+    assert main(["circuits", "--sae", str(tmp_path / "trained"), "--model", model]) == 2  # no NAME=
+
 
 def test_demo_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path, Path], tmp_path) -> None:
     train_text, eval_text = text_folders
