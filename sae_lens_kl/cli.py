@@ -134,7 +134,7 @@ def _demo_sizes(parser: argparse.ArgumentParser) -> None:
         "--hook", default="blocks.15.hook_resid_post", help="Hook point (default: %(default)s)."
     )
     sizes.add_argument("--d-sae", type=int, help="TopK SAE latents (default: 4608).")
-    sizes.add_argument("--k", type=int, default=32, help="TopK k (default: %(default)s).")
+    sizes.add_argument("--k", type=int, default=128, help="TopK k (default: %(default)s).")
     sizes.add_argument(
         "--context-size", type=int, default=128, help="Tokens per sequence (default: %(default)s)."
     )

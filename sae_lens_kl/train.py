@@ -184,6 +184,7 @@ def runner_config(
     dataset_name: str,
     seed: int = 42,
     dead_feature_window: int | None = None,
+    lr_decay_fraction: float = 0.0,
 ) -> LanguageModelSAERunnerConfig[Any]:
     """A SAELens runner config for an SAE of `architecture` at `hook` of `model`, with the settings
     this package's MSE phases use: BOS per sequence, special tokens and the first `sink_positions`
@@ -191,7 +192,9 @@ def runner_config(
     seeds the runner's SAE initialisation and activation shuffling (42: the demo's MSE phase).
     `dead_feature_window`: steps without firing after which a latent counts as dead (and TopK's
     aux-k loss revives it); default 5 % of the run's steps, since SAELens's 1,000 steps exceed a
-    short run and leave the aux-k loss at 0 throughout."""
+    short run and leave the aux-k loss at 0 throughout. `lr_decay_fraction`: the last fraction of
+    the steps decays the lr linearly to 0 (SAELens's lr_decay_steps)."""
+    steps = tokens // batch_tokens
     _, sae_cfg_cls = get_sae_training_class(architecture)
     sae_fields = {"d_in": model.cfg.d_model, "d_sae": d_sae}
     if "topk" in architecture:
@@ -210,9 +213,10 @@ def runner_config(
         store_batch_size_prompts=16,
         n_batches_in_buffer=32,
         lr=lr,
+        lr_decay_steps=round(steps * lr_decay_fraction),
         device=str(model.cfg.device),
         seed=seed,
-        dead_feature_window=dead_feature_window or max(1, tokens // batch_tokens // 20),
+        dead_feature_window=dead_feature_window or max(1, steps // 20),
         prepend_bos=True,
         exclude_special_tokens=True,
         seqpos_slice=(sink_positions, None),
