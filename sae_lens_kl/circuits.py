@@ -265,7 +265,7 @@ def circuits_markdown(task: PromptTask, result: Mapping[str, Any]) -> str:
     )
     for hook in result[names[0]]["error_share"]:
         cells = " | ".join(f"{result[n]['error_share'][hook]:.1%}" for n in names)
-        lines.append(f"| error node's share of |attribution| at {hook} | {cells} |")
+        lines.append(f"| error node's share of the absolute attribution at {hook} | {cells} |")
     for index, row in enumerate(result[names[0]]["faithfulness"]):
         cells = " | ".join(f"{result[n]['faithfulness'][index]['faithfulness']:.3f}" for n in names)
         lines.append(f"| faithfulness, top {row['n_latents']} latents + error | {cells} |")

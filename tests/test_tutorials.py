@@ -10,6 +10,11 @@ from pathlib import Path
 import pytest
 
 TUTORIALS = sorted((Path(__file__).parents[1] / "tutorials").glob("*.py"))
+# what each tutorial prints once its analysis has run
+EXPECTED = {
+    "01_kl_finetune_offline": "fraction of the CE gap closed",
+    "02_circuits_before_after": "error node's share of the absolute attribution",
+}
 
 
 @pytest.mark.parametrize("tutorial", TUTORIALS, ids=[path.stem for path in TUTORIALS])
@@ -23,4 +28,4 @@ def test_the_tutorial_runs(tutorial: Path, tmp_path) -> None:
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "fraction of the CE gap closed" in result.stdout
+    assert EXPECTED[tutorial.stem] in result.stdout, result.stdout[-2000:]
