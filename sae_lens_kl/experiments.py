@@ -18,6 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from sae_lens_kl.api import kl_finetune
+from sae_lens_kl.lm_lora import lm_lora_targets
 from sae_lens_kl.report import save_figure
 from sae_lens_kl.staging import write_file
 from sae_lens_kl.train import kl_phase_sequences, train_with_kl_phase
@@ -157,9 +158,7 @@ def _run_arm(arm: Arm, setup: Any, mse_sae_for: Any, folder: Path, overwrite: bo
     )
     reports = []
     for index, stage in enumerate(arm.stages):
-        options = {**setup.options, **stage}
-        if "sae_lora_rank" in options:  # a rank the SAE allows (a quick run's SAE is small)
-            options["sae_lora_rank"] = min(options["sae_lora_rank"], min(sae.cfg.d_in, sae.cfg.d_sae) // 2)
+        options = _fitted({**setup.options, **stage}, sae, setup.model)
         sae = kl_finetune(
             sae,
             setup.model,
@@ -172,6 +171,20 @@ def _run_arm(arm: Arm, setup: Any, mse_sae_for: Any, folder: Path, overwrite: bo
         )
         reports.append(sae.cfg.metadata.kl_finetune)
     return reports
+
+
+def _fitted(options: dict[str, Any], sae: Any, model: Any) -> dict[str, Any]:
+    """Ranks and widths capped at half of what the SAE and model allow (a tiny test model is
+    smaller than the ranks the paper names); each run's config records the value used."""
+    if "sae_lora_rank" in options:
+        options["sae_lora_rank"] = min(options["sae_lora_rank"], min(sae.cfg.d_in, sae.cfg.d_sae) // 2)
+    if options.get("adapter") == "linear":
+        options["adapter_width"] = min(options.get("adapter_width", 64), sae.cfg.d_in // 2)
+    if "lm_lora_rank" in options:
+        targets = lm_lora_targets(model, sae.cfg.metadata.hook_name)
+        smallest = min(min(t.in_features, t.out_features) for t in targets)
+        options["lm_lora_rank"] = min(options["lm_lora_rank"], smallest // 2)
+    return options
 
 
 def _row(name: str, reports: list[dict[str, Any]], seconds: float) -> dict[str, Any]:

@@ -87,7 +87,18 @@ def make_plan(
                 "lm_lora_rank needs save_dir: the LoRA is its own artifact (save_dir/lm_lora.safetensors; "
                 "kl_finetune returns the SAE, unchanged)."
             )
-        lm_lora_targets(model, site.hook_name)  # refuses an SAE after the last block
+        targets = lm_lora_targets(model, site.hook_name)  # refuses an SAE after the last block
+        smallest = min(min(t.in_features, t.out_features) for t in targets)
+        if cfg.lm_lora_rank >= smallest:
+            raise ValueError(
+                f"lm_lora_rank={cfg.lm_lora_rank} must be below {smallest}, the smallest dimension of "
+                "the weights it adapts, or it is no low-rank update."
+            )
+    if cfg.adapter == "linear" and cfg.adapter_width >= sae.cfg.d_in:
+        raise ValueError(
+            f"adapter_width={cfg.adapter_width} must be below the SAE's d_in ({sae.cfg.d_in}) for the "
+            "linear adapter, or it is no low-rank map; use a smaller width or adapter='mlp'."
+        )
     if attached(sae) is not None:
         raise ValueError(
             "This SAE has an adapter attached (load_adapter); kl_finetune trains the SAE alone or a "

@@ -120,6 +120,8 @@ def test_adapter_bad_input(tmp_path) -> None:
         kl_finetune(make_sae("topk"), model, DATA, adapter="conv", **options)
     with pytest.raises(ValueError, match="adapter_width=0 must be a positive integer"):
         kl_finetune(make_sae("topk"), model, DATA, adapter="linear", adapter_width=0, **options)
+    with pytest.raises(ValueError, match="adapter_width=32 must be below the SAE's d_in"):
+        kl_finetune(make_sae("topk"), model, DATA, adapter="linear", adapter_width=32, **options)
     with pytest.raises(ValueError, match="adapter and sae_lora_rank both set"):
         kl_finetune(make_sae("topk"), model, DATA, adapter="linear", sae_lora_rank=2, **options)
     sae = make_sae("topk")

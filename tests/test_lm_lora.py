@@ -138,6 +138,8 @@ def test_lm_lora_bad_input(tmp_path) -> None:
         kl_finetune(make_sae("topk"), model, DATA, lm_lora_rank=2, **options)
     with pytest.raises(ValueError, match="lm_lora_rank=0 must be a positive integer"):
         kl_finetune(make_sae("topk"), model, DATA, lm_lora_rank=0, save_dir=tmp_path, **options)
+    with pytest.raises(ValueError, match="lm_lora_rank=32 must be below 32"):
+        kl_finetune(make_sae("topk"), model, DATA, lm_lora_rank=32, save_dir=tmp_path, **options)
     with pytest.raises(ValueError, match="lm_lora_rank with loss='mse'"):
         kl_finetune(make_sae("topk"), model, DATA, lm_lora_rank=2, loss="mse", save_dir=tmp_path, **options)
     with pytest.raises(ValueError, match="adapter and lm_lora_rank both set"):
