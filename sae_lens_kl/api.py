@@ -224,8 +224,7 @@ def _starting_saes(
     for training, plan in zip(trainings, plans, strict=True):
         if plan.cfg.sae_lora_rank is not None:
             add_lora(training, plan.cfg.sae_lora_rank)
-    for training, plan in zip(trainings, plans, strict=True):
-        if not plan.cfg.trains_sae:
+        if not plan.cfg.trains_sae:  # an adapter or LoRA on the LM trains instead
             training.requires_grad_(False)
     adapters = [_start_adapter(training, plan, None) for training, plan in zip(trainings, plans, strict=True)]
     return trainings, adapters, 0
