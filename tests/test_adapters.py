@@ -135,3 +135,20 @@ def test_adapter_bad_input(tmp_path) -> None:
     Adapter("linear", 32, 4).save(tmp_path / ADAPTER_FILENAME)
     with pytest.raises(ValueError, match="maps 32-dimensional reconstructions; this SAE's are 16"):
         load_adapter(tmp_path, make_sae("topk", d_in=16))
+
+
+def test_the_adapter_follows_the_same_lr_schedule_as_the_sae() -> None:
+    lrs: list[list[float]] = []
+
+    def record(trainer: KLFinetuneTrainer, output: Any) -> None:  # noqa: ARG001
+        lrs.append([group["lr"] for group in trainer.optimizer.param_groups])
+
+    kl_finetune(
+        make_sae("topk"), tiny_model(), DATA, adapter="linear", adapter_width=4, callbacks=[record], **OPTIONS
+    )
+    assert all(len(step) == 2 and step[0] == step[1] for step in lrs)  # SAE group, adapter group
+    steps = OPTIONS["tokens"] // STEP_TOKENS
+    # linear decay to 0 over the run (the default schedule), read after each step
+    assert [step[1] for step in lrs] == pytest.approx(
+        [OPTIONS["lr"] * (1 - (i + 1) / steps) for i in range(steps)]
+    )
