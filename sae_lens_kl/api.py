@@ -91,6 +91,10 @@ def kl_finetune(
             "from save_dir/sae_<i>."
         )
     plans = [make_plan(one, model, data, cfg, save_dir, resume_from, overwrite) for one in saes]
+    if len(saes) > 1 and any(plan.write_site != plan.site for plan in plans):
+        raise ValueError(
+            "Several SAEs per pass do not take transcoders yet; fine-tune each transcoder on its own."
+        )
     if len(saes) > 1 and (
         not all(plan.prefix_reuse for plan in plans)
         or isinstance(plans[0].data, CleanPassCache)
@@ -159,6 +163,7 @@ def _run(
         f"sae_{index}": SpliceRunner(
             model,
             plan.site,
+            write_site=plan.write_site,
             prefix_reuse=plan.prefix_reuse,
             blocks=blocks,
             spliced_hooks=lm_lora.hooks() if lm_lora is not None else (),

@@ -16,14 +16,26 @@ from sae_lens import SAE, TrainingSAE
 from sae_lens.registry import get_sae_class, get_sae_training_class
 
 from sae_lens_kl.config import TRAINING_ARCHITECTURES
+from sae_lens_kl.transcoders import TRANSCODER_ARCHITECTURES, register_training_classes
 
-# Inference architectures whose own training class reproduces their forward pass exactly.
-FINETUNABLE_INFERENCE = ("standard", "gated", "topk", "abstopk", "jumprelu")
+# Inference architectures whose own training class reproduces their forward pass exactly
+# (SAELens's for SAEs, transcoders.py's for transcoders).
+FINETUNABLE_INFERENCE = ("standard", "gated", "topk", "abstopk", "jumprelu", *TRANSCODER_ARCHITECTURES)
 # Training architectures accepted when the user passes a TrainingSAE (BatchTopK and Matryoshka
 # load as JumpReLU inference SAEs).
-FINETUNABLE_TRAINING = TRAINING_ARCHITECTURES
+FINETUNABLE_TRAINING = (*TRAINING_ARCHITECTURES, *TRANSCODER_ARCHITECTURES)
 # Sparsity coefficient each architecture trains with (driven by the sparsity controller).
-SPARSITY_COEFFICIENT = {"standard": "l1", "gated": "l1", "jumprelu": "l0"}
+SPARSITY_COEFFICIENT = {
+    "standard": "l1",
+    "gated": "l1",
+    "jumprelu": "l0",
+    "transcoder": "l1",
+    "skip_transcoder": "l1",
+    "jumprelu_transcoder": "l0",
+    "jumprelu_skip_transcoder": "l0",
+}
+# SAELens's trainer, checkpoints and conversions find the training transcoders in its registry.
+register_training_classes()
 # Normalisations with no run-time effect in an SAE's forward pass; SAELens's trainer would
 # re-estimate them from (activation) data, so the training copy says "none" instead.
 _INERT_NORMALISATIONS = ("expected_average_only_in", "covariance_whitening")
@@ -46,7 +58,6 @@ def check_supported(sae: SAE[Any]) -> None:
                 if not isinstance(sae, TrainingSAE)
                 else "."
             )
-            + " Transcoders map one hook point to another and are not SAEs at a single hook."
         )
 
 
@@ -79,7 +90,9 @@ def _training_from_inference(sae: SAE[Any]) -> TrainingSAE[Any]:
         # The training config defaults this to True; the inference SAE's value is what its outputs
         # were computed with (pre-6.0 configs lack it and mean False).
         merged["rescale_acts_by_decoder_norm"] = bool(sae.cfg.rescale_acts_by_decoder_norm)
-    if arch == "jumprelu" and bool((sae.threshold < 0).any()):
+    if arch in ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder") and bool(
+        (sae.threshold < 0).any()
+    ):
         raise UnsupportedSAEError(
             "This JumpReLU SAE has negative thresholds; SAELens's JumpReLU training keeps thresholds "
             ">= 0, which would change its outputs. Clamp them (sae.threshold.data.clamp_(min=0)) "

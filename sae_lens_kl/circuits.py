@@ -26,6 +26,7 @@ from transformer_lens import HookedTransformer
 
 from sae_lens_kl.architectures import flat_activations
 from sae_lens_kl.splice import HookSite
+from sae_lens_kl.transcoders import is_transcoder
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 """Logits [batch, pos, vocab] -> a scalar (e.g. a mean logit difference)."""
@@ -104,6 +105,12 @@ def _spliced(
     splices = {}
     for sae in saes:
         metadata = sae.cfg.metadata
+        if is_transcoder(sae):
+            raise ValueError(
+                f"Attribution here splices SAEs at one hook; the transcoder at {metadata.hook_name} -> "
+                f"{metadata.hook_name_out} is not supported yet. Use SAELens's HookedSAETransformer "
+                "(add_sae takes transcoders) or pass SAEs."
+            )
         site = HookSite.for_model(model, metadata.hook_name, metadata.hook_head_index)
         splices[site.hook_name] = _Splice(sae, site, **splice_fields.get(site.hook_name, {}))
     parameters = [p for module in (model, *saes) for p in module.parameters()]

@@ -18,14 +18,15 @@ from sae_lens_kl.data import DataError, DataSource, take, token_sequences
 from sae_lens_kl.losses import cross_entropy_per_token, kl_per_token
 from sae_lens_kl.runs import hooks_on, position_mask, recording
 from sae_lens_kl.splice import (
-    HookSite,
     VocabProjection,
     kl_dtype,
     later_residual_hooks,
     run_prefix,
     run_to_output,
+    sae_sites,
     supports_prefix_reuse,
 )
+from sae_lens_kl.transcoders import reconstruct
 
 
 @dataclass
@@ -38,7 +39,7 @@ class EvalResult:
     ce_spliced: float
     """Cross-entropy with the SAE's reconstruction spliced in."""
     ce_ablated: float
-    """Cross-entropy with the hook's activation zeroed (SAELens's zero ablation)."""
+    """Cross-entropy with the replaced hook's activation zeroed (SAELens's zero ablation)."""
     ce_gap: float
     """ce_spliced - ce_clean: what the fine-tune tries to close."""
     ce_score: float
@@ -52,7 +53,8 @@ class EvalResult:
     l0: float
     """Mean active latents per token."""
     mse: float
-    """Mean over tokens of the squared reconstruction error summed over dimensions."""
+    """Mean over tokens of the squared reconstruction error summed over dimensions (a transcoder's:
+    against the clean activation at its output hook, which its output replaces)."""
     explained_variance: float
     """1 - E||x - x_hat||^2 / Var(x) (SAELens's ExplainedVarianceCalculator)."""
     dead_latents: int
@@ -157,14 +159,17 @@ class HeldOutEvaluator:
         clean model runs without them."""
         if isinstance(sae, TrainingSAE):
             sae = to_inference_sae(sae)
-        model, metadata = self.model, sae.cfg.metadata
-        site = HookSite.for_model(model, metadata.hook_name, metadata.hook_head_index)
+        model = self.model
+        # a transcoder reads at `site` and its output replaces the activation at `write`
+        site, write = sae_sites(model, sae)
         reuse = self.prefix_reuse and supports_prefix_reuse(model, site)
         projection = VocabProjection.for_run(model, reuse)
         device = next(model.parameters()).device
-        baseline = self._baseline.get((site.hook_name, site.head_index))
+        # the baseline (clean, zero-ablated at the written hook) is shared by SAEs writing there
+        baseline = self._baseline.get((write.hook_name, write.head_index))
         new_baseline: list[dict[str, torch.Tensor]] = []
-        later = later_residual_hooks(model, site.hook_name)
+        later = later_residual_hooks(model, write.hook_name)
+        recorded_clean = later if write == site else [*later, write.hook_name]
         parts: dict[str, list[torch.Tensor]] = {
             name: []
             for name in ("ce_clean", "ce_ablated", "kl_ablated", "ce_spliced", "kl", "l0", "mse")
@@ -179,8 +184,9 @@ class HeldOutEvaluator:
             kept, ce_rows = keep.flatten(), keep[:, :-1].flatten()
             targets = tokens[:, 1:].flatten()
             prefix = run_prefix(model, tokens, site) if reuse else None
-            with recording(model, later) as clean_later:
+            with recording(model, recorded_clean) as clean_later:
                 clean_out, acts = run_to_output(model, tokens, prefix, site)
+            target = acts if write == site else write.read(clean_later[write.hook_name])
             clean_flat = clean_out.flatten(0, 1)
 
             def ce(
@@ -192,7 +198,7 @@ class HeldOutEvaluator:
                 return per_token[rows]
 
             if baseline is None:
-                ablated_out, _ = run_to_output(model, tokens, prefix, site, torch.zeros_like)
+                ablated_out, _ = run_to_output(model, tokens, prefix, write, torch.zeros_like)
                 batch_baseline = {
                     "ce_clean": ce(clean_out),
                     "ce_ablated": ce(ablated_out),
@@ -207,11 +213,11 @@ class HeldOutEvaluator:
                 parts[name].append(values)
 
             with flat_activations(sae):
-                feature_acts = sae.encode(acts.to(sae.device))
-                recon = sae.decode(feature_acts).to(acts.device, acts.dtype)
-            spliced_acts = torch.where(keep[..., None], recon, acts)
+                recon, feature_acts = reconstruct(sae, acts.to(sae.device))
+                recon = recon.to(target.device, target.dtype)
+            spliced_acts = torch.where(keep[..., None], recon, target)
             with recording(model, later) as spliced_later, hooks_on(model, spliced_hooks):
-                spliced_out, _ = run_to_output(model, tokens, prefix, site, lambda _, new=spliced_acts: new)
+                spliced_out, _ = run_to_output(model, tokens, prefix, write, lambda _, new=spliced_acts: new)
             for hook in later:
                 error = (spliced_later[hook] - clean_later[hook])[keep]
                 error = error.to(kl_dtype(error.dtype))
@@ -221,7 +227,8 @@ class HeldOutEvaluator:
                 kl_per_token(clean_flat, spliced_out.flatten(0, 1), projection, self.chunk_tokens)[kept]
             )
 
-            x, x_hat = acts[keep].float(), recon[keep].float()
+            # float32 at least (float64 for a float64 model), as the losses
+            x, x_hat = target[keep].to(kl_dtype(target.dtype)), recon[keep].to(kl_dtype(target.dtype))
             active = feature_acts[keep.to(feature_acts.device)] != 0
             parts["l0"].append(active.sum(-1).float())
             parts["mse"].append((x - x_hat).pow(2).sum(-1))
@@ -229,7 +236,7 @@ class HeldOutEvaluator:
             fired |= active.any(0)
 
         if baseline is None:
-            self._baseline[(site.hook_name, site.head_index)] = new_baseline
+            self._baseline[(write.hook_name, write.head_index)] = new_baseline
         # means accumulated in float64: n_tokens terms would lose float32 digits
         means = {name: torch.cat(values).double().mean().item() for name, values in parts.items()}
         ce_clean, ce_spliced, ce_ablated = means["ce_clean"], means["ce_spliced"], means["ce_ablated"]

@@ -26,7 +26,14 @@ from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.data import DataError, DataSource
 from sae_lens_kl.lm_lora import lm_lora_targets
 from sae_lens_kl.lora import check_rank
-from sae_lens_kl.splice import HookSite, hook_width, hooks_after, later_residual_hooks, supports_prefix_reuse
+from sae_lens_kl.splice import (
+    HookSite,
+    hook_width,
+    hooks_after,
+    later_residual_hooks,
+    sae_sites,
+    supports_prefix_reuse,
+)
 
 
 @dataclass
@@ -35,6 +42,8 @@ class Plan:
 
     cfg: KLFinetuneConfig
     site: HookSite
+    write_site: HookSite
+    """Where the SAE's output replaces the activation: `site`, or a transcoder's output hook."""
     context_size: int
     prepend_bos: bool
     prefix_reuse: bool
@@ -63,7 +72,10 @@ def make_plan(
             "The SAE's metadata has no hook_name; set sae.cfg.metadata.hook_name to the "
             "TransformerLens hook point it reads."
         )
-    site = HookSite.for_model(model, metadata.hook_name, metadata.hook_head_index)
+    site, write_site = sae_sites(model, sae)
+    transcoder = write_site != site
+    if transcoder:
+        _check_transcoder_options(cfg, data)
     n_heads = getattr(getattr(model, "cfg", None), "n_heads", None)
     if site.head_index is not None and n_heads is not None and not 0 <= site.head_index < n_heads:
         raise ValueError(
@@ -112,6 +124,11 @@ def make_plan(
             f"{'' if site.head_index is None else f' head {site.head_index}'} is {width} wide "
             "in this model. Pass the model the SAE was trained on."
         )
+    if transcoder and (out_width := hook_width(model, write_site)) != sae.cfg.d_out:
+        raise ValueError(
+            f"The transcoder writes {sae.cfg.d_out}-dimensional activations but {write_site.hook_name} "
+            f"is {out_width} wide in this model. Pass the model the transcoder was trained on."
+        )
     model_cfg = getattr(model, "cfg", None)
     if cfg.check_model_name and metadata.model_name and model_cfg is not None:
         _check_model_name(metadata.model_name, model_cfg.model_name)
@@ -144,7 +161,7 @@ def make_plan(
             "loss='e2e+ds' compares activations after the SAE's hook, which a clean-pass cache does "
             "not store; fine-tune e2e+ds from token data."
         )
-    cfg = dataclasses.replace(cfg, downstream_hooks=_downstream_hooks(cfg, model, site))
+    cfg = dataclasses.replace(cfg, downstream_hooks=_downstream_hooks(cfg, model, write_site))
     if cfg.compile_blocks and not (
         cfg.prefix_reuse and supports_prefix_reuse(model, site) and getattr(model_cfg, "n_devices", 1) == 1
     ):
@@ -222,6 +239,7 @@ def make_plan(
     return Plan(
         cfg=cfg,
         site=site,
+        write_site=write_site,
         context_size=context_size,
         prepend_bos=bool(cfg.prepend_bos),
         prefix_reuse=cfg.prefix_reuse and supports_prefix_reuse(model, site),
@@ -231,6 +249,23 @@ def make_plan(
         resuming_into_save_dir=resuming_into_out,
         fingerprints=fingerprints,
     )
+
+
+def _check_transcoder_options(cfg: KLFinetuneConfig, data: DataSource | None) -> None:
+    """What a transcoder's fine-tune does not support yet, refused before any work."""
+    unsupported = {
+        "adapter": cfg.adapter is not None,
+        "sae_lora_rank": cfg.sae_lora_rank is not None,
+        "lm_lora_rank": cfg.lm_lora_rank is not None,
+        "a clean-pass cache as data": isinstance(data, CleanPassCache)
+        or (isinstance(data, (str, Path)) and (Path(data).expanduser() / CACHE_FILENAME).is_file()),
+    }
+    refused = [name for name, given in unsupported.items() if given]
+    if refused:
+        raise ValueError(
+            f"Transcoders are fine-tuned without {', '.join(refused)} (not supported for transcoders "
+            "yet); fine-tune the transcoder itself from token data."
+        )
 
 
 def _check_model_name(sae_model: str, model_name: str) -> None:

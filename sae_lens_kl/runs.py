@@ -48,6 +48,9 @@ class CleanRun:
     statistics: CleanStatistics | None = None
     recorded: dict[str, torch.Tensor] = field(default_factory=dict)
     """Clean activations [batch, pos, ...] at further hooks a loss term reads (`LossTerm.hooks`)."""
+    target: torch.Tensor | None = None
+    """A transcoder's clean activation at its output hook [batch, pos, d_out], which its output
+    replaces and its MSE compares against (None for an SAE: `acts` is both)."""
 
     def __post_init__(self) -> None:
         if self.final is not None and self.statistics is not None:
@@ -79,19 +82,22 @@ def position_mask(
 class SpliceRunner:
     """Runs one SAE's clean and spliced passes through `model`: from the prefix entering the SAE's
     block when the model allows it (the layers before run once per batch), else as two full hooked
-    forwards. `projection` maps its run outputs to logits."""
+    forwards. `projection` maps its run outputs to logits. The SAE reads at `site` and its output
+    replaces the activation at `write_site` (default `site`; a transcoder's output hook)."""
 
     def __init__(
         self,
         model: HookedRootModule,
         site: HookSite,
         *,
+        write_site: HookSite | None = None,
         prefix_reuse: bool = True,
         blocks: CompiledBlocks | None = None,
         spliced_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
     ) -> None:
         self.model = model
         self.site = site
+        self.write_site = write_site or site
         # what else the spliced model has besides the SAE (LoRA on the LM's later blocks)
         self.spliced_hooks = list(spliced_hooks)
         self.prefix_reuse = prefix_reuse and supports_prefix_reuse(model, site)
@@ -105,14 +111,19 @@ class SpliceRunner:
         """The clean pass of a [batch, pos] token batch, recording the activations at the hooks
         in `record`; without the distribution it stops at the SAE's block (the MSE-only control
         needs nothing after it)."""
-        model, site = self.model, self.site
+        model, site, write = self.model, self.site, self.write_site
         tokens = tokens.to(next(model.parameters()).device)
-        with recording(model, record) as recorded:
+        transcoder = write != site
+        with recording(model, [*record, write.hook_name] if transcoder else record) as recorded:
             prefix = run_prefix(model, tokens, site, self.blocks) if self.prefix_reuse else None  # type: ignore[arg-type]
-            if not with_distribution:
-                return CleanRun(tokens, run_to_hook(model, tokens, prefix, site), prefix, recorded=recorded)
-            final, acts = run_to_output(model, tokens, prefix, site)
-        return CleanRun(tokens, acts, prefix, final=final, recorded=recorded)
+            if with_distribution:
+                final, acts = run_to_output(model, tokens, prefix, site)
+            else:
+                final, acts = None, run_to_hook(model, tokens, prefix, site, write.block)
+        target = write.read(recorded[write.hook_name]) if transcoder else None
+        if transcoder and write.hook_name not in record:
+            del recorded[write.hook_name]
+        return CleanRun(tokens, acts, prefix, final=final, recorded=recorded, target=target)
 
     def clean_runs(
         self, batches: Iterable[torch.Tensor], with_distribution: bool = True, record: Sequence[str] = ()
@@ -135,7 +146,7 @@ class SpliceRunner:
         continuing from the clean run's prefix, and the activations at the hooks in `record`;
         gradients flow into what `replacement` returns."""
         with recording(self.model, record) as recorded, hooks_on(self.model, self.spliced_hooks):
-            output = run_to_output(self.model, run.tokens, run.prefix, self.site, replacement)[0]
+            output = run_to_output(self.model, run.tokens, run.prefix, self.write_site, replacement)[0]
         return output, recorded
 
 

@@ -15,8 +15,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from sae_lens import SAE
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule, HookPoint
+
+from sae_lens_kl.transcoders import is_transcoder
 
 _BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
 _HEAD_DIM_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z")
@@ -134,6 +137,28 @@ def cached_prefix(
     return Prefix(residual, tokens, shortformer_pos_embed, attention_mask, site.block, blocks)
 
 
+def sae_sites(model: HookedRootModule, sae: SAE[Any]) -> tuple[HookSite, HookSite]:
+    """(where the SAE reads its input, where its output replaces the activation): one site for an
+    SAE; for a transcoder its output hook `metadata.hook_name_out`, which must come after its input
+    hook in the forward pass."""
+    metadata = sae.cfg.metadata
+    site = HookSite.for_model(model, metadata.hook_name, metadata.hook_head_index)
+    if not is_transcoder(sae):
+        return site, site
+    if not metadata.hook_name_out:
+        raise ValueError(
+            "The transcoder's metadata has no hook_name_out; set sae.cfg.metadata.hook_name_out to the "
+            "hook point its output replaces (e.g. 'blocks.0.hook_mlp_out')."
+        )
+    out = HookSite.for_model(model, metadata.hook_name_out, None)
+    if out.hook_name not in hooks_after(model, site.hook_name):
+        raise ValueError(
+            f"The transcoder's output hook {out.hook_name!r} does not come after its input hook "
+            f"{site.hook_name!r} in the forward pass; a transcoder maps an activation to a later one."
+        )
+    return site, out
+
+
 def hooks_after(model: HookedRootModule, hook_name: str) -> list[str]:
     """Every hook point after `hook_name` in the forward pass (TransformerLens registers hook
     points in forward order)."""
@@ -200,9 +225,14 @@ def run_to_output(
 
 
 def run_to_hook(
-    model: HookedRootModule, tokens: torch.Tensor, prefix: Prefix | None, site: HookSite
+    model: HookedRootModule,
+    tokens: torch.Tensor,
+    prefix: Prefix | None,
+    site: HookSite,
+    last_block: int | None = None,
 ) -> torch.Tensor:
-    """The SAE input at the hook [batch, pos, d_in], running no further than the hook's block."""
+    """The SAE input at the hook [batch, pos, d_in], running no further than the hook's block (or
+    `last_block`, where a transcoder's output hook lies)."""
     seen: dict[str, torch.Tensor] = {}
 
     def keep(raw: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # noqa: ARG001
@@ -214,7 +244,7 @@ def run_to_hook(
             model(tokens)
         else:
             assert isinstance(model, HookedTransformer) and site.block is not None
-            prefix.run_blocks(model, site.block + 1)
+            prefix.run_blocks(model, max(site.block, last_block or 0) + 1)
     return seen["acts"]
 
 

@@ -29,6 +29,7 @@ from sae_lens_kl.evaluation import latent_cosine_percentiles
 from sae_lens_kl.losses import Objective, StepTensors, objective_of
 from sae_lens_kl.runs import CleanRun, SpliceRunner, position_mask
 from sae_lens_kl.staging import staged_folder
+from sae_lens_kl.transcoders import TranscoderStepInput
 
 StepCallback = Callable[["KLFinetuneTrainer", TrainStepOutput], None]
 
@@ -195,7 +196,8 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         # The replacement (the SAE) on the clean activations at those rows.
         sae.train()
         with self.autocast_if_enabled:
-            out = self.replacement(sae, self._step_input(run.acts.flatten(0, 1)[rows]))
+            target = None if run.target is None else run.target.flatten(0, 1)[rows]
+            out = self.replacement(sae, self._step_input(run.acts.flatten(0, 1)[rows], target))
 
         # Spliced suffix from the clean run's prefix, when a loss term reads it.
         clean, spliced, spliced_at = None, None, {}
@@ -251,14 +253,17 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
             num_cycles=self.cfg.n_restart_cycles,
         )
 
-    def _step_input(self, sae_in: torch.Tensor) -> TrainStepInput:
-        return TrainStepInput(
-            sae_in=sae_in,
-            dead_neuron_mask=self.dead_neurons,
-            coefficients=self.get_coefficients(),
-            n_training_steps=self.n_training_steps,
-            is_logging_step=self._is_logging_step(),
-        )
+    def _step_input(self, sae_in: torch.Tensor, target: torch.Tensor | None = None) -> TrainStepInput:
+        """SAELens's step input; with a transcoder's `target` (its output hook's clean rows), the
+        TranscoderStepInput its training class reads the MSE target from."""
+        step = {
+            "sae_in": sae_in,
+            "dead_neuron_mask": self.dead_neurons,
+            "coefficients": self.get_coefficients(),
+            "n_training_steps": self.n_training_steps,
+            "is_logging_step": self._is_logging_step(),
+        }
+        return TrainStepInput(**step) if target is None else TranscoderStepInput(**step, target=target)
 
     @torch.no_grad()
     def _checked_numbers(self, **values: torch.Tensor | None) -> dict[str, float]:

@@ -56,12 +56,18 @@ def make_sae(
     **cfg_fields: Any,
 ) -> SAE[Any]:
     """An SAE with random weights big enough to matter (decoder rows not tiny), so splicing it
-    changes the model's predictions."""
+    changes the model's predictions. A transcoder maps block 1's MLP input to its output."""
     torch.manual_seed(seed)
     sae_cls, cfg_cls = (get_sae_training_class if training else get_sae_class)(architecture)
     defaults: dict[str, Any] = {"k": 8} if "topk" in architecture else {}
     if architecture == "matryoshka_batchtopk":
         defaults["matryoshka_widths"] = [32, d_sae]
+    transcoder: dict[str, Any] = {}
+    if architecture.endswith("transcoder"):  # the MLP's input -> its output, block 1
+        defaults.update(d_out=D_MODEL, apply_b_dec_to_input=False)
+        if hook_name == "blocks.1.hook_resid_pre":
+            hook_name = "blocks.1.ln2.hook_normalized"
+        transcoder["hook_name_out"] = "blocks.1.hook_mlp_out"
     cfg = cfg_cls.from_dict(
         {
             "architecture": architecture,
@@ -77,6 +83,7 @@ def make_sae(
                 "model_name": "tiny-test-model",
                 "context_size": 16,
                 "prepend_bos": False,
+                **transcoder,
             },
         }
     )

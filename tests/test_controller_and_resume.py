@@ -68,7 +68,7 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu", "jumprelu_skip_transcoder"])
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(architecture: str, tmp_path) -> None:
     model = tiny_model()
     sae = make_sae(architecture)
@@ -79,7 +79,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(architecture: str,
         "dead_feature_window": 2,  # makes TopK's dead-latent aux loss depend on restored statistics
         **FAST,
     }
-    if architecture == "jumprelu":
+    if architecture.startswith("jumprelu"):
         options["sparsity_controller"] = "on"
     whole = kl_finetune(sae, model, DATA, save_dir=tmp_path / "whole", **options)
 
@@ -114,7 +114,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(architecture: str,
     for name, tensor in whole.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
     assert resumed.cfg.metadata.kl_finetune["training_tokens"] == 8 * STEP_TOKENS
-    if architecture in ("standard", "jumprelu"):
+    if architecture != "topk":
         assert (
             resumed.cfg.metadata.kl_finetune["sparsity_controller"]
             == whole.cfg.metadata.kl_finetune["sparsity_controller"]
