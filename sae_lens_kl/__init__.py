@@ -14,6 +14,7 @@ _MODULE_OF = {
     "CleanPassCache": "cache",
     "DataError": "data",
     "EvalResult": "evaluation",
+    "HeldOutEvaluator": "evaluation",
     "KLFinetuneConfig": "config",
     "KLFinetuneTrainer": "trainer",
     "NonFiniteLossError": "trainer",

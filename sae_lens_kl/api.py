@@ -51,6 +51,7 @@ def kl_finetune(
     resume_from: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     eval_data: DataSource | None = None,
+    evaluator: HeldOutEvaluator | None = None,
     callbacks: Sequence[StepCallback] = (),
     **options: Any,
 ) -> Any:
@@ -63,7 +64,11 @@ def kl_finetune(
     `data`: a Hugging Face dataset name or object, a list of strings, a local text file or folder,
     a [n, seq] token tensor or a clean-pass cache; default the SAE metadata's dataset_path. The
     first `eval_tokens` tokens are held out (unless `eval_data` is given) for the before/after
-    evaluation. `tokens` and the further keywords (`loss`, `lr`, `batch_size`, `context_size`,
+    evaluation. `evaluator` (a `HeldOutEvaluator`, e.g. `HeldOutEvaluator.for_data(model,
+    held_out_text, n_tokens=..., context_size=...)`) replaces `eval_data`/`eval_tokens` with one
+    evaluator shared by several fine-tunes: the clean pass of its tokens, the zero-ablation
+    baseline and the starting SAE's numbers are computed once for all of them (its settings must
+    match this fine-tune's). `tokens` and the further keywords (`loss`, `lr`, `batch_size`, `context_size`,
     `eval_tokens`, ...) are fields of `KLFinetuneConfig`, with its defaults.
 
     A list of SAEs trains them in lockstep on the same tokens (sharing the layers before the
@@ -91,6 +96,8 @@ def kl_finetune(
             "from save_dir/sae_<i>."
         )
     plans = [make_plan(one, model, data, cfg, save_dir, resume_from, overwrite) for one in saes]
+    if evaluator is not None:
+        _check_evaluator(evaluator, model, plans[0].cfg, eval_data)
     if len(saes) > 1 and any(plan.write_site != plan.site for plan in plans):
         raise ValueError(
             "Several SAEs per pass do not take transcoders yet; fine-tune each transcoder on its own."
@@ -110,7 +117,7 @@ def kl_finetune(
     # training SAE (then overwritten): the caller's generator state is left as it was.
     cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda_devices):
-        tuned = _run(saes, model, plans, eval_data, callbacks, overwrite)
+        tuned = _run(saes, model, plans, eval_data, evaluator, callbacks, overwrite)
     return tuned[0] if isinstance(sae, SAE) else tuned
 
 
@@ -146,6 +153,7 @@ def _run(
     model: HookedRootModule,
     plans: Sequence[Plan],
     eval_data: DataSource | None,
+    shared_evaluator: HeldOutEvaluator | None,
     callbacks: Sequence[StepCallback],
     overwrite: bool,
 ) -> list[SAE[Any]]:
@@ -170,8 +178,11 @@ def _run(
         )
         for index, plan in enumerate(plans)
     }
-    eval_sequences, clean_runs = _data_streams(first, model, runners, eval_data, consumed, objective)
-    evaluator = _evaluator(first, model, eval_sequences)  # one baseline per hook, shared
+    eval_sequences, clean_runs = _data_streams(
+        first, model, runners, eval_data, consumed, objective, held_out=shared_evaluator is not None
+    )
+    # one evaluator for every SAE of the run: the clean pass and baseline are computed once
+    evaluator = shared_evaluator or _evaluator(first, model, eval_sequences)
     single = len(saes) == 1
     save_dirs = [
         first.save_dir if single or first.save_dir is None else first.save_dir / name for name in runners
@@ -265,11 +276,13 @@ def _data_streams(
     eval_data: DataSource | None,
     consumed: int,
     objective: Objective,
+    held_out: bool = False,
 ) -> tuple[torch.Tensor | None, Iterator[Any]]:
     """(held-out evaluation sequences, the clean runs of the training batches: one CleanRun per
-    batch, or for several SAEs a dict of them per batch)."""
+    batch, or for several SAEs a dict of them per batch). `held_out`: an evaluator was given, so
+    no sequences are held out of the data."""
     cfg = plan.cfg
-    n_eval_sequences = -(-cfg.eval_tokens // plan.context_size)
+    n_eval_sequences = 0 if held_out else -(-cfg.eval_tokens // plan.context_size)
     steps = cfg.tokens // (cfg.batch_size * plan.context_size)
     streams = {"context_size": plan.context_size, "prepend_bos": plan.prepend_bos, "consumed": 0}
     if isinstance(plan.data, CleanPassCache):
@@ -303,6 +316,29 @@ def _data_streams(
         )
     assert isinstance(model, HookedTransformer)
     return eval_sequences, shared_clean_runs(model, batches, runners, cfg.kl_chunk_tokens)
+
+
+def _check_evaluator(
+    evaluator: HeldOutEvaluator, model: HookedRootModule, cfg: KLFinetuneConfig, eval_data: DataSource | None
+) -> None:
+    """A shared evaluator must measure what this fine-tune's own would: same model, positions."""
+    if eval_data is not None:
+        raise ValueError(
+            "Pass eval_data or evaluator, not both: the evaluator holds its own held-out tokens."
+        )
+    if evaluator.model is not model:
+        raise ValueError("The evaluator was built for another model object; build it for this model.")
+    ignored = special_token_ids(model) if cfg.exclude_special_tokens else []
+    settings = {
+        "exclude_first_positions": (evaluator.exclude_first_positions, cfg.exclude_first_positions),
+        "special tokens left out": (sorted(evaluator.special_token_ids), sorted(ignored)),
+    }
+    for name, (theirs, ours) in settings.items():
+        if theirs != ours:
+            raise ValueError(
+                f"The evaluator's {name} is {theirs} but this fine-tune's is {ours}; build the "
+                "evaluator with the fine-tune's settings (HeldOutEvaluator.for_data(...))."
+            )
 
 
 def _evaluator(

@@ -18,6 +18,7 @@ from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_direc
 from sae_lens_kl.api import kl_finetune
 from sae_lens_kl.config import LOSS_MODES, KLFinetuneConfig
 from sae_lens_kl.corpus import django_docs
+from sae_lens_kl.evaluation import HeldOutEvaluator
 from sae_lens_kl.evaluation import evaluate as evaluate_sae
 from sae_lens_kl.models import cache_root, load_model
 from sae_lens_kl.report import History, write_report
@@ -97,7 +98,8 @@ def cached_mse_sae(
 @dataclasses.dataclass
 class DemoSetup:
     """What the demo and the experiments share: the model, training and held-out text, the MSE
-    phase's runner config, the KL phase's length and the fine-tune options of every run."""
+    phase's runner config, the KL phase's length, the fine-tune options of every run and the
+    evaluator of every run (the held-out clean pass is computed once for all of them)."""
 
     model: Any
     train_data: Any
@@ -106,6 +108,11 @@ class DemoSetup:
     kl_tokens: int
     options: dict[str, Any]
     sinks: int
+    evaluator: HeldOutEvaluator | None
+
+    def held_out(self) -> dict[str, Any]:
+        """The keyword that gives a fine-tune its held-out evaluation: the shared evaluator."""
+        return {"evaluator": self.evaluator} if self.evaluator is not None else {"eval_data": self.eval_data}
 
     def runner_config_for(
         self, architecture: str, tokens: int | None = None
@@ -173,7 +180,21 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
         "kl_chunk_tokens": 256,
     }
     kl_tokens = args.kl_steps * batch_size * context_size
-    return DemoSetup(model, train_data, eval_data, runner_cfg, kl_tokens, options, sinks)
+    evaluator = (
+        HeldOutEvaluator.for_data(
+            model,
+            eval_data,
+            n_tokens=args.eval_tokens,
+            context_size=context_size,
+            prepend_bos=bool(runner_cfg.prepend_bos),
+            batch_size=options["eval_batch_size"],
+            exclude_first_positions=sinks,
+            chunk_tokens=options["kl_chunk_tokens"],
+        )
+        if args.eval_tokens
+        else None
+    )
+    return DemoSetup(model, train_data, eval_data, runner_cfg, kl_tokens, options, sinks, evaluator)
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -205,11 +226,11 @@ def demo(args: argparse.Namespace) -> None:
         model,
         train_data,
         kl_fraction=kl_tokens / total,
-        eval_data=eval_data,
         save_dir=out / "kl_mse",
         mse_sae=mse_sae,
         callbacks=[history],
         overwrite=args.overwrite,
+        **setup.held_out(),
         **options,
     )
     runs = {"KL+MSE": result.sae.cfg.metadata.kl_finetune}
@@ -223,9 +244,9 @@ def demo(args: argparse.Namespace) -> None:
             result.kl_data,
             tokens=result.kl_tokens,
             loss=loss,
-            eval_data=eval_data,
             save_dir=out / CONTROL_FOLDERS.get(loss, loss.replace("+", "_")),
             overwrite=args.overwrite,
+            **setup.held_out(),
             **options,
         )
         runs[CONTROL_NAMES.get(loss, loss)] = control.cfg.metadata.kl_finetune

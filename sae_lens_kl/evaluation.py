@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -13,11 +15,15 @@ from sae_lens.util import get_special_token_ids
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookedRootModule
 
+from sae_lens_kl.adapters import attached
 from sae_lens_kl.architectures import flat_activations, to_inference_sae
+from sae_lens_kl.checkpoints import sae_fingerprint
 from sae_lens_kl.data import DataError, DataSource, take, token_sequences
 from sae_lens_kl.losses import cross_entropy_per_token, kl_per_token
 from sae_lens_kl.runs import hooks_on, position_mask, recording
 from sae_lens_kl.splice import (
+    HookSite,
+    Prefix,
     VocabProjection,
     kl_dtype,
     later_residual_hooks,
@@ -69,6 +75,9 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def copy(self) -> EvalResult:
+        return dataclasses.replace(self, downstream_mse=dict(self.downstream_mse))
+
 
 def special_token_ids(model: HookedRootModule) -> list[int]:
     tokenizer = getattr(model, "tokenizer", None)
@@ -92,45 +101,51 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate `sae` spliced into `model` on the first `n_tokens` tokens of `data` (rounded up to
     whole sequences). `data` is any source `kl_finetune` accepts, or a [n_seq, seq] token tensor
-    used as it is."""
+    used as it is. Context length and BOS default to the SAE's metadata. To evaluate several SAEs
+    on the same tokens, build one `HeldOutEvaluator.for_data(...)` and call it on each: the clean
+    pass is then computed once."""
     metadata = sae.cfg.metadata
-    if not isinstance(n_tokens, int) or n_tokens < 1:
-        raise ValueError(f"n_tokens={n_tokens!r} must be a positive number of tokens to evaluate.")
-    if isinstance(data, torch.Tensor) and data.ndim == 2:
-        n_seq = -(-n_tokens // data.shape[1])
-        if len(data) < n_seq:
-            raise DataError(
-                f"The evaluation data holds {len(data)} sequences of {data.shape[1]} tokens, fewer "
-                f"than the {n_seq} that n_tokens={n_tokens} needs; lower n_tokens or pass more data."
-            )
-        sequences = data[:n_seq].long()
-    else:
-        ctx = context_size or metadata.context_size or 1024
-        bos = prepend_bos if prepend_bos is not None else metadata.prepend_bos is not False
-        n_seq = -(-n_tokens // ctx)
-        sequences = take(token_sequences(data, model, ctx, bos), n_seq)
-        if sequences is None:
-            raise DataError(
-                f"The evaluation data holds fewer than the {n_seq} sequences of {ctx} tokens that "
-                f"n_tokens={n_tokens} needs; lower n_tokens or pass more data."
-            )
-    ignored = special_token_ids(model) if exclude_special_tokens else []
-    evaluator = HeldOutEvaluator(
+    evaluator = HeldOutEvaluator.for_data(
         model,
-        sequences,
+        data,
+        n_tokens=n_tokens,
         batch_size=batch_size,
-        special_token_ids=ignored,
+        context_size=context_size or metadata.context_size or 1024,
+        prepend_bos=prepend_bos if prepend_bos is not None else metadata.prepend_bos is not False,
+        exclude_special_tokens=exclude_special_tokens,
         exclude_first_positions=exclude_first_positions,
         chunk_tokens=chunk_tokens,
         prefix_reuse=prefix_reuse,
+        clean_cache_bytes=0,  # one evaluation: nothing to reuse
     )
     return evaluator(sae)
 
 
+@dataclass
+class _CleanPass:
+    """One batch's clean pass at one SAE's sites: what every evaluation of an SAE there reuses."""
+
+    prefix: Prefix | None
+    output: torch.Tensor
+    acts: torch.Tensor
+    target: torch.Tensor
+    later: dict[str, torch.Tensor]
+
+    def nbytes(self) -> int:
+        tensors = [self.output, self.acts, *self.later.values()]
+        tensors += [] if self.target is self.acts else [self.target]
+        tensors += [] if self.prefix is None else [self.prefix.residual]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class HeldOutEvaluator:
-    """Evaluates SAEs on fixed token sequences. What does not depend on the SAE (clean and
-    zero-ablation CE, ablation KL: per-token numbers) is computed by the first call and reused, so
-    an "after" evaluation runs only the clean and spliced suffixes."""
+    """Evaluates SAEs on fixed token sequences, reusing across calls what does not depend on the
+    SAE: the per-token clean and zero-ablation numbers (for every SAE writing at a hook), and,
+    while it fits in `clean_cache_bytes`, the clean pass itself (the prefix entering the SAE's
+    block, the clean output, the SAE's input and target, the clean activations at later residual
+    hooks) for every SAE at the same hooks; a later evaluation then runs only the spliced suffix.
+    An SAE already evaluated (same weights, config and hooks) gets its stored result. Reuse is
+    exact: the same tensors enter the same computations."""
 
     def __init__(
         self,
@@ -142,6 +157,7 @@ class HeldOutEvaluator:
         exclude_first_positions: int,
         chunk_tokens: int,
         prefix_reuse: bool = True,
+        clean_cache_bytes: int = 2**31,
     ) -> None:
         self.model = model
         self.batches = sequences.split(batch_size)
@@ -149,7 +165,96 @@ class HeldOutEvaluator:
         self.exclude_first_positions = exclude_first_positions
         self.chunk_tokens = chunk_tokens
         self.prefix_reuse = prefix_reuse
+        self.clean_cache_bytes = clean_cache_bytes
         self._baseline: dict[tuple[str, int | None], list[dict[str, torch.Tensor]]] = {}
+        self._clean: dict[tuple[HookSite, HookSite], list[_CleanPass]] = {}
+        self._too_big: set[tuple[HookSite, HookSite]] = set()
+        self._results: dict[tuple[str, ...], EvalResult] = {}
+
+    @classmethod
+    def for_data(
+        cls,
+        model: HookedRootModule,
+        data: DataSource,
+        *,
+        n_tokens: int,
+        context_size: int,
+        prepend_bos: bool = True,
+        batch_size: int = 4,
+        exclude_special_tokens: bool = True,
+        exclude_first_positions: int = 0,
+        chunk_tokens: int = 256,
+        prefix_reuse: bool = True,
+        clean_cache_bytes: int = 2**31,
+    ) -> HeldOutEvaluator:
+        """An evaluator on the first `n_tokens` tokens of `data` (whole sequences of
+        `context_size`; a [n_seq, seq] token tensor is used as it is)."""
+        if not isinstance(n_tokens, int) or n_tokens < 1:
+            raise ValueError(f"n_tokens={n_tokens!r} must be a positive number of tokens to evaluate.")
+        if isinstance(data, torch.Tensor) and data.ndim == 2:
+            n_seq = -(-n_tokens // data.shape[1])
+            if len(data) < n_seq:
+                raise DataError(
+                    f"The evaluation data holds {len(data)} sequences of {data.shape[1]} tokens, fewer "
+                    f"than the {n_seq} that n_tokens={n_tokens} needs; lower n_tokens or pass more data."
+                )
+            sequences = data[:n_seq].long()
+        else:
+            n_seq = -(-n_tokens // context_size)
+            sequences = take(token_sequences(data, model, context_size, prepend_bos), n_seq)
+            if sequences is None:
+                raise DataError(
+                    f"The evaluation data holds fewer than the {n_seq} sequences of {context_size} tokens "
+                    f"that n_tokens={n_tokens} needs; lower n_tokens or pass more data."
+                )
+        return cls(
+            model,
+            sequences,
+            batch_size=batch_size,
+            special_token_ids=special_token_ids(model) if exclude_special_tokens else [],
+            exclude_first_positions=exclude_first_positions,
+            chunk_tokens=chunk_tokens,
+            prefix_reuse=prefix_reuse,
+            clean_cache_bytes=clean_cache_bytes,
+        )
+
+    @property
+    def n_sequences(self) -> int:
+        return sum(len(batch) for batch in self.batches)
+
+    def _clean_pass(
+        self, index: int, tokens: torch.Tensor, site: HookSite, write: HookSite, reuse: bool
+    ) -> _CleanPass:
+        """Batch `index`'s clean pass at these sites: stored, or run (and stored while it fits)."""
+        key = (site, write)
+        stored = self._clean.get(key, [])
+        if index < len(stored):
+            return stored[index]
+        model = self.model
+        later = later_residual_hooks(model, write.hook_name)
+        prefix = run_prefix(model, tokens, site) if reuse else None  # type: ignore[arg-type]
+        with recording(model, later if write == site else [*later, write.hook_name]) as clean_later:
+            output, acts = run_to_output(model, tokens, prefix, site)
+        target = acts if write == site else write.read(clean_later[write.hook_name])
+        run = _CleanPass(prefix, output, acts, target, {hook: clean_later[hook] for hook in later})
+        if key not in self._too_big and index == len(stored):
+            used = sum(part.nbytes() for parts in self._clean.values() for part in parts)
+            if used + run.nbytes() <= self.clean_cache_bytes:
+                self._clean.setdefault(key, []).append(run)
+            else:  # does not fit: these sites run their clean pass every time
+                self._too_big.add(key)
+                self._clean.pop(key, None)
+        return run
+
+    def _result_key(
+        self, sae: SAE[Any], write: HookSite, spliced_hooks: Sequence[tuple[str, Callable[..., Any]]]
+    ) -> tuple[str, ...] | None:
+        """What names an evaluation's result: the SAE's weights, config and output hook (None when
+        something else changes the spliced model: an adapter after the SAE, hooks on the LM)."""
+        if spliced_hooks or attached(sae) is not None:
+            return None
+        cfg = {k: v for k, v in sae.cfg.to_dict().items() if k != "metadata"}
+        return (sae_fingerprint(sae), json.dumps(cfg, sort_keys=True, default=str), write.hook_name)
 
     @torch.no_grad()
     def __call__(
@@ -162,6 +267,9 @@ class HeldOutEvaluator:
         model = self.model
         # a transcoder reads at `site` and its output replaces the activation at `write`
         site, write = sae_sites(model, sae)
+        result_key = self._result_key(sae, write, spliced_hooks)
+        if result_key in self._results:
+            return self._results[result_key].copy()  # type: ignore[index]
         reuse = self.prefix_reuse and supports_prefix_reuse(model, site)
         projection = VocabProjection.for_run(model, reuse)
         device = next(model.parameters()).device
@@ -169,7 +277,6 @@ class HeldOutEvaluator:
         baseline = self._baseline.get((write.hook_name, write.head_index))
         new_baseline: list[dict[str, torch.Tensor]] = []
         later = later_residual_hooks(model, write.hook_name)
-        recorded_clean = later if write == site else [*later, write.hook_name]
         parts: dict[str, list[torch.Tensor]] = {
             name: []
             for name in ("ce_clean", "ce_ablated", "kl_ablated", "ce_spliced", "kl", "l0", "mse")
@@ -183,10 +290,8 @@ class HeldOutEvaluator:
             keep = position_mask(tokens, self.special_token_ids, self.exclude_first_positions)
             kept, ce_rows = keep.flatten(), keep[:, :-1].flatten()
             targets = tokens[:, 1:].flatten()
-            prefix = run_prefix(model, tokens, site) if reuse else None
-            with recording(model, recorded_clean) as clean_later:
-                clean_out, acts = run_to_output(model, tokens, prefix, site)
-            target = acts if write == site else write.read(clean_later[write.hook_name])
+            clean = self._clean_pass(index, tokens, site, write, reuse)
+            prefix, clean_out, acts, target = clean.prefix, clean.output, clean.acts, clean.target
             clean_flat = clean_out.flatten(0, 1)
 
             def ce(
@@ -219,7 +324,7 @@ class HeldOutEvaluator:
             with recording(model, later) as spliced_later, hooks_on(model, spliced_hooks):
                 spliced_out, _ = run_to_output(model, tokens, prefix, write, lambda _, new=spliced_acts: new)
             for hook in later:
-                error = (spliced_later[hook] - clean_later[hook])[keep]
+                error = (spliced_later[hook] - clean.later[hook])[keep]
                 error = error.to(kl_dtype(error.dtype))
                 parts[f"downstream:{hook}"].append(error.pow(2).sum(-1))
             parts["ce_spliced"].append(ce(spliced_out))
@@ -240,7 +345,7 @@ class HeldOutEvaluator:
         # means accumulated in float64: n_tokens terms would lose float32 digits
         means = {name: torch.cat(values).double().mean().item() for name, values in parts.items()}
         ce_clean, ce_spliced, ce_ablated = means["ce_clean"], means["ce_spliced"], means["ce_ablated"]
-        return EvalResult(
+        result = EvalResult(
             ce_clean=ce_clean,
             ce_spliced=ce_spliced,
             ce_ablated=ce_ablated,
@@ -256,6 +361,9 @@ class HeldOutEvaluator:
             downstream_mse={hook: means[f"downstream:{hook}"] for hook in later},
             n_tokens=sum(part.numel() for part in parts["l0"]),
         )
+        if result_key is not None:
+            self._results[result_key] = result.copy()
+        return result
 
 
 @torch.no_grad()

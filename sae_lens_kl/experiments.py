@@ -144,10 +144,10 @@ def _run_arm(arm: Arm, setup: Any, mse_sae_for: Any, folder: Path, overwrite: bo
             setup.model,
             setup.train_data,
             kl_fraction=fraction,
-            eval_data=setup.eval_data,
             save_dir=folder,
             mse_sae=mse_sae_for(arm.start, mse_tokens) if mse_tokens else None,
             overwrite=overwrite,
+            **setup.held_out(),
             **{**setup.options, **arm.stages[0]},
         )
         return [result.sae.cfg.metadata.kl_finetune]
@@ -164,7 +164,7 @@ def _run_arm(arm: Arm, setup: Any, mse_sae_for: Any, folder: Path, overwrite: bo
             setup.model,
             kl_data,
             tokens=len(kl_data) * kl_data.shape[1],
-            eval_data=setup.eval_data,
+            **setup.held_out(),
             save_dir=folder if len(arm.stages) == 1 else folder / f"stage_{index + 1}",
             overwrite=overwrite,
             **options,

@@ -116,7 +116,7 @@ def train_with_kl_phase(
     context_size = runner_cfg.context_size
     kl_sequences, stream = kl_phase_sequences(runner_cfg, model, data, mse_tokens, kl_tokens)
     n_seq = len(kl_sequences)
-    if eval_data is None:
+    if eval_data is None and kl_options.get("evaluator") is None:
         # Held out: the sequences after the KL phase's, never trained on by either phase.
         eval_tokens = kl_options.get("eval_tokens", 65_536)
         eval_data = take(stream, -(-eval_tokens // context_size)) if eval_tokens else None

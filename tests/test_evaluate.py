@@ -128,3 +128,88 @@ def test_downstream_error_at_every_later_residual_hook() -> None:
         expected = (spliced[hook] - clean[hook]).pow(2).sum(-1).mean().item()
         assert result.downstream_mse[hook] == pytest.approx(expected, rel=1e-9)
     assert all(value > 0 for value in result.downstream_mse.values())
+
+
+def counting(model, hook_name: str) -> list[int]:
+    """A permanent hook that counts the forward passes reaching `hook_name`."""
+    calls: list[int] = []
+
+    def count(raw: torch.Tensor, hook: object) -> torch.Tensor:  # noqa: ARG001
+        calls.append(1)
+        return raw
+
+    model.add_hook(hook_name, count, is_permanent=True)
+    return calls
+
+
+def test_a_shared_evaluator_runs_the_clean_pass_once_and_gives_the_same_numbers() -> None:
+    from sae_lens_kl import HeldOutEvaluator
+
+    model, tokens = tiny_model(), random_tokens(12, seq=CTX)
+    first, second = make_sae("topk", seed=1), make_sae("standard", seed=2)
+    alone = [
+        evaluate(sae, model, tokens, n_tokens=tokens.numel(), batch_size=BATCH) for sae in (first, second)
+    ]
+    shared = HeldOutEvaluator.for_data(
+        model, tokens, n_tokens=tokens.numel(), context_size=CTX, batch_size=BATCH
+    )
+    prefix_calls = counting(model, "blocks.0.hook_resid_pre")  # in the prefix, before the SAE's block
+    assert shared(first) == alone[0]
+    assert len(prefix_calls) == N_BATCHES
+    # the second SAE at the same hook: only its spliced suffix runs, with the same result as alone
+    assert shared(second) == alone[1]
+    assert len(prefix_calls) == N_BATCHES
+    # an SAE already evaluated: its stored result, no forward pass at all
+    suffix_calls = counting(model, "blocks.2.hook_resid_pre")
+    assert shared(first) == alone[0]
+    assert not suffix_calls
+    model.reset_hooks(including_permanent=True)
+
+
+def test_the_clean_pass_is_not_kept_beyond_the_memory_budget() -> None:
+    from sae_lens_kl import HeldOutEvaluator
+
+    model, tokens = tiny_model(), random_tokens(12, seq=CTX)
+    evaluator = HeldOutEvaluator.for_data(
+        model, tokens, n_tokens=tokens.numel(), context_size=CTX, batch_size=BATCH, clean_cache_bytes=1000
+    )
+    first = evaluator(make_sae("topk", seed=1))
+    prefix_calls = counting(model, "blocks.0.hook_resid_pre")
+    assert evaluator(make_sae("standard", seed=2)) == evaluate(
+        make_sae("standard", seed=2), model, tokens, n_tokens=tokens.numel(), batch_size=BATCH
+    )
+    assert len(prefix_calls) == 2 * N_BATCHES  # recomputed (once above, once by evaluate)
+    assert first.n_tokens == tokens.numel()
+    model.reset_hooks(including_permanent=True)
+
+
+def test_fine_tunes_sharing_an_evaluator_report_what_their_own_evaluation_would() -> None:
+    from sae_lens_kl import HeldOutEvaluator, kl_finetune
+
+    model, data = tiny_model(), random_tokens(96, seq=CTX)
+    held_out, train = data[:16], data[16:]
+    options = {"tokens": 8 * BATCH * CTX, "lr": 2e-3, "batch_size": BATCH, "kl_chunk_tokens": 16}
+    options.update(eval_batch_size=BATCH, exclude_first_positions=1)
+    own = kl_finetune(
+        make_sae("topk"), model, train, eval_data=held_out, eval_tokens=held_out.numel(), **options
+    )
+    evaluator = HeldOutEvaluator.for_data(
+        model,
+        held_out,
+        n_tokens=held_out.numel(),
+        context_size=CTX,
+        batch_size=BATCH,
+        exclude_first_positions=1,
+    )
+    shared = kl_finetune(make_sae("topk"), model, train, evaluator=evaluator, **options)
+    control = kl_finetune(make_sae("topk"), model, train, evaluator=evaluator, loss="mse", **options)
+    mine, theirs = own.cfg.metadata.kl_finetune, shared.cfg.metadata.kl_finetune
+    assert (theirs["before"], theirs["after"]) == (mine["before"], mine["after"])
+    assert control.cfg.metadata.kl_finetune["before"] == mine["before"]
+
+    with pytest.raises(ValueError, match="not both"):
+        kl_finetune(make_sae("topk"), model, train, evaluator=evaluator, eval_data=held_out, **options)
+    with pytest.raises(ValueError, match="exclude_first_positions is 1 but this fine-tune's is 0"):
+        kl_finetune(
+            make_sae("topk"), model, train, evaluator=evaluator, **{**options, "exclude_first_positions": 0}
+        )

@@ -14,6 +14,8 @@ TUTORIALS = sorted((Path(__file__).parents[1] / "tutorials").glob("*.py"))
 EXPECTED = {
     "01_kl_finetune_offline": "fraction of the CE gap closed",
     "02_circuits_before_after": "error node's share of the absolute attribution",
+    "03_transcoders": "top transcoder latents on the last token",
+    "04_comparisons": "each method's SAELens folder is under tutorial_methods/",
 }
 
 
