@@ -19,7 +19,7 @@ from transformer_lens.hook_points import HookedRootModule
 from sae_lens_kl.adapters import Adapter, load_adapter
 from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, to_inference_sae, to_training_sae
 from sae_lens_kl.cache import CleanPassCache
-from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME, FINETUNE_STATE_FILENAME
+from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME, FINETUNE_STATE_FILENAME, common_checkpoints
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataSource, batched, budgeted, held_out_and_training
@@ -90,12 +90,15 @@ def kl_finetune(
     saes = [sae] if isinstance(sae, SAE) else list(sae)
     if not saes or not all(isinstance(one, SAE) for one in saes):
         raise TypeError("kl_finetune takes an SAE or a non-empty list of SAEs.")
+    # several SAEs resume together from the newest checkpoint all of them reached
+    resume_points: list[Any] = [resume_from] * len(saes)
     if len(saes) > 1 and resume_from is not None:
-        raise ValueError(
-            "resume_from resumes one SAE's run; resume each SAE of a multi-SAE run on its own "
-            "from save_dir/sae_<i>."
-        )
-    plans = [make_plan(one, model, data, cfg, save_dir, resume_from, overwrite) for one in saes]
+        folders = [Path(resume_from).expanduser() / f"sae_{index}" for index in range(len(saes))]
+        resume_points = common_checkpoints(folders)
+    plans = [
+        make_plan(one, model, data, cfg, save_dir, resume_point, overwrite)
+        for one, resume_point in zip(saes, resume_points, strict=True)
+    ]
     if evaluator is not None:
         _check_evaluator(evaluator, model, plans[0].cfg, eval_data)
     if len(saes) > 1 and any(plan.write_site != plan.site for plan in plans):
@@ -224,26 +227,24 @@ def _run(
 def _starting_saes(
     saes: Sequence[SAE[Any]], plans: Sequence[Plan], model: HookedRootModule
 ) -> tuple[list[TrainingSAE[Any]], list[Adapter | None], int]:
-    """The training SAEs to start from (a resumed run's checkpoint), their adapters when one is
+    """The training SAEs to start from (a resumed run's checkpoints), their adapters when one is
     trained after them (the SAEs then frozen), and the training sequences already consumed."""
     device = torch.device(plans[0].cfg.device) if plans[0].cfg.device else next(model.parameters()).device
-    checkpoint = plans[0].checkpoint
-    if checkpoint is not None:
-        state = json.loads((checkpoint / FINETUNE_STATE_FILENAME).read_text())
-        resumed = TrainingSAE.load_from_disk(checkpoint, device=str(device))
-        resumed.requires_grad_(plans[0].cfg.trains_sae)
-        return [resumed], [_start_adapter(resumed, plans[0], checkpoint)], state["train_sequences_consumed"]
-    trainings = [
-        to_training_sae(sae, plan.cfg.sparsity_coefficient).to(device)
-        for sae, plan in zip(saes, plans, strict=True)
-    ]
-    for training, plan in zip(trainings, plans, strict=True):
-        if plan.cfg.sae_lora_rank is not None:
-            add_lora(training, plan.cfg.sae_lora_rank)
+    trainings, adapters, consumed = [], [], 0
+    for sae, plan in zip(saes, plans, strict=True):
+        if plan.checkpoint is not None:
+            state = json.loads((plan.checkpoint / FINETUNE_STATE_FILENAME).read_text())
+            consumed = state["train_sequences_consumed"]  # the same for every SAE of a run
+            training = TrainingSAE.load_from_disk(plan.checkpoint, device=str(device))
+        else:
+            training = to_training_sae(sae, plan.cfg.sparsity_coefficient).to(device)
+            if plan.cfg.sae_lora_rank is not None:
+                add_lora(training, plan.cfg.sae_lora_rank)
         if not plan.cfg.trains_sae:  # an adapter or LoRA on the LM trains instead
             training.requires_grad_(False)
-    adapters = [_start_adapter(training, plan, None) for training, plan in zip(trainings, plans, strict=True)]
-    return trainings, adapters, 0
+        trainings.append(training)
+        adapters.append(_start_adapter(training, plan, plan.checkpoint))
+    return trainings, adapters, consumed
 
 
 def _start_lm_lora(plan: Plan, model: HookedRootModule) -> LMLoRA | None:

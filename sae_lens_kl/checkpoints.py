@@ -14,6 +14,7 @@ import json
 import shutil
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,31 @@ def find_checkpoint(path: Path) -> Path:
         if problem := _unreadable(path):
             raise ValueError(f"resume_from={path} is a damaged checkpoint ({problem}); pass its run folder.")
         return path
+    for _, candidate in _readable_checkpoints(path):
+        return candidate
+    raise FileNotFoundError(
+        f"resume_from={path} holds no readable kl_finetune checkpoint (a folder with "
+        f"{TRAINER_STATE_FILENAME} and {FINETUNE_STATE_FILENAME})."
+    )
+
+
+def common_checkpoints(run_folders: list[Path]) -> list[Path]:
+    """For a run of several SAEs per pass (one run folder each), the newest checkpoint that every
+    SAE reached: a run killed while writing one step's checkpoints resumes from the step before."""
+    found = [dict(_readable_checkpoints(folder)) for folder in run_folders]
+    common = set(found[0]).intersection(*found[1:])
+    if not common:
+        raise FileNotFoundError(
+            f"resume_from: the SAEs' folders {[str(f) for f in run_folders]} hold no checkpoint at a "
+            "token count they all reached; start the run again."
+        )
+    tokens = max(common)
+    return [checkpoints[tokens] for checkpoints in found]
+
+
+def _readable_checkpoints(path: Path) -> Iterator[tuple[int, Path]]:
+    """(training tokens, folder) of the readable checkpoints in a run folder, newest first, checked
+    as they are asked for; the damaged ones are skipped with a warning."""
     candidates = [
         state.parent
         for state in [
@@ -107,16 +133,12 @@ def find_checkpoint(path: Path) -> Path:
         try:
             by_recency.append((checkpoint_tokens(candidate), candidate))
         except (OSError, ValueError, KeyError) as error:
-            warnings.warn(f"Skipping checkpoint {candidate}: unreadable state ({error}).", stacklevel=2)
-    for _, candidate in sorted(by_recency, reverse=True):
+            warnings.warn(f"Skipping checkpoint {candidate}: unreadable state ({error}).", stacklevel=3)
+    for tokens, candidate in sorted(by_recency, reverse=True):
         if problem := _unreadable(candidate):
-            warnings.warn(f"Skipping checkpoint {candidate}: {problem}; trying an older one.", stacklevel=2)
+            warnings.warn(f"Skipping checkpoint {candidate}: {problem}; trying an older one.", stacklevel=3)
             continue
-        return candidate
-    raise FileNotFoundError(
-        f"resume_from={path} holds no readable kl_finetune checkpoint (a folder with "
-        f"{TRAINER_STATE_FILENAME} and {FINETUNE_STATE_FILENAME})."
-    )
+        yield tokens, candidate
 
 
 def _unreadable(checkpoint: Path) -> str | None:

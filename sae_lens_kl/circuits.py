@@ -193,23 +193,25 @@ def faithfulness_curve(
 
 
 def compare_circuits(
-    saes: Mapping[str, SAE[Any]],
+    saes: Mapping[str, SAE[Any] | Sequence[SAE[Any]]],
     model: HookedTransformer,
     tokens: torch.Tensor,
     metric: Metric,
     sizes: Sequence[int] = (1, 2, 5, 10, 20, 50, 100),
     top: int = 10,
 ) -> dict[str, Any]:
-    """The same analysis for each SAE (e.g. {"before": sae, "after": kl_finetune(sae, ...)}):
-    the error node's share, the top nodes and the faithfulness curve."""
+    """The same analysis for each SAE, or each group of SAEs at several hooks (e.g.
+    {"before": sae, "after": kl_finetune(sae, ...)}): the error nodes' shares, the top nodes and
+    the faithfulness curve."""
     result: dict[str, Any] = {}
-    for name, sae in saes.items():
-        attribution = attribute(model, [sae], tokens, metric)
+    for name, group in saes.items():
+        group = [group] if isinstance(group, SAE) else list(group)
+        attribution = attribute(model, group, tokens, metric)
         result[name] = {
             "metric": attribution.metric,
             "error_share": attribution.error_share(),
             "top_nodes": attribution.top(top),
-            "faithfulness": faithfulness_curve(model, [sae], tokens, metric, attribution, sizes),
+            "faithfulness": faithfulness_curve(model, group, tokens, metric, attribution, sizes),
         }
     return result
 

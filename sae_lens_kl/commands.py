@@ -417,20 +417,26 @@ def circuits(args: argparse.Namespace) -> None:
     from sae_lens_kl.data import take, token_sequences
     from sae_lens_kl.report import save_figure
 
-    named = {}
+    named: dict[str, list[str]] = {}
     for spec in args.sae or []:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"--sae {spec!r}: write NAME=SAE (e.g. before=./mse_sae).")
-        named[name] = path
+        named.setdefault(name, []).append(path)
     if not named:
         raise SystemExit("circuits needs --sae NAME=SAE, e.g. --sae before=A --sae after=B.")
     out = _check_out(args.out, args.overwrite)
-    saes = {name: load_sae(path) for name, path in named.items()}
-    hooks = {sae.cfg.metadata.hook_name for sae in saes.values()}
-    if len(hooks) != 1:
-        raise SystemExit(f"The SAEs read different hooks {sorted(hooks)}; compare SAEs of one hook.")
-    model = load_model(args.model or next(iter(saes.values())).cfg.metadata.model_name)
+    # a name repeated with SAEs at several hooks: one circuit through all of them
+    saes = {name: [load_sae(path) for path in paths] for name, paths in named.items()}
+    hooks = {name: sorted(sae.cfg.metadata.hook_name for sae in group) for name, group in saes.items()}
+    for name, group_hooks in hooks.items():
+        if len(set(group_hooks)) != len(group_hooks):
+            raise SystemExit(
+                f"--sae {name}=...: two of its SAEs read the same hook ({group_hooks}); one per hook."
+            )
+    if len({tuple(group_hooks) for group_hooks in hooks.values()}) != 1:
+        raise SystemExit(f"The names' SAEs read different hooks {hooks}; compare SAEs of the same hooks.")
+    model = load_model(args.model or next(iter(saes.values()))[0].cfg.metadata.model_name)
     text = take(
         token_sequences(args.data or django_docs().eval, model, 128, False),
         -(-args.prompts * args.length // 128),

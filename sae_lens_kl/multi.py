@@ -36,6 +36,8 @@ class MultiKLFinetuneTrainer(MultiSAETrainer):
         # n_training_steps (sae-lens 6.54; tests/test_sae_lens_seams.py): the KL trainers take
         # their place.
         self.trainers = dict(trainers)  # type: ignore[assignment]
+        # a resumed run continues from its trainers' restored counters
+        self.n_training_samples, self.n_training_steps = first.n_training_samples, first.n_training_steps
 
     def _checkpoint_if_needed(self) -> None:
         for trainer in self.trainers.values():

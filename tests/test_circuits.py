@@ -94,3 +94,17 @@ def test_one_sae_per_hook() -> None:
     model, saes = float64_setup("blocks.1.hook_resid_pre", "blocks.1.hook_resid_pre")
     with pytest.raises(ValueError, match="one SAE per hook point"):
         attribute(model, saes, TOKENS, metric)
+
+
+def test_compare_circuits_through_saes_at_several_hooks() -> None:
+    model, saes = float64_setup("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+    result = compare_circuits({"pair": saes}, model, TOKENS, metric, sizes=(2 * 96,))
+    assert set(result["pair"]["error_share"]) == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post"}
+    # every latent of both SAEs kept (+ errors): the clean metric, faithfulness 1
+    assert result["pair"]["faithfulness"][0]["faithfulness"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_transcoders_are_refused_by_the_attribution() -> None:
+    model = tiny_model()
+    with pytest.raises(ValueError, match="transcoder"):
+        attribute(model, [make_sae("transcoder")], TOKENS, metric)

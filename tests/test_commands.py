@@ -71,6 +71,9 @@ def test_train_cache_finetune_eval(tiny_lm_folder: Path, text_folders: tuple[Pat
         assert 0 <= result[name]["error_share"]["blocks.1.hook_resid_pre"] <= 1
         assert result[name]["faithfulness"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
     assert main(["circuits", "--sae", str(tmp_path / "trained"), "--model", model]) == 2  # no NAME=
+    # a name repeated groups SAEs at several hooks into one circuit: one SAE per hook
+    twice = ["circuits", "--sae", f"a={tmp_path / 'trained'}", "--sae", f"a={tmp_path / 'tuned'}"]
+    assert main([*twice, "--model", model]) == 2
 
 
 def test_demo_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path, Path], tmp_path) -> None:

@@ -71,3 +71,37 @@ def test_several_saes_per_pass_equal_each_alone(n_saes: int, tmp_path) -> None:
         folder = tmp_path / "multi" / f"sae_{index}"
         assert torch.equal(SAE.load_from_disk(folder).W_dec, tuned.W_dec)
         assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["192", "final_384"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_several_saes_per_pass_resume_to_the_weights_of_an_uninterrupted_run(tmp_path) -> None:
+    model = tiny_model()
+    saes = [make_sae(arch, hook_name=hook, seed=seed) for arch, hook, seed in SAES[:2]]
+    options = {**OPTIONS, "tokens": 8 * 4 * SEQ, "checkpoint_every_tokens": 2 * 4 * SEQ}
+    whole = kl_finetune(saes, model, DATA, save_dir=tmp_path / "whole", **options)
+
+    def crash_after_five_steps(trainer, output) -> None:  # noqa: ARG001
+        if trainer.n_training_steps == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        kl_finetune(
+            saes, model, DATA, save_dir=tmp_path / "run", callbacks=[crash_after_five_steps], **options
+        )
+    # as if the run was killed between writing the two SAEs' checkpoints of step 4: SAE 1 lacks its
+    # newest one, so both resume from step 2
+    newest = tmp_path / "run" / "sae_1" / "checkpoints" / str(4 * 4 * SEQ)
+    assert newest.is_dir()
+    for file in newest.iterdir():
+        file.unlink()
+    newest.rmdir()
+    resumed = kl_finetune(
+        saes, model, DATA, save_dir=tmp_path / "run", resume_from=tmp_path / "run", **options
+    )
+    for alone, again in zip(whole, resumed, strict=True):
+        for name, tensor in alone.state_dict().items():
+            assert torch.equal(tensor, again.state_dict()[name]), name
+        assert again.cfg.metadata.kl_finetune["training_tokens"] == 8 * 4 * SEQ

@@ -29,7 +29,7 @@ from sae_lens_kl.models import load_model
 
 HOOK_IN, HOOK_OUT = "blocks.15.ln2.hook_normalized", "blocks.15.hook_mlp_out"
 CONTEXT = 128
-# The full run takes ~6 minutes on 2 CPU cores; SAE_LENS_KL_QUICK=1 runs the same steps at a
+# The full run takes ~5 minutes on 2 CPU cores; SAE_LENS_KL_QUICK=1 runs the same steps at a
 # seconds-long size, which is how the test suite runs this file (tests/test_tutorials.py).
 QUICK = os.environ.get("SAE_LENS_KL_QUICK") == "1"
 MSE_TOKENS, KL_STEPS, EVAL_TOKENS = (2_048, 2, 512) if QUICK else (131_072, 12, 4_096)
@@ -107,6 +107,6 @@ sae_model.add_sae(reloaded)
 prompt = "Django's ORM maps database tables to"
 with torch.no_grad():
     logits, cache = sae_model.run_with_cache(prompt)
-latents = cache[f"{HOOK_OUT}.hook_sae_acts_post"]  # named at the output hook[0, -1]
+latents = cache[f"{HOOK_OUT}.hook_sae_acts_post"][0, -1]  # SAELens names them at the output hook
 print("next token with the transcoder spliced in:", repr(model.tokenizer.decode(logits[0, -1].argmax())))
 print("top transcoder latents on the last token:", latents.topk(5).indices.tolist())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sae_lens_kl import kl_finetune
+from sae_lens_kl import HeldOutEvaluator, kl_finetune
 from sae_lens_kl.corpus import django_docs
 from sae_lens_kl.models import load_model
 from sae_lens_kl.train import kl_phase_sequences, mse_phase, runner_config
@@ -49,7 +49,13 @@ sae = mse_phase(runner_cfg, model, corpus.train, MSE_TOKENS)
 #    short phase at the end of training).
 kl_tokens, _ = kl_phase_sequences(runner_cfg, model, corpus.train, MSE_TOKENS, KL_STEPS * 8 * CONTEXT)
 
-# 3. The methods. Each is a loss (which terms the step minimises) or a component the step trains
+# 3. One evaluator on held-out text for every method: the held-out clean pass, the zero-ablation
+#    baseline and the starting SAE's numbers are computed once, not once per method.
+evaluator = HeldOutEvaluator.for_data(
+    model, corpus.eval, n_tokens=EVAL_TOKENS, context_size=CONTEXT, exclude_first_positions=2
+)
+
+# 4. The methods. Each is a loss (which terms the step minimises) or a component the step trains
 #    (the SAE, an adapter after it, LoRA factors on the SAE or on the LM's later blocks).
 METHODS = {
     "KL+MSE (the paper's)": {},
@@ -68,8 +74,7 @@ for name, options in METHODS.items():
         tokens=kl_tokens.numel(),
         lr=5e-4,
         batch_size=8,
-        eval_data=corpus.eval,
-        eval_tokens=EVAL_TOKENS,
+        evaluator=evaluator,
         exclude_first_positions=2,
         # every method saves SAELens artifacts (the LM LoRA and the adapter as files beside them)
         save_dir=Path("tutorial_methods") / name.split(" (")[0].replace(" ", "_"),
