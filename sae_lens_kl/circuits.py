@@ -76,6 +76,7 @@ class _Splice:
     site: HookSite
     keep_latents: torch.Tensor | None = None  # [d_sae] bool: latents left in (others zero-ablated)
     fixed_error: torch.Tensor | None = None  # the clean run's error, when ablating
+    scale: float = 1.0  # latents and error scaled by this (integrated gradients' path from 0)
     latents: torch.Tensor | None = None
     error: torch.Tensor | None = None
 
@@ -86,10 +87,14 @@ class _Splice:
             latents = self.sae.encode(x.to(self.sae.dtype)).detach()
             if self.keep_latents is not None:
                 latents = latents * self.keep_latents.to(latents.device, latents.dtype)
+            error = (x - self.sae.decode(latents).to(x.dtype)).detach()
+            if self.fixed_error is not None:
+                error = self.fixed_error
+            if self.scale != 1.0:
+                latents, error = latents * self.scale, error * self.scale
             latents.requires_grad_(track)
+            error.requires_grad_(track)
             reconstruction = self.sae.decode(latents).to(x.dtype)
-        error = (x - reconstruction).detach() if self.fixed_error is None else self.fixed_error
-        error.requires_grad_(track)
         self.latents, self.error = latents, error
         # forward: x_hat + (x - x_hat) = x; backward: the gradient reaches x unchanged
         passthrough = x - x.detach() if x.requires_grad else 0
@@ -126,24 +131,56 @@ def _spliced(
 
 
 def attribute(
-    model: HookedTransformer, saes: Sequence[SAE[Any]], tokens: torch.Tensor, metric: Metric
+    model: HookedTransformer,
+    saes: Sequence[SAE[Any]],
+    tokens: torch.Tensor,
+    metric: Metric,
+    *,
+    method: str = "atp",
+    steps: int = 10,
 ) -> Attribution:
-    """Attribution-patching scores of every latent of `saes` (one per hook, any SAELens SAEs, ours
-    or not) and of each error node for `metric` on the prompts `tokens` [batch, pos]."""
+    """Scores of every latent of `saes` (one per hook, any SAELens SAEs, ours or not) and of each
+    error node for `metric` on the prompts `tokens` [batch, pos].
+
+    method="atp": attribution patching, gradient x activation at the clean run (one backward
+    pass). method="ig": integrated gradients (Marks et al. 2024's "ig"), per hook: the latents
+    and error of that hook scaled together from 0 to their clean values in `steps` midpoint steps
+    (the other hooks' nodes at their clean values), activation x mean gradient; the scores of a
+    hook then sum to the metric's change when all its nodes go from 0 to clean, up to the
+    quadrature's O(1/steps^2) error (one backward pass per hook and step)."""
     _check_hooks(saes)
+    if method not in ("atp", "ig") or not isinstance(steps, int) or steps < 1:
+        raise ValueError(
+            f"method={method!r}, steps={steps!r}: method is 'atp' or 'ig', steps a positive int."
+        )
     with _spliced(model, saes) as splices, torch.enable_grad():
         value = metric(model(tokens))
         value.backward()
+    clean = {hook: (splice.latents.detach(), splice.error.detach()) for hook, splice in splices.items()}  # type: ignore[union-attr]
+    grads = {hook: (_grad(splice.latents), _grad(splice.error)) for hook, splice in splices.items()}
+    if method == "ig":
+        for hook in splices:
+            summed = [torch.zeros_like(clean[hook][0]), torch.zeros_like(clean[hook][1])]
+            for step in range(steps):
+                with _spliced(model, saes, **{hook: {"scale": (step + 0.5) / steps}}) as scaled:
+                    with torch.enable_grad():
+                        metric(model(tokens)).backward()
+                    summed[0] += _grad(scaled[hook].latents)
+                    summed[1] += _grad(scaled[hook].error)
+            grads[hook] = (summed[0] / steps, summed[1] / steps)
     latent_scores, error_scores = {}, {}
-    for hook, splice in splices.items():
-        latents, error = splice.latents, splice.error
-        assert latents is not None and error is not None
-        latent_grad = latents.grad if latents.grad is not None else torch.zeros_like(latents)
-        error_grad = error.grad if error.grad is not None else torch.zeros_like(error)
+    for hook, (latents, error) in clean.items():
+        latent_grad, error_grad = grads[hook]
         # summed over positions and prompts: the metric's own mean over prompts is in its gradient
-        latent_scores[hook] = (latent_grad * latents).detach().sum((0, 1)).float().cpu()
-        error_scores[hook] = float((error_grad * error).detach().sum())
+        latent_scores[hook] = (latent_grad * latents).sum((0, 1)).float().cpu()
+        error_scores[hook] = float((error_grad * error).sum())
     return Attribution(float(value.detach()), latent_scores, error_scores)
+
+
+def _grad(leaf: torch.Tensor | None) -> torch.Tensor:
+    """A leaf's gradient after backward (zeros where the metric did not depend on it)."""
+    assert leaf is not None
+    return leaf.grad.detach() if leaf.grad is not None else torch.zeros_like(leaf)
 
 
 @torch.no_grad()
@@ -199,14 +236,16 @@ def compare_circuits(
     metric: Metric,
     sizes: Sequence[int] = (1, 2, 5, 10, 20, 50, 100),
     top: int = 10,
+    method: str = "atp",
+    steps: int = 10,
 ) -> dict[str, Any]:
     """The same analysis for each SAE, or each group of SAEs at several hooks (e.g.
     {"before": sae, "after": kl_finetune(sae, ...)}): the error nodes' shares, the top nodes and
-    the faithfulness curve."""
+    the faithfulness curve. `method` and `steps` as in `attribute`."""
     result: dict[str, Any] = {}
     for name, group in saes.items():
         group = [group] if isinstance(group, SAE) else list(group)
-        attribution = attribute(model, group, tokens, metric)
+        attribution = attribute(model, group, tokens, metric, method=method, steps=steps)
         result[name] = {
             "metric": attribution.metric,
             "error_share": attribution.error_share(),
@@ -260,12 +299,14 @@ def induction_task(
     return PromptTask(f"induction ({n_prompts} prompts, spans of {length} tokens)", tokens, metric, accuracy)
 
 
-def circuits_markdown(task: PromptTask, result: Mapping[str, Any]) -> str:
+def circuits_markdown(
+    task: PromptTask, result: Mapping[str, Any], scores: str = "attribution patching"
+) -> str:
     names = list(result)
     lines = [
         f"# Circuit analysis: {task.name}",
         "",
-        f"Clean model's top-1 accuracy: {task.accuracy:.1%}.",
+        f"Clean model's top-1 accuracy: {task.accuracy:.1%}. Scores: {scores}.",
         "",
     ]
     lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

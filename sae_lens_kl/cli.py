@@ -364,6 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1, 3, 10, 30, 100, 300, 1000],
         help="Numbers of top latents for the faithfulness curve (default: 1,3,10,30,100,300,1000).",
     )
+    circuits.add_argument(
+        "--method",
+        choices=["atp", "ig"],
+        default="atp",
+        help="Scores: attribution patching (atp, one backward pass) or integrated gradients (ig, "
+        "--ig-steps backward passes per hook) (default: %(default)s).",
+    )
+    circuits.add_argument(
+        "--ig-steps",
+        type=_positive_int,
+        default=10,
+        help="Integrated-gradients steps (default: %(default)s).",
+    )
     circuits.add_argument("--out", default=None, help="Output folder (default: print only).")
     circuits.add_argument(
         "--overwrite", action="store_true", help="Replace an existing output folder's files."

@@ -445,13 +445,18 @@ def circuits(args: argparse.Namespace) -> None:
         raise SystemExit("The text is too short for --prompts x --length tokens.")
     task = induction_task(model, text, args.prompts, args.length)
     print(f"{task.name}: clean top-1 accuracy {task.accuracy:.1%}")
-    result = compare_circuits(saes, model, task.tokens, task.metric, sizes=args.sizes)
-    table = circuits_markdown(task, result)
+    result = compare_circuits(
+        saes, model, task.tokens, task.metric, sizes=args.sizes, method=args.method, steps=args.ig_steps
+    )
+    scores = (
+        "attribution patching" if args.method == "atp" else f"integrated gradients, {args.ig_steps} steps"
+    )
+    table = circuits_markdown(task, result, scores)
     print(table)
     if out is not None:
         write_file(
             out / "circuits.json",
-            json.dumps({"task": task.name, "accuracy": task.accuracy, **result}, indent=2),
+            json.dumps({"task": task.name, "accuracy": task.accuracy, "scores": scores, **result}, indent=2),
         )
         write_file(out / "circuits.md", table)
         fig = Figure(figsize=(5, 3.4))

@@ -108,3 +108,35 @@ def test_transcoders_are_refused_by_the_attribution() -> None:
     model = tiny_model()
     with pytest.raises(ValueError, match="transcoder"):
         attribute(model, [make_sae("transcoder")], TOKENS, metric)
+
+
+def test_integrated_gradients_are_complete_up_to_the_quadrature_error() -> None:
+    """IG's scores at a hook sum to m(clean) - m(that hook's latents and error all zero, i.e. the
+    SAE's output b_dec there), up to the midpoint rule's O(1/steps^2) error; attribution
+    patching's first-order estimate has no such guarantee."""
+    hook = "blocks.1.hook_resid_pre"
+    model, (sae,) = float64_setup(hook)
+    _, cache = model.run_with_cache(TOKENS, names_filter=[hook])
+    with torch.no_grad():
+        # a trained SAE's b_dec sits near the mean activation; at b_dec = 0 the path would pass
+        # through LayerNorm's scale-invariant singularity at 0
+        sae.b_dec.copy_(cache[hook][:, 1:].mean((0, 1)))
+        clean = float(metric(model(TOKENS)))
+        to_b_dec = model.run_with_hooks(
+            TOKENS,
+            fwd_hooks=[(hook, lambda raw, hook: sae.b_dec.expand_as(raw))],  # noqa: ARG005
+        )
+    change = clean - float(metric(to_b_dec))
+
+    def gap(attribution) -> float:
+        total = float(attribution.latent_scores[hook].sum()) + attribution.error_scores[hook]
+        return abs(total - change)
+
+    coarse = gap(attribute(model, [sae], TOKENS, metric, method="ig", steps=8))
+    fine = gap(attribute(model, [sae], TOKENS, metric, method="ig", steps=32))
+    # (32/8)^2 = 16 for a smooth path; 8 leaves room for the higher-order terms
+    assert fine <= coarse / 8
+    assert fine <= 1e-3 * abs(change)
+    assert gap(attribute(model, [sae], TOKENS, metric)) > 10 * fine  # attribution patching
+    with pytest.raises(ValueError, match="method"):
+        attribute(model, [sae], TOKENS, metric, method="gradients")

@@ -64,6 +64,7 @@ def test_train_cache_finetune_eval(tiny_lm_folder: Path, text_folders: tuple[Pat
 
     circuits = ["circuits", "--sae", f"before={tmp_path / 'trained'}", "--sae", f"after={tmp_path / 'tuned'}"]
     circuits += ["--model", model, "--data", str(eval_text), "--prompts", "4", "--length", "8"]
+    circuits += ["--method", "ig", "--ig-steps", "2"]
     assert main([*circuits, "--sizes", "1,4,64", "--out", str(tmp_path / "circuits")]) == 0
     result = json.loads((tmp_path / "circuits" / "circuits.json").read_text())
     assert 0 <= result["accuracy"] <= 1 and (tmp_path / "circuits" / "circuits.png").is_file()
