@@ -178,6 +178,8 @@ def _run(
             prefix_reuse=plan.prefix_reuse,
             blocks=blocks,
             spliced_hooks=lm_lora.hooks() if lm_lora is not None else (),
+            # LoRA before the SAE changes its input: the spliced pass runs from the embedding
+            spliced_from_start=plan.cfg.lm_lora_layers == "all",
         )
         for index, plan in enumerate(plans)
     }
@@ -254,7 +256,7 @@ def _start_lm_lora(plan: Plan, model: HookedRootModule) -> LMLoRA | None:
     assert isinstance(model, HookedTransformer)  # make_plan checked
     if plan.checkpoint is not None:
         return load_lm_lora(plan.checkpoint, model)
-    targets = lm_lora_targets(model, plan.site.hook_name)
+    targets = lm_lora_targets(model, plan.site.hook_name, plan.cfg.lm_lora_layers)
     lora = LMLoRA(targets, plan.cfg.lm_lora_rank, model_name=model.cfg.model_name)
     return lora.to(next(model.parameters()).device)
 
@@ -427,7 +429,11 @@ def _finish(
                 f"The fine-tuned SAE's {name} holds non-finite values (NaN or inf); it was not saved. "
                 f"Last checkpoint: {trainer.last_checkpoint or 'none saved'}. Lower lr, or check the data."
             )
-    after = None if evaluator is None else evaluator(tuned, trainer.runner.spliced_hooks)
+    after = (
+        None
+        if evaluator is None
+        else evaluator(tuned, trainer.runner.spliced_hooks, trainer.runner.spliced_from_start)
+    )
     report = run_report(
         trainer,
         hook_name=job.plan.site.hook_name,

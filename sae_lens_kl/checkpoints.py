@@ -40,6 +40,7 @@ RESUME_MUST_MATCH = (
     "adapter",
     "adapter_width",
     "lm_lora_rank",
+    "lm_lora_layers",
     "lr",
     "lr_schedule",
     "lr_warm_up_steps",

@@ -13,6 +13,8 @@ LOSS_MODES: tuple[str, ...] = get_args(LossMode)
 LRSchedule = Literal["linear", "constant"]
 AdapterKind = Literal["linear", "mlp"]
 ADAPTER_KINDS: tuple[str, ...] = get_args(AdapterKind)
+LMLoRALayers = Literal["after", "all"]
+LM_LORA_LAYERS: tuple[str, ...] = get_args(LMLoRALayers)
 ControllerMode = Literal["auto", "on", "off"]
 CONTROLLER_MODES: tuple[str, ...] = get_args(ControllerMode)
 # SAELens training architectures this package fine-tunes (tested against SAELens's registry).
@@ -71,6 +73,12 @@ class KLFinetuneConfig:
     instead of the SAE, which stays frozen (Chen et al. 2025); loss='kl' is theirs. The base
     weights are never changed: the updates act through hook points in the spliced pass only, and
     are saved as their own artifact, save_dir/lm_lora.safetensors (read with `load_lm_lora`)."""
+
+    lm_lora_layers: LMLoRALayers = "after"
+    """Which blocks LoRA on the LM adapts: 'after' the SAE's hook (the SAE's input is the clean
+    activation), or 'all' (Chen et al.'s full-model LoRA: the blocks before the SAE change its
+    input, so the spliced pass runs from the embedding and the frozen SAE encodes the adapted
+    activation)."""
 
     lr: float = 5e-5
     """Adam learning rate, decayed linearly to 0 over the fine-tune. 5e-5 is the paper's value for
@@ -227,6 +235,10 @@ class KLFinetuneConfig:
             not isinstance(self.lm_lora_rank, int) or self.lm_lora_rank < 1
         ):
             raise ValueError(f"lm_lora_rank={self.lm_lora_rank!r} must be a positive integer or None.")
+        if self.lm_lora_layers not in LM_LORA_LAYERS:
+            raise ValueError(f"lm_lora_layers={self.lm_lora_layers!r} is not one of {LM_LORA_LAYERS}.")
+        if self.lm_lora_layers != "after" and self.lm_lora_rank is None:
+            raise ValueError(f"lm_lora_layers={self.lm_lora_layers!r} needs lm_lora_rank (LoRA on the LM).")
         if self.lm_lora_rank is not None and self.loss == "mse":
             raise ValueError(
                 "lm_lora_rank with loss='mse': the MSE at the SAE's hook does not depend on the later "

@@ -25,9 +25,11 @@ from sae_lens_kl.splice import (
     HookSite,
     Prefix,
     VocabProjection,
+    embedded_prefix,
     kl_dtype,
     later_residual_hooks,
     run_prefix,
+    run_to_hook,
     run_to_output,
     sae_sites,
     supports_prefix_reuse,
@@ -258,10 +260,14 @@ class HeldOutEvaluator:
 
     @torch.no_grad()
     def __call__(
-        self, sae: SAE[Any], spliced_hooks: Sequence[tuple[str, Callable[..., Any]]] = ()
+        self,
+        sae: SAE[Any],
+        spliced_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
+        spliced_from_start: bool = False,
     ) -> EvalResult:
-        """`spliced_hooks`: what else the spliced model has (LoRA on the LM after the SAE); the
-        clean model runs without them."""
+        """`spliced_hooks`: what else the spliced model has (LoRA on the LM); the clean model runs
+        without them. `spliced_from_start`: they act before the SAE's block too (LoRA on every
+        block), so the SAE encodes the adapted activation and its MSE is against that."""
         if isinstance(sae, TrainingSAE):
             sae = to_inference_sae(sae)
         model = self.model
@@ -317,12 +323,19 @@ class HeldOutEvaluator:
             for name, values in batch_baseline.items():
                 parts[name].append(values)
 
+            spliced_prefix = prefix
+            if spliced_from_start:  # LoRA before the SAE: it encodes the adapted activation
+                with hooks_on(model, spliced_hooks):
+                    spliced_prefix = embedded_prefix(model, tokens, site) if reuse else None  # type: ignore[arg-type]
+                    acts = target = run_to_hook(model, tokens, spliced_prefix, site)
             with flat_activations(sae):
                 recon, feature_acts = reconstruct(sae, acts.to(sae.device))
                 recon = recon.to(target.device, target.dtype)
             spliced_acts = torch.where(keep[..., None], recon, target)
             with recording(model, later) as spliced_later, hooks_on(model, spliced_hooks):
-                spliced_out, _ = run_to_output(model, tokens, prefix, write, lambda _, new=spliced_acts: new)
+                spliced_out, _ = run_to_output(
+                    model, tokens, spliced_prefix, write, lambda _, new=spliced_acts: new
+                )
             for hook in later:
                 error = (spliced_later[hook] - clean.later[hook])[keep]
                 error = error.to(kl_dtype(error.dtype))

@@ -73,12 +73,16 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
     ),
     "D": Experiment(
-        "Fig. 3: SAE fine-tune vs LoRA on the LM after the SAE (SAE frozen), KL loss",
+        "Fig. 3: SAE fine-tune vs LoRA on the LM after the SAE or on all layers (SAE frozen), KL loss",
         "The SAE fine-tune is slightly better than LoRA on the whole model; LoRA on the layers after "
         "the SAE only is much weaker.",
         (
             Arm("SAE fine-tune (KL)", ({"loss": "kl"},)),
             Arm("LoRA on the LM after the SAE, rank 16 (KL)", ({"lm_lora_rank": 16, "loss": "kl"},)),
+            Arm(
+                "LoRA on all LM layers, rank 16 (KL)",
+                ({"lm_lora_rank": 16, "lm_lora_layers": "all", "loss": "kl"},),
+            ),
         ),
     ),
     "E": Experiment(
@@ -181,7 +185,7 @@ def _fitted(options: dict[str, Any], sae: Any, model: Any) -> dict[str, Any]:
     if options.get("adapter") == "linear":
         options["adapter_width"] = min(options.get("adapter_width", 64), sae.cfg.d_in // 2)
     if "lm_lora_rank" in options:
-        targets = lm_lora_targets(model, sae.cfg.metadata.hook_name)
+        targets = lm_lora_targets(model, sae.cfg.metadata.hook_name, options.get("lm_lora_layers", "after"))
         smallest = min(min(t.in_features, t.out_features) for t in targets)
         options["lm_lora_rank"] = min(options["lm_lora_rank"], smallest // 2)
     return options

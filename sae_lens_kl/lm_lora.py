@@ -1,6 +1,6 @@
-"""LoRA on the language model after the SAE (Chen et al. 2025, "Low-Rank Adapting Models for
-Sparse Autoencoders"): the SAE stays frozen and the model's blocks after its hook learn low-rank
-updates that make the spliced model's predictions match the clean model's.
+"""LoRA on the language model (Chen et al. 2025, "Low-Rank Adapting Models for Sparse
+Autoencoders"): the SAE stays frozen and the model's blocks after its hook (or all its blocks)
+learn low-rank updates that make the spliced model's predictions match the clean model's.
 
 The base weights are never touched: each update W + B A is added through TransformerLens hook
 points, as output += (input @ A.T) @ B.T, where the input is read at the hook that feeds the
@@ -45,16 +45,17 @@ class LoRATarget:
     out_features: int
 
 
-def lm_lora_targets(model: HookedTransformer, sae_hook: str) -> list[LoRATarget]:
+def lm_lora_targets(model: HookedTransformer, sae_hook: str, layers: str = "after") -> list[LoRATarget]:
     """The linear maps of every block after `sae_hook` (from block L for blocks.L.hook_resid_pre,
-    else from block L+1), as far as this model has the hook points around them."""
+    else from block L+1), or of every block (layers='all'), as far as this model has the hook
+    points around them."""
     cfg, hooks = model.cfg, model.hook_dict
     if cfg.use_split_qkv_input or cfg.use_attn_in:
         raise ValueError(
             "LoRA on the LM reads attention inputs at ln1; turn off use_split_qkv_input/use_attn_in."
         )
     layer = int(sae_hook.split(".")[1]) if sae_hook.startswith("blocks.") else -1
-    first = layer if sae_hook.endswith(".hook_resid_pre") else layer + 1
+    first = 0 if layers == "all" else layer if sae_hook.endswith(".hook_resid_pre") else layer + 1
     n_kv = cfg.n_key_value_heads or cfg.n_heads
     attn_width, d_mlp = cfg.n_heads * cfg.d_head, cfg.d_mlp or 0
     targets = []

@@ -99,7 +99,8 @@ def make_plan(
                 "lm_lora_rank needs save_dir: the LoRA is its own artifact (save_dir/lm_lora.safetensors; "
                 "kl_finetune returns the SAE, unchanged)."
             )
-        targets = lm_lora_targets(model, site.hook_name)  # refuses an SAE after the last block
+        # refuses an SAE after the last block (for layers='after')
+        targets = lm_lora_targets(model, site.hook_name, cfg.lm_lora_layers)
         smallest = min(min(t.in_features, t.out_features) for t in targets)
         if cfg.lm_lora_rank >= smallest:
             raise ValueError(

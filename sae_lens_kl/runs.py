@@ -24,6 +24,7 @@ from sae_lens_kl.splice import (
     Prefix,
     VocabProjection,
     cached_prefix,
+    embedded_prefix,
     run_prefix,
     run_to_hook,
     run_to_output,
@@ -94,12 +95,17 @@ class SpliceRunner:
         prefix_reuse: bool = True,
         blocks: CompiledBlocks | None = None,
         spliced_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
+        spliced_from_start: bool = False,
     ) -> None:
         self.model = model
         self.site = site
         self.write_site = write_site or site
-        # what else the spliced model has besides the SAE (LoRA on the LM's later blocks)
+        # what else the spliced model has besides the SAE (LoRA on the LM's blocks)
         self.spliced_hooks = list(spliced_hooks)
+        # whether those hooks act before the SAE's block, so that the spliced model's activation
+        # at the SAE's hook differs from the clean one: the spliced pass then runs from the
+        # embedding (not the clean prefix) and the SAE must encode what arrives there
+        self.spliced_from_start = spliced_from_start
         self.prefix_reuse = prefix_reuse and supports_prefix_reuse(model, site)
         self.blocks = blocks if self.prefix_reuse else None
         self.projection = VocabProjection.for_run(model, self.prefix_reuse)
@@ -146,7 +152,10 @@ class SpliceRunner:
         continuing from the clean run's prefix, and the activations at the hooks in `record`;
         gradients flow into what `replacement` returns."""
         with recording(self.model, record) as recorded, hooks_on(self.model, self.spliced_hooks):
-            output = run_to_output(self.model, run.tokens, run.prefix, self.write_site, replacement)[0]
+            prefix = run.prefix
+            if self.spliced_from_start and prefix is not None:
+                prefix = embedded_prefix(self.model, run.tokens, self.site, self.blocks)  # type: ignore[arg-type]
+            output = run_to_output(self.model, run.tokens, prefix, self.write_site, replacement)[0]
         return output, recorded
 
 

@@ -180,6 +180,14 @@ def run_prefix(
     model: HookedTransformer, tokens: torch.Tensor, site: HookSite, blocks: CompiledBlocks | None = None
 ) -> Prefix:
     """Embed and run the blocks before `site.block`, keeping what the suffix needs."""
+    return embedded_prefix(model, tokens, site, blocks)
+
+
+def embedded_prefix(
+    model: HookedTransformer, tokens: torch.Tensor, site: HookSite, blocks: CompiledBlocks | None = None
+) -> Prefix:
+    """`run_prefix` under the caller's grad mode: the spliced pass of LoRA on every block, whose
+    updates before the SAE's block train through it."""
     assert site.block is not None
     residual, tokens, shortformer_pos_embed, attention_mask = model.input_to_embed(tokens)
     embedded = Prefix(residual, tokens, shortformer_pos_embed, attention_mask, 0, blocks)

@@ -204,7 +204,12 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         if needs_spliced_run(self.objective):
 
             def splice(acts: torch.Tensor) -> torch.Tensor:
-                flat = acts.flatten(0, 1).index_put((rows,), out.sae_out.to(acts.dtype))
+                sae_out = out.sae_out
+                if self.runner.spliced_from_start:  # the spliced model changed the SAE's input
+                    sae_out = self.replacement(
+                        sae, self._step_input(acts.flatten(0, 1)[rows], target)
+                    ).sae_out
+                flat = acts.flatten(0, 1).index_put((rows,), sae_out.to(acts.dtype))
                 return flat.view_as(acts)
 
             clean = run.clean_rows(rows)

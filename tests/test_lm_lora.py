@@ -114,6 +114,30 @@ def test_lm_lora_trains_with_the_lm_and_sae_frozen(tmp_path) -> None:
     assert not torch.equal(hooked(tokens), by_hand)
 
 
+def test_lm_lora_on_all_layers_adapts_the_sae_input_too(tmp_path) -> None:
+    # float64: the report's held-out KL is compared with a direct computation of the same model
+    model, sae = tiny_model(dtype=torch.float64), make_sae("topk", dtype="float64")
+    assert {t.name.split(".")[1] for t in lm_lora_targets(model, HOOK, "all")} == {"0", "1", "2"}
+    model_before, sae_before = weights(model), weights(sae)
+    out = tmp_path / "out"
+    tuned = kl_finetune(sae, model, DATA, lm_lora_rank=2, lm_lora_layers="all", save_dir=out, **OPTIONS)
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in model_before.items())
+    assert all(torch.equal(tuned.state_dict()[n], t) for n, t in sae_before.items())
+    report = tuned.cfg.metadata.kl_finetune
+    assert report["after"]["kl"] < report["before"]["kl"]
+    lora = load_lm_lora(out, model)
+    # block 0 comes before the SAE: its updates trained through the SAE's input
+    assert all(
+        b.abs().sum() > 0 for t, b in zip(lora.targets, lora.B, strict=True) if t.name.startswith("blocks.0.")
+    )
+    # the spliced model: LoRA everywhere, the SAE encoding what arrives at its hook
+    splice = [(HOOK, lambda acts, hook: sae(acts))]  # noqa: ARG005
+    held_out = DATA[: OPTIONS["eval_tokens"] // SEQ]
+    assert report["after"]["kl"] == pytest.approx(
+        kl_to_clean(model, held_out, lora.hooks() + splice), rel=1e-9
+    )
+
+
 def test_a_run_with_lm_lora_resumes_to_the_uninterrupted_result(tmp_path) -> None:
     class Crash(RuntimeError):
         pass
@@ -158,6 +182,10 @@ def test_lm_lora_bad_input(tmp_path) -> None:
             save_dir=tmp_path,
             **options,
         )
+    with pytest.raises(ValueError, match="lm_lora_layers='all' needs lm_lora_rank"):
+        kl_finetune(make_sae("topk"), model, DATA, lm_lora_layers="all", save_dir=tmp_path, **options)
+    with pytest.raises(ValueError, match="lm_lora_layers='some' is not one of"):
+        kl_finetune(make_sae("topk"), model, DATA, lm_lora_rank=2, lm_lora_layers="some", **options)
     assert not list(tmp_path.iterdir())  # refused before anything was written
     LMLoRA(lm_lora_targets(model, HOOK), 2, model_name="tiny-test-model").save(tmp_path / LM_LORA_FILENAME)
     other = tiny_model()
