@@ -113,10 +113,12 @@ def test_sparsity_coefficient_and_recorded_training_details() -> None:
     assert to_training_sae(sae, sparsity_coefficient=2.0).cfg.l1_coefficient == 2.0
 
 
-def test_transcoders_are_refused_with_a_clear_error() -> None:
+def test_unsupported_architectures_are_refused_with_a_clear_error() -> None:
+    with pytest.raises(UnsupportedSAEError, match="'matching_pursuit'.*supported are .*'transcoder'"):
+        to_training_sae(make_sae("matching_pursuit"))
+    # transcoders (input hook -> output hook) are supported: tests/test_transcoders.py
     transcoder = Transcoder(TranscoderConfig(d_in=32, d_sae=64, d_out=32, apply_b_dec_to_input=False))
-    with pytest.raises(UnsupportedSAEError, match="transcoder"):
-        to_training_sae(transcoder)
+    assert type(to_inference_sae(to_training_sae(transcoder))) is Transcoder
 
 
 def test_negative_jumprelu_thresholds_are_refused() -> None:

@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_sae, random_tokens, tiny_model
-from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
 
 from sae_lens_kl import (
     DataError,
@@ -62,10 +61,8 @@ def test_budget_smaller_than_a_batch() -> None:
 
 
 def test_unsupported_architecture() -> None:
-    transcoder = Transcoder(TranscoderConfig(d_in=32, d_sae=64, d_out=32, apply_b_dec_to_input=False))
-    transcoder.cfg.metadata.hook_name = "blocks.1.hook_resid_pre"
-    with pytest.raises(UnsupportedSAEError, match="'transcoder'"):
-        finetune(transcoder)
+    with pytest.raises(UnsupportedSAEError, match="'matching_pursuit'"):
+        finetune(make_sae("matching_pursuit"))
 
 
 def test_bad_option_and_bad_values() -> None:
