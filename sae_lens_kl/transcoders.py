@@ -43,22 +43,24 @@ class TranscoderStepInput(TrainStepInput):
     target: torch.Tensor
 
 
-def _check_config(cfg: Any) -> None:
-    if cfg.apply_b_dec_to_input:
-        raise ValueError("apply_b_dec_to_input is not supported for transcoders")
+@dataclass
+class _OutputWidth:
+    """The transcoder part of a training config (mixed in before SAELens's): the output hook's
+    width, and no decoder bias subtracted from the input (it has the output's width)."""
+
+    d_out: int = 768
+
+    def __post_init__(self) -> None:
+        if self.apply_b_dec_to_input:  # type: ignore[attr-defined]
+            raise ValueError("apply_b_dec_to_input is not supported for transcoders")
+        super().__post_init__()  # type: ignore[misc]
 
 
 @dataclass
-class TranscoderTrainingSAEConfig(StandardTrainingSAEConfig):
-    d_out: int = 768
-
+class TranscoderTrainingSAEConfig(_OutputWidth, StandardTrainingSAEConfig):
     @classmethod
     def architecture(cls) -> str:
         return "transcoder"
-
-    def __post_init__(self) -> None:
-        _check_config(self)
-        super().__post_init__()
 
 
 @dataclass
@@ -69,16 +71,10 @@ class SkipTranscoderTrainingSAEConfig(TranscoderTrainingSAEConfig):
 
 
 @dataclass
-class JumpReLUTranscoderTrainingSAEConfig(JumpReLUTrainingSAEConfig):
-    d_out: int = 768
-
+class JumpReLUTranscoderTrainingSAEConfig(_OutputWidth, JumpReLUTrainingSAEConfig):
     @classmethod
     def architecture(cls) -> str:
         return "jumprelu_transcoder"
-
-    def __post_init__(self) -> None:
-        _check_config(self)
-        super().__post_init__()
 
 
 @dataclass
