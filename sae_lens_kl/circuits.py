@@ -6,7 +6,9 @@ Every SAE is spliced as x = x_hat(f(x)) + error through a TransformerLens hook, 
 computed *with* its gradient, so the spliced model equals the clean one in the forward pass and in
 the backward pass (upstream gradients are the model's own). SAELens's HookedSAETransformer with
 use_error_term=True computes the error under no_grad (sae-lens 6.54), which cuts the gradient of
-earlier hooks' nodes through later SAEs; hence this splice, for any SAELens SAE.
+earlier hooks' nodes through later SAEs; hence this splice, for any SAELens SAE. A transcoder's
+latents are computed from its input hook and its output + error replaces its output hook (the
+gradient reaches the model's own computation of that output, e.g. the MLP, unchanged).
 
 Scores are gradient x activation (attribution patching): score = dm/da . a summed over every
 position of every prompt, the first-order estimate of how much the metric drops when the node is
@@ -25,8 +27,7 @@ from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 from sae_lens_kl.architectures import flat_activations
-from sae_lens_kl.splice import HookSite
-from sae_lens_kl.transcoders import is_transcoder
+from sae_lens_kl.splice import HookSite, sae_sites
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 """Logits [batch, pos, vocab] -> a scalar (e.g. a mean logit difference)."""
@@ -74,27 +75,40 @@ class _Splice:
 
     sae: SAE[Any]
     site: HookSite
+    """Where the SAE's output replaces the activation (a transcoder's output hook)."""
+    transcoder_input: bool = False
+    """A transcoder: its input is what `capture` kept at its input hook in this forward pass."""
     keep_latents: torch.Tensor | None = None  # [d_sae] bool: latents left in (others zero-ablated)
     fixed_error: torch.Tensor | None = None  # the clean run's error, when ablating
     scale: float = 1.0  # latents and error scaled by this (integrated gradients' path from 0)
     latents: torch.Tensor | None = None
     error: torch.Tensor | None = None
+    captured: torch.Tensor | None = None
+
+    def capture(self, raw: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG002
+        """At a transcoder's input hook: keep its input, change nothing."""
+        self.captured = raw.detach()
+        return raw
 
     def __call__(self, raw: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG002
         x = self.site.read(raw)
         track = torch.is_grad_enabled()
         with flat_activations(self.sae):
-            latents = self.sae.encode(x.to(self.sae.dtype)).detach()
+            source = self.captured if self.transcoder_input else x
+            assert source is not None
+            latents = self.sae.encode(source.to(self.sae.dtype)).detach()
+            # a skip transcoder's linear skip term: part of the output, no node of its own
+            skip = (self.sae(source.to(self.sae.dtype)) - self.sae.decode(latents)).detach().to(x.dtype)
             if self.keep_latents is not None:
                 latents = latents * self.keep_latents.to(latents.device, latents.dtype)
-            error = (x - self.sae.decode(latents).to(x.dtype)).detach()
+            error = (x - self.sae.decode(latents).to(x.dtype) - skip).detach()
             if self.fixed_error is not None:
                 error = self.fixed_error
             if self.scale != 1.0:
                 latents, error = latents * self.scale, error * self.scale
             latents.requires_grad_(track)
             error.requires_grad_(track)
-            reconstruction = self.sae.decode(latents).to(x.dtype)
+            reconstruction = self.sae.decode(latents).to(x.dtype) + skip
         self.latents, self.error = latents, error
         # forward: x_hat + (x - x_hat) = x; backward: the gradient reaches x unchanged
         passthrough = x - x.detach() if x.requires_grad else 0
@@ -107,23 +121,20 @@ def _spliced(
 ) -> Iterator[dict[str, _Splice]]:
     """Every SAE spliced into `model`; no gradient reaches the model's or the SAEs' parameters
     (their requires_grad flags are restored afterwards)."""
-    splices = {}
+    splices, hooks = {}, []
     for sae in saes:
-        metadata = sae.cfg.metadata
-        if is_transcoder(sae):
-            raise ValueError(
-                f"Attribution here splices SAEs at one hook; the transcoder at {metadata.hook_name} -> "
-                f"{metadata.hook_name_out} is not supported yet. Use SAELens's HookedSAETransformer "
-                "(add_sae takes transcoders) or pass SAEs."
-            )
-        site = HookSite.for_model(model, metadata.hook_name, metadata.hook_head_index)
-        splices[site.hook_name] = _Splice(sae, site, **splice_fields.get(site.hook_name, {}))
+        # keyed by the SAE's hook_name (a transcoder's input hook), as SAELens keys them
+        read, write = sae_sites(model, sae)
+        splice = _Splice(sae, write, read != write, **splice_fields.get(read.hook_name, {}))
+        splices[read.hook_name] = splice
+        hooks += [(read.hook_name, splice.capture)] if read != write else []
+        hooks.append((write.hook_name, splice))
     parameters = [p for module in (model, *saes) for p in module.parameters()]
     flags = [p.requires_grad for p in parameters]
     for parameter in parameters:
         parameter.requires_grad_(False)
     try:
-        with model.hooks(fwd_hooks=list(splices.items())):
+        with model.hooks(fwd_hooks=hooks):
             yield splices
     finally:
         for parameter, flag in zip(parameters, flags, strict=True):
@@ -257,8 +268,9 @@ def compare_circuits(
 
 def _check_hooks(saes: Sequence[SAE[Any]]) -> None:
     hooks = [sae.cfg.metadata.hook_name for sae in saes]
-    if not saes or len(set(hooks)) != len(hooks):
-        raise ValueError(f"Pass one SAE per hook point (got hooks {hooks}).")
+    written = [sae.cfg.metadata.hook_name_out or sae.cfg.metadata.hook_name for sae in saes]
+    if not saes or len(set(hooks)) != len(hooks) or len(set(written)) != len(written):
+        raise ValueError(f"Pass one SAE per hook point (got hooks {hooks}, whose outputs replace {written}).")
 
 
 @dataclass(frozen=True)

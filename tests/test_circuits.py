@@ -104,10 +104,56 @@ def test_compare_circuits_through_saes_at_several_hooks() -> None:
     assert result["pair"]["faithfulness"][0]["faithfulness"] == pytest.approx(1.0, abs=1e-9)
 
 
-def test_transcoders_are_refused_by_the_attribution() -> None:
+@pytest.mark.parametrize("architecture", ["transcoder", "skip_transcoder"])
+def test_transcoders_splice_with_their_error_node(architecture: str) -> None:
+    # a transcoder (block 1's MLP input -> output) beside an SAE at an earlier hook, float64
+    model = tiny_model(dtype=torch.float64)
+    transcoder = make_sae(architecture, dtype="float64")
+    if architecture == "skip_transcoder":
+        with torch.no_grad():
+            transcoder.W_skip.normal_(0, 0.1)
+    sae = make_sae("topk", hook_name="blocks.0.hook_resid_post", dtype="float64")
+    attribution = attribute(model, [sae, transcoder], TOKENS, metric)
+    with torch.no_grad():
+        clean = float(metric(model(TOKENS)))
+    assert attribution.metric == pytest.approx(clean, abs=1e-12)
+    hook = "blocks.1.ln2.hook_normalized"  # keyed by the transcoder's hook_name, as SAELens keys it
+    assert 0 < attribution.error_share()[hook] < 1 and attribution.latent_scores[hook].abs().sum() > 0
+    # every latent kept (+ errors): the clean metric; no latent: only the errors (and skip) left
+    curve = faithfulness_curve(model, [sae, transcoder], TOKENS, metric, attribution, sizes=(2 * 96,))
+    assert curve[0]["faithfulness"] == pytest.approx(1.0, abs=1e-9)
+    with torch.no_grad():
+        transcoder.W_dec.zero_()
+        transcoder.b_dec.zero_()
+        if architecture == "skip_transcoder":
+            transcoder.W_skip.zero_()
+    assert attribute(model, [transcoder], TOKENS, metric).error_share()[hook] == 1.0
+
+
+def test_transcoder_scores_predict_real_ablations() -> None:
+    model, transcoder = tiny_model(dtype=torch.float64), make_sae("transcoder", dtype="float64")
+    hook = "blocks.1.ln2.hook_normalized"
+    attribution = attribute(model, [transcoder], TOKENS, metric)
+    scores = attribution.latent_scores[hook]
+    predicted, actual = [], []
+    for latent in scores.abs().argsort(descending=True)[:8]:
+        keep = torch.ones(transcoder.cfg.d_sae, dtype=torch.bool)
+        keep[latent] = False
+        ablated = metric_with_latents(model, [transcoder], TOKENS, metric, {hook: keep})
+        predicted.append(float(scores[latent]))
+        actual.append(attribution.metric - ablated)
+    # The signs agree and the largest estimate is the largest real effect. (The sizes are cruder
+    # than for the SAE in test_scores_predict_real_ablations, up to ~2.2x here: a random ReLU
+    # transcoder replacing the MLP's output moves the metric far from linearly.)
+    assert sum((p > 0) == (a > 0) for p, a in zip(predicted, actual, strict=True)) >= 7
+    assert max(range(8), key=lambda i: abs(actual[i])) == 0
+
+
+def test_an_sae_and_a_transcoder_replacing_one_hook_are_refused() -> None:
     model = tiny_model()
-    with pytest.raises(ValueError, match="transcoder"):
-        attribute(model, [make_sae("transcoder")], TOKENS, metric)
+    at_mlp_out = make_sae("topk", hook_name="blocks.1.hook_mlp_out")
+    with pytest.raises(ValueError, match="one SAE per hook point"):
+        attribute(model, [at_mlp_out, make_sae("transcoder")], TOKENS, metric)
 
 
 def test_integrated_gradients_are_complete_up_to_the_quadrature_error() -> None:
