@@ -54,6 +54,11 @@ class Attribution:
             shares[hook] = error / (error + float(scores.abs().sum()))
         return shares
 
+    def table(self) -> list[dict[str, Any]]:
+        """Every node (each latent of each hook, each error node) as a row (hook, node, score),
+        largest |score| first: the tidy table, e.g. for `pandas.DataFrame(attribution.table())`."""
+        return self.top(sum(len(scores) + 1 for scores in self.latent_scores.values()))
+
     def top(self, n: int) -> list[dict[str, Any]]:
         """The n nodes (latents and error nodes, all hooks) of largest |score|, as table rows."""
         rows = [

@@ -33,6 +33,9 @@ def test_the_splice_keeps_the_models_metric() -> None:
         clean = float(metric(model(TOKENS)))
     assert attribution.metric == pytest.approx(clean, abs=1e-12)
     assert all(0 <= share <= 1 for share in attribution.error_share().values())
+    table = attribution.table()  # every latent of both SAEs and both error nodes, largest first
+    assert len(table) == 2 * (96 + 1) and sum(row["node"] == ERROR for row in table) == 2
+    assert [abs(row["score"]) for row in table] == sorted((abs(row["score"]) for row in table), reverse=True)
     assert all(p.grad is None for p in model.parameters())  # nothing accumulated in the user's model
 
 
