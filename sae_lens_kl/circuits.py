@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from sae_lens import SAE
+from sae_lens.saes.transcoder import SkipTranscoder
 from transformer_lens import HookedTransformer
 
 from sae_lens_kl.architectures import flat_activations
@@ -102,8 +103,11 @@ class _Splice:
             source = self.captured if self.transcoder_input else x
             assert source is not None
             latents = self.sae.encode(source.to(self.sae.dtype)).detach()
-            # a skip transcoder's linear skip term: part of the output, no node of its own
-            skip = (self.sae(source.to(self.sae.dtype)) - self.sae.decode(latents)).detach().to(x.dtype)
+            # a skip transcoder's linear skip term (as SkipTranscoder.forward adds it, sae-lens
+            # 6.54): part of the output, no node of its own
+            skip: torch.Tensor | float = 0.0
+            if isinstance(self.sae, SkipTranscoder):
+                skip = (source.to(self.sae.dtype) @ self.sae.W_skip.T).detach().to(x.dtype)
             if self.keep_latents is not None:
                 latents = latents * self.keep_latents.to(latents.device, latents.dtype)
             error = (x - self.sae.decode(latents).to(x.dtype) - skip).detach()
