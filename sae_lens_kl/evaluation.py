@@ -249,14 +249,17 @@ class HeldOutEvaluator:
         return run
 
     def _result_key(
-        self, sae: SAE[Any], write: HookSite, spliced_hooks: Sequence[tuple[str, Callable[..., Any]]]
+        self,
+        sae: SAE[Any],
+        sites: tuple[HookSite, HookSite],
+        spliced_hooks: Sequence[tuple[str, Callable[..., Any]]],
     ) -> tuple[str, ...] | None:
-        """What names an evaluation's result: the SAE's weights, config and output hook (None when
+        """What names an evaluation's result: the SAE's weights, config and hook sites (None when
         something else changes the spliced model: an adapter after the SAE, hooks on the LM)."""
         if spliced_hooks or attached(sae) is not None:
             return None
         cfg = {k: v for k, v in sae.cfg.to_dict().items() if k != "metadata"}
-        return (sae_fingerprint(sae), json.dumps(cfg, sort_keys=True, default=str), write.hook_name)
+        return (sae_fingerprint(sae), json.dumps(cfg, sort_keys=True, default=str), repr(sites))
 
     @torch.no_grad()
     def __call__(
@@ -273,7 +276,7 @@ class HeldOutEvaluator:
         model = self.model
         # a transcoder reads at `site` and its output replaces the activation at `write`
         site, write = sae_sites(model, sae)
-        result_key = self._result_key(sae, write, spliced_hooks)
+        result_key = self._result_key(sae, (site, write), spliced_hooks)
         if result_key in self._results:
             return self._results[result_key].copy()  # type: ignore[index]
         reuse = self.prefix_reuse and supports_prefix_reuse(model, site)
