@@ -51,7 +51,7 @@ from sae_lens_kl.cache import build_cache
 from sae_lens_kl.losses import kl_divergence
 from sae_lens_kl.runs import SpliceRunner, shared_clean_runs
 from sae_lens_kl.splice import CompiledBlocks, HookSite, VocabProjection, run_prefix, run_to_output
-from sae_lens_kl.trainer import use_sparse_topk
+from sae_lens_kl.sparse_topk import use_sparse_topk
 
 D_MODEL, VOCAB = 768, 50257
 

@@ -144,10 +144,12 @@ class KLFinetuneConfig:
     """Device of the SAE and tokens; must be the model's device (the default)."""
 
     sparse_topk: bool | None = None
-    """TopK SAEs train with SAELens's sparse activations (use_sparse_activations: COO latents and a
-    sparse decode) — the same outputs, fewer FLOPs when k << d_sae. None: on for CPU, where it
-    measured faster (GPT-2-small shape, k=64 of 12288 latents: 2223 -> 2080 ms per step on 2
-    threads); off on GPU, where it has not been measured."""
+    """TopK SAEs (topk, abstopk, batchtopk, matryoshka_batchtopk) train at the cost of their chosen
+    latents: the encoder's backward reads only the nonzero entries of its gradient, and TopK's
+    latents are SAELens's sparse activations (COO, a sparse decode and decoder gradient). The
+    same outputs and gradients to float rounding. None: on for CPU, where it measured faster
+    (GPT-2-small shape, k=64 of 12288 latents, 2 threads: see README "Performance"); off on GPU,
+    where it has not been measured."""
 
     prefix_reuse: bool = True
     """Run the layers before the SAE's block once and continue from there with start_at_layer. False

@@ -17,7 +17,6 @@ import torch
 from sae_lens import LoggingConfig, TrainingSAE
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
-from sae_lens.saes.topk_sae import TopK, TopKTrainingSAE
 from sae_lens.training.optim import get_lr_scheduler
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
@@ -28,6 +27,7 @@ from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.evaluation import latent_cosine_percentiles
 from sae_lens_kl.losses import Objective, StepTensors, objective_of
 from sae_lens_kl.runs import CleanRun, SpliceRunner, position_mask
+from sae_lens_kl.sparse_topk import use_sparse_topk
 from sae_lens_kl.staging import staged_folder
 from sae_lens_kl.transcoders import TranscoderStepInput
 
@@ -36,16 +36,6 @@ StepCallback = Callable[["KLFinetuneTrainer", TrainStepOutput], None]
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def use_sparse_topk(sae: TrainingSAE[Any], enabled: bool) -> None:
-    """Switch a TopK training SAE to (or from) SAELens's sparse activations; other SAEs untouched."""
-    # With decoder-norm rescaling the sparse path's backward fails ('aten::view' on SparseCPU,
-    # sae-lens 6.54.12 / torch 2.13), so those SAEs keep dense activations.
-    rescales = bool(getattr(sae.cfg, "rescale_acts_by_decoder_norm", False))
-    if isinstance(sae, TopKTrainingSAE) and type(sae.activation_fn) is TopK and not rescales:
-        sae.cfg.use_sparse_activations = enabled
-        sae.activation_fn = sae.get_activation_fn()
 
 
 def use_fused_adam(optimizer: torch.optim.Optimizer) -> None:
