@@ -28,6 +28,7 @@ from sae_lens_kl.lm_lora import LMLoRA, lm_lora_targets, load_lm_lora
 from sae_lens_kl.lora import add_lora, merge_lora
 from sae_lens_kl.losses import Objective, objective_of
 from sae_lens_kl.multi import MultiKLFinetuneTrainer
+from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.plan import Plan, make_plan
 from sae_lens_kl.report import prepare_save_dir, run_report, save_artifact
 from sae_lens_kl.runs import CleanRun, SpliceRunner, shared_clean_runs
@@ -87,6 +88,12 @@ def kl_finetune(
             f"kl_finetune got unknown options {unknown}; see KLFinetuneConfig for {sorted(known)}."
         )
     cfg = KLFinetuneConfig(tokens=tokens, **options)
+    parallel = DataParallel.of_run(cfg.distributed)
+    if cfg.batch_size % parallel.world_size:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is the global batch, split over {parallel.world_size} "
+            "processes: pass a multiple of the number of processes."
+        )
     saes = [sae] if isinstance(sae, SAE) else list(sae)
     if not saes or not all(isinstance(one, SAE) for one in saes):
         raise TypeError("kl_finetune takes an SAE or a non-empty list of SAEs.")
@@ -96,9 +103,19 @@ def kl_finetune(
         folders = [Path(resume_from).expanduser() / f"sae_{index}" for index in range(len(saes))]
         resume_points = common_checkpoints(folders)
     plans = [
-        make_plan(one, model, data, cfg, save_dir, resume_point, overwrite)
+        make_plan(one, model, data, cfg, save_dir, resume_point, overwrite, world_size=parallel.world_size)
         for one, resume_point in zip(saes, resume_points, strict=True)
     ]
+    # every rank must run the same fine-tune (also: no rank writes before all have checked)
+    parallel.check_same(
+        "settings, SAEs, data or folders",
+        [
+            # the device is each rank's own
+            {**plan.cfg.to_dict(), **plan.fingerprints, "save_dir": plan.save_dir, "resume": plan.checkpoint}
+            | {"device": None}
+            for plan in plans
+        ],
+    )
     if evaluator is not None:
         _check_evaluator(evaluator, model, plans[0].cfg, eval_data)
     if len(saes) > 1 and any(plan.write_site != plan.site for plan in plans):
@@ -120,7 +137,7 @@ def kl_finetune(
     # training SAE (then overwritten): the caller's generator state is left as it was.
     cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda_devices):
-        tuned = _run(saes, model, plans, eval_data, evaluator, callbacks, overwrite)
+        tuned = _run(saes, model, plans, eval_data, evaluator, callbacks, overwrite, parallel)
     return tuned[0] if isinstance(sae, SAE) else tuned
 
 
@@ -159,6 +176,7 @@ def _run(
     shared_evaluator: HeldOutEvaluator | None,
     callbacks: Sequence[StepCallback],
     overwrite: bool,
+    parallel: DataParallel,
 ) -> list[SAE[Any]]:
     """Fine-tune one SAE, or several in lockstep on the same tokens sharing the clean pass."""
     started = time.perf_counter()
@@ -184,16 +202,16 @@ def _run(
         for index, plan in enumerate(plans)
     }
     eval_sequences, clean_runs = _data_streams(
-        first, model, runners, eval_data, consumed, objective, held_out=shared_evaluator is not None
+        first, model, runners, eval_data, consumed, objective, parallel, held_out=shared_evaluator is not None
     )
     # one evaluator for every SAE of the run: the clean pass and baseline are computed once
-    evaluator = shared_evaluator or _evaluator(first, model, eval_sequences)
+    evaluator = shared_evaluator or _evaluator(first, model, eval_sequences, parallel)
     single = len(saes) == 1
     save_dirs = [
         first.save_dir if single or first.save_dir is None else first.save_dir / name for name in runners
     ]
     for save_dir in save_dirs:
-        if save_dir is not None:
+        if save_dir is not None and parallel.is_main:
             prepare_save_dir(save_dir, overwrite=overwrite, resuming=first.resuming_into_save_dir)
     jobs = [
         _prepare(
@@ -207,6 +225,7 @@ def _run(
             evaluator,
             callbacks,
             save_dir,
+            parallel,
         )
         for sae, plan, training, adapter, runner, save_dir in zip(
             saes, plans, trainings, adapters, runners.values(), save_dirs, strict=True
@@ -220,10 +239,12 @@ def _run(
         )
     )
     train_started = time.perf_counter()
-    with frozen(model), _wandb_run(cfg, first):
+    with frozen(model), _wandb_run(cfg, first, parallel):
         fitter.fit()
     train_seconds = time.perf_counter() - train_started
-    return [_finish(job, evaluator, train_seconds, time.perf_counter() - started) for job in jobs]
+    tuned = [_finish(job, evaluator, train_seconds, time.perf_counter() - started, parallel) for job in jobs]
+    parallel.barrier()  # every rank returns once rank 0 has written the artifacts
+    return tuned
 
 
 def _starting_saes(
@@ -238,6 +259,12 @@ def _starting_saes(
             state = json.loads((plan.checkpoint / FINETUNE_STATE_FILENAME).read_text())
             consumed = state["train_sequences_consumed"]  # the same for every SAE of a run
             training = TrainingSAE.load_from_disk(plan.checkpoint, device=str(device))
+            # safetensors hands back tensors at unaligned offsets of its buffer, where CPU kernels
+            # (embedding_bag's per-sample-weight gradient, torch 2.13) round differently than on
+            # fresh allocations: re-allocate, so a resumed run continues bit-identically
+            with torch.no_grad():
+                for tensor in [*training.parameters(), *training.buffers()]:
+                    tensor.data = tensor.data.clone()
         else:
             training = to_training_sae(sae, plan.cfg.sparsity_coefficient).to(device)
             if plan.cfg.sae_lora_rank is not None:
@@ -279,11 +306,12 @@ def _data_streams(
     eval_data: DataSource | None,
     consumed: int,
     objective: Objective,
+    parallel: DataParallel,
     held_out: bool = False,
 ) -> tuple[torch.Tensor | None, Iterator[Any]]:
     """(held-out evaluation sequences, the clean runs of the training batches: one CleanRun per
-    batch, or for several SAEs a dict of them per batch). `held_out`: an evaluator was given, so
-    no sequences are held out of the data."""
+    batch, or for several SAEs a dict of them per batch; this rank's part of each batch).
+    `held_out`: an evaluator was given, so no sequences are held out of the data."""
     cfg = plan.cfg
     n_eval_sequences = 0 if held_out else -(-cfg.eval_tokens // plan.context_size)
     steps = cfg.tokens // (cfg.batch_size * plan.context_size)
@@ -302,7 +330,7 @@ def _data_streams(
             eval_sequences, held_out = cache.tokens(n_eval_sequences), n_eval_sequences
         # The cache is read epoch after epoch until the token budget is spent.
         (runner,) = runners.values()
-        runs = cache.runs(runner, cfg.batch_size, held_out, consumed)
+        runs = cache.runs(runner, cfg.batch_size, held_out, consumed, part=parallel.part)
         return eval_sequences, budgeted(runs, steps, cache.path, cfg.tokens)
     eval_sequences, sequences = held_out_and_training(
         plan.data,
@@ -311,7 +339,7 @@ def _data_streams(
         n_eval_sequences=n_eval_sequences,
         **{**streams, "consumed": consumed},  # type: ignore[arg-type]
     )
-    batches = budgeted(batched(sequences, cfg.batch_size), steps, plan.data, cfg.tokens)
+    batches = budgeted(map(parallel.part, batched(sequences, cfg.batch_size)), steps, plan.data, cfg.tokens)
     if len(runners) == 1:
         (runner,) = runners.values()
         return eval_sequences, runner.clean_runs(
@@ -345,7 +373,7 @@ def _check_evaluator(
 
 
 def _evaluator(
-    plan: Plan, model: HookedRootModule, eval_sequences: torch.Tensor | None
+    plan: Plan, model: HookedRootModule, eval_sequences: torch.Tensor | None, parallel: DataParallel
 ) -> HeldOutEvaluator | None:
     if eval_sequences is None:
         return None
@@ -358,6 +386,7 @@ def _evaluator(
         exclude_first_positions=cfg.exclude_first_positions,
         chunk_tokens=cfg.kl_chunk_tokens,
         prefix_reuse=plan.prefix_reuse,
+        parallel=parallel,
     )
 
 
@@ -372,6 +401,7 @@ def _prepare(
     evaluator: HeldOutEvaluator | None,
     callbacks: Sequence[StepCallback],
     save_dir: Path | None,
+    parallel: DataParallel,
 ) -> _Job:
     """The 'before' evaluation, the L0 controller and the trainer of one SAE (state restored when
     resuming)."""
@@ -399,6 +429,7 @@ def _prepare(
         fingerprints=plan.fingerprints,
         callbacks=callbacks,
         modules=modules,
+        parallel=parallel,
     )
     if plan.checkpoint is not None:
         trainer.load_trainer_state(plan.checkpoint)
@@ -407,7 +438,11 @@ def _prepare(
 
 
 def _finish(
-    job: _Job, evaluator: HeldOutEvaluator | None, train_seconds: float, wall_seconds: float
+    job: _Job,
+    evaluator: HeldOutEvaluator | None,
+    train_seconds: float,
+    wall_seconds: float,
+    parallel: DataParallel,
 ) -> SAE[Any]:
     """The inference SAE with its 'after' evaluation and report; saved when a folder is given."""
     trainer, controller = job.trainer, job.controller
@@ -447,15 +482,15 @@ def _finish(
     )
     report["weight_stability"] = weight_stability(job.start, tuned)
     tuned.cfg.metadata.kl_finetune = report
-    if job.save_dir is not None:
+    if job.save_dir is not None and parallel.is_main:
         save_artifact(tuned, trainer, report, job.save_dir)
     return tuned
 
 
 @contextmanager
-def _wandb_run(cfg: KLFinetuneConfig, plan: Plan) -> Iterator[None]:
-    """A wandb run for SAELens's logger when logging is on and the caller has not started one."""
-    if not cfg.log_to_wandb:
+def _wandb_run(cfg: KLFinetuneConfig, plan: Plan, parallel: DataParallel) -> Iterator[None]:
+    """A wandb run for SAELens's logger when logging is on (rank 0) and the caller has not started one."""
+    if not (cfg.log_to_wandb and parallel.is_main):
         yield
         return
     import wandb

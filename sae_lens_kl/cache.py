@@ -27,9 +27,10 @@ interrupted build is never mistaken for a complete cache.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -201,11 +202,17 @@ class CleanPassCache:
             )
 
     def runs(
-        self, runner: SpliceRunner, batch_size: int, first_sequence: int = 0, consumed: int = 0
+        self,
+        runner: SpliceRunner,
+        batch_size: int,
+        first_sequence: int = 0,
+        consumed: int = 0,
+        part: Callable[[torch.Tensor], torch.Tensor] = lambda batch: batch,
     ) -> Iterator[CleanRun]:
         """The clean runs of `batch_size` cached sequences from `first_sequence` on (the ones before
         are held out), epoch after epoch, on the runner's device, each with the prefix its spliced
-        suffix restarts from; a resumed run passes the sequences it `consumed` already."""
+        suffix restarts from; a resumed run passes the sequences it `consumed` already. `part`
+        takes a data-parallel rank's sequences of each batch."""
         self.check_compatible(runner.model, runner.site)  # type: ignore[arg-type]
         per_epoch = (self.n_sequences - first_sequence) // batch_size * batch_size
         if per_epoch <= 0:
@@ -216,7 +223,14 @@ class CleanPassCache:
         start = first_sequence + consumed % per_epoch
         device = next(runner.model.parameters()).device
         while True:
-            for tokens, residual, acts, clean in self._batches(batch_size, start, first_sequence + per_epoch):
+            for batch in self._batches(batch_size, start, first_sequence + per_epoch):
+                tokens, residual, acts = (part(tensor) for tensor in batch[:3])
+                clean = batch[3]
+                clean = (
+                    CleanStatistics(*(part(getattr(clean, f.name)) for f in dataclasses.fields(clean)))
+                    if isinstance(clean, CleanStatistics)
+                    else part(clean)
+                )
                 tokens = tokens.to(device)
                 prefix = runner.prefix_from(tokens, residual.to(device))
                 if isinstance(clean, CleanStatistics):

@@ -163,9 +163,19 @@ def _unreadable(checkpoint: Path) -> str | None:
     return None
 
 
-def check_resume(checkpoint: Path, cfg: KLFinetuneConfig, fingerprints: dict[str, str]) -> None:
-    """Refuse to resume with other settings, another starting SAE or other data than the run's."""
+def check_resume(
+    checkpoint: Path, cfg: KLFinetuneConfig, fingerprints: dict[str, str], world_size: int = 1
+) -> None:
+    """Refuse to resume with other settings, another starting SAE or other data than the run's,
+    or with another number of processes."""
     state = json.loads((checkpoint / FINETUNE_STATE_FILENAME).read_text())
+    saved_world = state.get("world_size", 1)
+    if saved_world != world_size:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it was written by a run of {saved_world} process(es) "
+            f"and this one has {world_size}. Resume with the same number (torchrun --nproc_per_node "
+            f"{saved_world}{'' if saved_world > 1 else ', or without torchrun'})."
+        )
     # a field newer than the checkpoint counts as its default (what that run used)
     defaults = {f.name: f.default for f in fields(KLFinetuneConfig)}
     saved = {**defaults, **state["config"]}

@@ -163,6 +163,13 @@ class KLFinetuneConfig:
     (~7 s on CPU) and needs what inductor needs (a C++ compiler on CPU, Triton on GPU). Needs
     prefix_reuse on a single-device HookedTransformer."""
 
+    distributed: bool = False
+    """Data parallelism over an initialised torch.distributed process group (torchrun, one process
+    per device, each given the same model, SAE, data and settings): each rank takes its slice of
+    every batch of `batch_size` sequences (which the world size must divide), gradients are summed
+    over the ranks, alpha, the L0 controller and the evaluation use every rank's tokens, rank 0
+    writes. The result equals one process's over the same batches, to float rounding."""
+
     check_model_name: bool = True
     """Refuse an SAE whose metadata names a different model than the one passed."""
 

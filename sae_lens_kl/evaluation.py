@@ -20,6 +20,7 @@ from sae_lens_kl.architectures import flat_activations, to_inference_sae
 from sae_lens_kl.checkpoints import sae_fingerprint
 from sae_lens_kl.data import DataError, DataSource, take, token_sequences
 from sae_lens_kl.losses import cross_entropy_per_token, kl_per_token
+from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.runs import hooks_on, position_mask, recording
 from sae_lens_kl.splice import (
     HookSite,
@@ -160,9 +161,12 @@ class HeldOutEvaluator:
         chunk_tokens: int,
         prefix_reuse: bool = True,
         clean_cache_bytes: int = 2**31,
+        parallel: DataParallel | None = None,
     ) -> None:
         self.model = model
-        self.batches = sequences.split(batch_size)
+        self.parallel = parallel or DataParallel()
+        # a data-parallel rank evaluates its share of the batches; the results are gathered
+        self.batches = self.parallel.parts(list(sequences.split(batch_size)))
         self.special_token_ids = special_token_ids
         self.exclude_first_positions = exclude_first_positions
         self.chunk_tokens = chunk_tokens
@@ -188,9 +192,11 @@ class HeldOutEvaluator:
         chunk_tokens: int = 256,
         prefix_reuse: bool = True,
         clean_cache_bytes: int = 2**31,
+        parallel: DataParallel | None = None,
     ) -> HeldOutEvaluator:
         """An evaluator on the first `n_tokens` tokens of `data` (whole sequences of
-        `context_size`; a [n_seq, seq] token tensor is used as it is)."""
+        `context_size`; a [n_seq, seq] token tensor is used as it is). `parallel`: in a
+        data-parallel run (`DataParallel.of_run(True)`), each rank evaluates its share."""
         if not isinstance(n_tokens, int) or n_tokens < 1:
             raise ValueError(f"n_tokens={n_tokens!r} must be a positive number of tokens to evaluate.")
         if isinstance(data, torch.Tensor) and data.ndim == 2:
@@ -218,11 +224,13 @@ class HeldOutEvaluator:
             chunk_tokens=chunk_tokens,
             prefix_reuse=prefix_reuse,
             clean_cache_bytes=clean_cache_bytes,
+            parallel=parallel,
         )
 
     @property
     def n_sequences(self) -> int:
-        return sum(len(batch) for batch in self.batches)
+        """Sequences evaluated, over every rank."""
+        return sum(self.parallel.gather(sum(len(batch) for batch in self.batches)))
 
     def _clean_pass(
         self, index: int, tokens: torch.Tensor, site: HookSite, write: HookSite, reuse: bool
@@ -294,7 +302,9 @@ class HeldOutEvaluator:
         variance = ExplainedVarianceCalculator()
         fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
 
-        for index, batch in enumerate(tqdm(self.batches, desc="Evaluating", leave=False)):
+        for index, batch in enumerate(
+            tqdm(self.batches, desc="Evaluating", leave=False, disable=not self.parallel.is_main)
+        ):
             tokens = batch.to(device)
             keep = position_mask(tokens, self.special_token_ids, self.exclude_first_positions)
             kept, ce_rows = keep.flatten(), keep[:, :-1].flatten()
@@ -358,6 +368,17 @@ class HeldOutEvaluator:
 
         if baseline is None:
             self._baseline[(write.hook_name, write.head_index)] = new_baseline
+        if self.parallel.active:  # every rank's per-token values, in batch order, and statistics
+            gathered = self.parallel.gather(
+                (
+                    {name: [v.cpu() for v in values] for name, values in parts.items()},
+                    vars(variance),
+                    fired.cpu(),
+                )
+            )
+            parts = {name: [v for rank_parts, _, _ in gathered for v in rank_parts[name]] for name in parts}
+            variance = _merged_variance([state for _, state, _ in gathered])
+            fired = torch.stack([rank_fired for _, _, rank_fired in gathered]).any(0)
         # means accumulated in float64: n_tokens terms would lose float32 digits
         means = {name: torch.cat(values).double().mean().item() for name, values in parts.items()}
         ce_clean, ce_spliced, ce_ablated = means["ce_clean"], means["ce_spliced"], means["ce_ablated"]
@@ -380,6 +401,20 @@ class HeldOutEvaluator:
         if result_key is not None:
             self._results[result_key] = result.copy()
         return result
+
+
+def _merged_variance(states: list[dict[str, Any]]) -> ExplainedVarianceCalculator:
+    """One ExplainedVarianceCalculator over the batches of several (its sums added: the four
+    attributes of sae-lens 6.54's calculator, which has no merge method)."""
+    merged = ExplainedVarianceCalculator()
+    for state in states:
+        if state["sum_x"] is None:
+            continue
+        merged.sum_x = state["sum_x"] if merged.sum_x is None else merged.sum_x + state["sum_x"]
+        merged.sum_squared_norm += state["sum_squared_norm"]
+        merged.sum_squared_residual += state["sum_squared_residual"]
+        merged.num_samples += state["num_samples"]
+    return merged
 
 
 @torch.no_grad()

@@ -63,6 +63,7 @@ def make_plan(
     save_dir: str | os.PathLike[str] | None,
     resume_from: str | os.PathLike[str] | None,
     overwrite: bool,
+    world_size: int = 1,
 ) -> Plan:
     check_supported(sae)
     _check_finite(sae)
@@ -236,7 +237,7 @@ def make_plan(
     )
     fingerprints = {"sae": sae_fingerprint(sae), "data": data_fingerprint(data)}
     if checkpoint is not None:
-        check_resume(checkpoint, cfg, fingerprints)
+        check_resume(checkpoint, cfg, fingerprints, world_size)
     return Plan(
         cfg=cfg,
         site=site,

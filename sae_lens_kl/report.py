@@ -147,6 +147,8 @@ def run_report(
         "config": trainer.ft_cfg.to_dict(),
         "hook_name": hook_name,
         "training_tokens": trainer.n_training_samples,
+        "resumed_from_tokens": resumed_tokens,
+        "processes": trainer.parallel.world_size,
         "steps": trainer.n_training_steps,
         "train_seconds": train_seconds,
         "train_tokens_per_second": trained_now / train_seconds if train_seconds > 0 else None,

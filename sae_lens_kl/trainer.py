@@ -26,6 +26,7 @@ from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.evaluation import latent_cosine_percentiles
 from sae_lens_kl.losses import Objective, StepTensors, objective_of
+from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.runs import CleanRun, SpliceRunner, position_mask
 from sae_lens_kl.sparse_topk import use_sparse_topk
 from sae_lens_kl.staging import staged_folder
@@ -119,7 +120,9 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         fingerprints: dict[str, str] | None = None,
         callbacks: Sequence[StepCallback] = (),
         modules: Sequence[TrainedModule] = (),
+        parallel: DataParallel | None = None,
     ) -> None:
+        parallel = parallel or DataParallel()
         tokens_per_step = cfg.batch_size * context_size
         n_steps = cfg.tokens // tokens_per_step
         use_sparse_topk(sae, cfg.sparse_topk if cfg.sparse_topk is not None else sae.device.type == "cpu")
@@ -140,7 +143,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
                 checkpoint_path=None if checkpoint_dir is None else str(checkpoint_dir),
                 save_final_checkpoint=checkpoint_dir is not None,
                 logger=LoggingConfig(
-                    log_to_wandb=cfg.log_to_wandb,
+                    log_to_wandb=cfg.log_to_wandb and parallel.is_main,
                     wandb_project=cfg.wandb_project,
                     wandb_log_frequency=cfg.wandb_log_frequency,
                 ),
@@ -153,6 +156,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
             self._train_modules_too()
         use_fused_adam(self.optimizer)
         self.runner = runner
+        self.parallel = parallel
         self.ft_cfg = cfg
         self.objective = objective if objective is not None else objective_of(cfg)
         self.replacement = replacement
@@ -173,8 +177,9 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
     # ---- the step -------------------------------------------------------------------------------
 
     def step(self, batch: CleanRun) -> TrainStepOutput:  # type: ignore[override]
-        """One fine-tune step on a batch's clean run; counts tokens, not sequences."""
-        self.n_training_samples += batch.numel()
+        """One fine-tune step on a batch's clean run (this rank's part of it); counts the global
+        batch's tokens, not sequences."""
+        self.n_training_samples += batch.numel() * self.parallel.world_size
         return self._train_step(sae=self.sae, sae_in=batch)  # type: ignore[arg-type]
 
     def _train_step(self, sae: TrainingSAE[Any], sae_in: CleanRun) -> TrainStepOutput:  # type: ignore[override]
@@ -216,15 +221,21 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
             spliced_at=_at_rows(spliced_at, rows),
         )
         values = {term.name: term(tensors) for term in self.objective.terms}
-        loss, alpha = self.objective.combine(values, out.loss - out.losses["mse_loss"])
         firing = _firing(out.feature_acts)
-        numbers = self._checked_numbers(loss=loss, kl=values.get("kl"), alpha=alpha, l0=firing.sum(-1))
+        local = {**values, "aux": out.loss - out.losses["mse_loss"], "l0": firing.sum(-1).float().mean()}
+        # means over every rank's rows (a single process: unchanged)
+        means = self.parallel.global_means(local, len(rows))
+        values = {name: means[name] for name in values}
+        loss, alpha = self.objective.combine(values, means["aux"])
+        numbers = self._checked_numbers(loss=loss, kl=values.get("kl"), alpha=alpha, l0=means["l0"])
 
         self._record_firing(firing)
         loss.backward()
+        self.parallel.sum_gradients(self.trained_parameters())
         torch.nn.utils.clip_grad_norm_(self.trained_parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad()
+        self.parallel.broadcast_buffers(sae)
         self._advance_schedules(numbers["l0"])
         return self._step_output(out, loss, values, numbers)
 
@@ -304,11 +315,15 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
 
     @torch.no_grad()
     def _record_firing(self, firing: torch.Tensor) -> None:
-        """SAELens's dead-latent and firing-frequency statistics, over the rows actually trained."""
+        """SAELens's dead-latent and firing-frequency statistics, over the rows actually trained
+        (on every rank)."""
+        counts = self.parallel.sum_(
+            torch.cat([firing.sum(0), firing.new_tensor([firing.shape[0]], dtype=torch.long)])
+        )
         self.n_forward_passes_since_fired += 1
-        self.n_forward_passes_since_fired[firing.any(0)] = 0
-        self.act_freq_scores += firing.sum(0)
-        self.n_frac_active_samples += firing.shape[0]
+        self.n_forward_passes_since_fired[counts[:-1] > 0] = 0
+        self.act_freq_scores += counts[:-1]
+        self.n_frac_active_samples += int(counts[-1])
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -332,6 +347,8 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         """SAELens's checkpoint, written to a temporary folder and renamed into place, so a run
         killed mid-write never leaves a half checkpoint."""
         base = base_path if base_path is not None else self.cfg.checkpoint_path
+        if not self.parallel.is_main:  # rank 0 writes; every rank resumes from its checkpoints
+            return
         if base is None:
             super().save_checkpoint(checkpoint_name, base_path, wandb_aliases)
             return
@@ -351,6 +368,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
             "training_tokens": self.n_training_samples,
             "controller": None,
             "fingerprints": self.fingerprints,
+            "world_size": self.parallel.world_size,
         }
         if self.controller is not None:
             scheduler = self.coefficient_schedulers[self.controller.coefficient_name]
@@ -390,6 +408,8 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         # The last call of each iteration of SAETrainer.fit (sae-lens 6.54 has no callback seam;
         # the order is checked by tests/test_sae_lens_seams.py): progress, then user callbacks.
         metrics = step_output.metrics
+        if not self.parallel.is_main:
+            pbar.disable = True
         pbar.update(self.tokens_per_step)
         pbar.set_postfix(
             kl=f"{metrics['kl']:.4g}",
