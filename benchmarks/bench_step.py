@@ -13,7 +13,7 @@ weights); SAE: TopK, d_sae = 16*768, k = 64, at blocks.{2,6,10}.hook_resid_pre.
 
     python benchmarks/bench_step.py --threads 2            # T=256, table
     python benchmarks/bench_step.py --threads 2 --json      # plus one JSON object on the last line
-    python benchmarks/bench_step.py --threads 2 --long      # also peak memory at T=1024
+    python benchmarks/bench_step.py --threads 2 --long      # + peak memory at T=1024 (+ checkpoint_suffix)
     python benchmarks/bench_step.py --threads 2 --compile   # also with compile_blocks=True
     python benchmarks/bench_step.py --threads 2 --sparsify  # also EleutherAI sparsify (bench extra)
     python benchmarks/bench_step.py --threads 2 --phases    # where an online step's time goes
@@ -50,8 +50,8 @@ from sae_lens_kl import KLFinetuneConfig, KLFinetuneTrainer
 from sae_lens_kl.cache import build_cache
 from sae_lens_kl.losses import kl_divergence
 from sae_lens_kl.runs import SpliceRunner, shared_clean_runs
-from sae_lens_kl.splice import CompiledBlocks, HookSite, VocabProjection, run_prefix, run_to_output
 from sae_lens_kl.sparse_topk import use_sparse_topk
+from sae_lens_kl.splice import CompiledBlocks, HookSite, VocabProjection, run_prefix, run_to_output
 
 D_MODEL, VOCAB = 768, 50257
 
@@ -138,6 +138,7 @@ class OurStep:
         seq: int,
         batch: int,
         compile_blocks: bool = False,
+        checkpoint_suffix: bool = False,
     ) -> None:
         cfg = KLFinetuneConfig(
             tokens=10**12,
@@ -145,9 +146,11 @@ class OurStep:
             context_size=seq,
             exclude_special_tokens=False,
             compile_blocks=compile_blocks,
+            checkpoint_suffix=checkpoint_suffix,
         )
         site = HookSite.for_model(model, sae.cfg.metadata.hook_name, None)
-        runner = SpliceRunner(model, site, blocks=CompiledBlocks(model) if compile_blocks else None)
+        blocks = CompiledBlocks(model) if compile_blocks else None
+        runner = SpliceRunner(model, site, blocks=blocks, checkpoint_suffix=checkpoint_suffix)
         self.trainer = KLFinetuneTrainer(sae, runner, iter(()), cfg, context_size=seq)
 
     def __call__(self, tokens: torch.Tensor) -> tuple[float, float]:
@@ -381,6 +384,7 @@ VARIANTS: dict[str, Callable[..., Callable[[torch.Tensor], float]]] = {
     "cached": CachedStep,
     "ours-compiled": functools.partial(OurStep, compile_blocks=True),
     "cached-compiled": functools.partial(CachedStep, compile_blocks=True),
+    "ours-checkpointed": functools.partial(OurStep, checkpoint_suffix=True),
 }
 
 
@@ -598,10 +602,13 @@ def main() -> None:
             "vs_sparsify": vs_sparsify.get("ours-compiled"),
         }
     if args.long:
-        peaks = {name: peak_memory(args, name, 6, 1024) for name in ("reference", "ours")}
+        peaks = {
+            name: peak_memory(args, name, 6, 1024) for name in ("reference", "ours", "ours-checkpointed")
+        }
         for name, peak in peaks.items():
             print(f"peak memory above setup, layer 6, T=1024, {name}: {peak / 2**20:.0f} MiB")
         results["online_peak_mem_ratio_T1024"] = peaks["ours"] / peaks["reference"]
+        results["checkpointed_peak_mem_ratio_T1024"] = peaks["ours-checkpointed"] / peaks["ours"]
         results["peak_mem_bytes_T1024"] = peaks
     if args.json:
         print(json.dumps(results))

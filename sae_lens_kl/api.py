@@ -198,6 +198,7 @@ def _run(
             spliced_hooks=lm_lora.hooks() if lm_lora is not None else (),
             # LoRA before the SAE changes its input: the spliced pass runs from the embedding
             spliced_from_start=plan.cfg.lm_lora_layers == "all",
+            checkpoint_suffix=plan.cfg.checkpoint_suffix,
         )
         for index, plan in enumerate(plans)
     }

@@ -21,6 +21,7 @@ from sae_lens_kl.corpus import django_docs
 from sae_lens_kl.evaluation import HeldOutEvaluator
 from sae_lens_kl.evaluation import evaluate as evaluate_sae
 from sae_lens_kl.models import cache_root, load_model
+from sae_lens_kl.parallel import init_process_group, launched_processes
 from sae_lens_kl.report import History, write_report
 from sae_lens_kl.staging import staged_folder, write_file
 from sae_lens_kl.train import mse_phase, runner_config, train_with_kl_phase
@@ -304,8 +305,17 @@ def finetune(args: argparse.Namespace) -> None:
     out = _check_out(args.out, args.overwrite or args.resume is not None)
     options = KLFinetuneConfig.options_in(args)
     KLFinetuneConfig(**options)  # validate every option before loading anything
-    sae = load_sae(args.sae, device=args.device or "cpu")
-    model = load_model(args.model or sae.cfg.metadata.model_name, device=args.device or "cpu")
+    processes = launched_processes()
+    if processes > 1 and not args.distributed:
+        raise SystemExit(
+            f"finetune was launched as {processes} processes (torchrun) without --distributed: each "
+            "would run the whole fine-tune into the same folder. Pass --distributed, or run one process."
+        )
+    device = args.device or "cpu"
+    if args.distributed:  # this rank's device: cuda:LOCAL_RANK on GPU
+        device = options["device"] = init_process_group(args.device)
+    sae = load_sae(args.sae, device=device)
+    model = load_model(args.model or sae.cfg.metadata.model_name, device=device)
     history = History()
     tuned = kl_finetune(
         sae,
@@ -319,6 +329,11 @@ def finetune(args: argparse.Namespace) -> None:
         **options,
     )
     report = tuned.cfg.metadata.kl_finetune
+    if args.distributed:
+        rank = torch.distributed.get_rank()
+        torch.distributed.destroy_process_group()
+        if rank != 0:  # rank 0 writes the report and prints
+            return
     if out is not None:
         write_report(
             out, f"sae_lens_kl finetune: {args.sae}", {report["config"]["loss"]: report}, history, []

@@ -170,6 +170,12 @@ class KLFinetuneConfig:
     over the ranks, alpha, the L0 controller and the evaluation use every rank's tokens, rank 0
     writes. The result equals one process's over the same batches, to float rounding."""
 
+    checkpoint_suffix: bool = False
+    """Gradient checkpointing of the spliced suffix: the activations of the blocks after the SAE's
+    are recomputed in backward, one block at a time, instead of kept, for when they do not fit in
+    memory (a step runs those blocks forward once more). Same results, bit for bit. Needs
+    prefix_reuse on a HookedTransformer; not with LoRA on the LM."""
+
     check_model_name: bool = True
     """Refuse an SAE whose metadata names a different model than the one passed."""
 

@@ -176,6 +176,16 @@ def make_plan(
             f"compile_blocks=True needs torch.compile's inductor, but {missing}; install it "
             "or leave compile_blocks off."
         )
+    if cfg.checkpoint_suffix and not (cfg.prefix_reuse and supports_prefix_reuse(model, site)):
+        raise ValueError(
+            "checkpoint_suffix=True recomputes a HookedTransformer's blocks after the SAE's and needs "
+            "prefix_reuse=True and a hook inside a block; leave checkpoint_suffix off for this model."
+        )
+    if cfg.checkpoint_suffix and cfg.lm_lora_rank is not None:
+        raise ValueError(
+            "checkpoint_suffix=True with lm_lora_rank: LoRA acts through hooks, which are gone when "
+            "backward recomputes the blocks; leave checkpoint_suffix off for LoRA on the LM."
+        )
     context_size = cfg.context_size or metadata.context_size or 1024
     n_ctx = getattr(model_cfg, "n_ctx", None)
     if n_ctx is not None and context_size > n_ctx:

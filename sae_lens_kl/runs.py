@@ -96,6 +96,7 @@ class SpliceRunner:
         blocks: CompiledBlocks | None = None,
         spliced_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
         spliced_from_start: bool = False,
+        checkpoint_suffix: bool = False,
     ) -> None:
         self.model = model
         self.site = site
@@ -106,6 +107,7 @@ class SpliceRunner:
         # at the SAE's hook differs from the clean one: the spliced pass then runs from the
         # embedding (not the clean prefix) and the SAE must encode what arrives there
         self.spliced_from_start = spliced_from_start
+        self.checkpoint_suffix = checkpoint_suffix
         self.prefix_reuse = prefix_reuse and supports_prefix_reuse(model, site)
         self.blocks = blocks if self.prefix_reuse else None
         self.projection = VocabProjection.for_run(model, self.prefix_reuse)
@@ -155,6 +157,8 @@ class SpliceRunner:
             prefix = run.prefix
             if self.spliced_from_start and prefix is not None:
                 prefix = embedded_prefix(self.model, run.tokens, self.site, self.blocks)  # type: ignore[arg-type]
+            if self.checkpoint_suffix and prefix is not None:  # the blocks after the splice's
+                prefix = replace(prefix, checkpoint_from=self.write_site.block + 1)  # type: ignore[operator]
             output = run_to_output(self.model, run.tokens, prefix, self.write_site, replacement)[0]
         return output, recorded
 

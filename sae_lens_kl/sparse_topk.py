@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from sae_lens import TrainingSAE
 from sae_lens.saes.topk_sae import TopK, TopKTrainingSAE
+from torch.nn.utils.parametrize import is_parametrized
 
 
 class _SelectedLatentsLinear(torch.autograd.Function):
@@ -110,11 +111,13 @@ def base_class(sae: TrainingSAE[Any]) -> type[TrainingSAE[Any]]:
 
 def use_sparse_topk(sae: TrainingSAE[Any], enabled: bool) -> None:
     """Switch a TopK training SAE to (or from) the k-latent step: SAELens's sparse activations
-    (TopK's COO latents, a sparse decode and decoder gradient) and the encoder backward above.
-    Other SAEs are left untouched."""
+    (TopK's COO latents) with the decoder and encoder above. Other SAEs are left untouched."""
     if not isinstance(sae, TopKTrainingSAE):
         return
-    sae.__class__ = _selected_latents_class(base_class(sae)) if enabled else base_class(sae)
+    # torch's parametrizations (LoRA on the SAE) swap the class themselves and undo it by name:
+    # such an SAE keeps SAELens's encoder and decoder
+    if not is_parametrized(sae):
+        sae.__class__ = _selected_latents_class(base_class(sae)) if enabled else base_class(sae)
     # With decoder-norm rescaling SAELens's sparse activations fail in backward ('aten::view' on
     # SparseCPU, sae-lens 6.54.12 / torch 2.13): those SAEs keep dense activations.
     rescales = bool(getattr(sae.cfg, "rescale_acts_by_decoder_norm", False))

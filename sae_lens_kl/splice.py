@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from sae_lens import SAE
+from torch.utils.checkpoint import checkpoint
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
@@ -108,9 +109,21 @@ class Prefix:
     attention_mask: torch.Tensor | None
     start_layer: int
     blocks: CompiledBlocks | None = None
+    checkpoint_from: int | None = None
+    """Under autograd, run each block from this one on through torch.utils.checkpoint: its
+    activations are recomputed in backward instead of kept (gradient checkpointing of the spliced
+    suffix). The recomputation runs after the forward's hooks are removed, so only blocks whose
+    hooks do not change the activations (none, or recordings) may be checkpointed."""
 
     def run_blocks(self, model: HookedTransformer, stop: int) -> torch.Tensor:
         """The residual after blocks [start_layer, stop)."""
+        if self.checkpoint_from is not None and torch.is_grad_enabled():
+            kept = replace(self, checkpoint_from=None)
+            residual = kept.run_blocks(model, min(stop, self.checkpoint_from))
+            for index in range(max(self.start_layer, self.checkpoint_from), stop):
+                one = replace(kept, residual=residual, start_layer=index)
+                residual = checkpoint(one.run_blocks, model, index + 1, use_reentrant=False)
+            return residual
         if self.blocks is not None:
             return self.blocks.run(self.residual, self.start_layer, stop, self)
         return model(

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import make_sae
 from distributed_worker import DATA, OPTIONS, model, sae
+from sae_lens import SAE
 from safetensors.torch import load_file
 
 from sae_lens_kl import kl_finetune
@@ -110,3 +112,37 @@ def test_a_rank_takes_its_contiguous_share() -> None:
     assert torch.equal(torch.cat(parts), batch)
     shares = [DataParallel(rank, 3).parts(list(range(7))) for rank in range(3)]
     assert shares == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*launch, "-m", "sae_lens_kl", *args], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_the_command_under_torchrun(
+    tiny_lm_folder: Path, text_folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "sae"
+    start = make_sae("topk", hook_name="blocks.1.hook_resid_pre")
+    start.cfg.metadata.model_name = "tiny-lm"
+    start.save_model(folder)
+    train, held_out = text_folders
+    common = ["finetune", "--sae", str(folder), "--model", str(tiny_lm_folder), "--data", str(train)]
+    common += ["--eval-data", str(held_out), "--tokens", "512", "--batch-size", "4", "--context-size", "16"]
+    common += ["--eval-tokens", "128"]
+
+    refused = torchrun(*common, "--out", str(tmp_path / "refused"))
+    assert refused.returncode != 0
+    assert "launched as 2 processes (torchrun) without --distributed" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+    result = torchrun(*common, "--distributed", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-5000:]
+    report = metrics(tmp_path / "out")
+    assert report["processes"] == 2 and report["training_tokens"] == 512
+    assert report["after"]["kl"] < report["before"]["kl"]
+    assert result.stdout.count("CE gap") == (tmp_path / "out" / "report.md").read_text().count("CE gap")
+    assert SAE.load_from_disk(tmp_path / "out").cfg.metadata.hook_name == "blocks.1.hook_resid_pre"

@@ -204,3 +204,17 @@ def test_topk_training_sae_with_decoder_norm_rescaling() -> None:
     tuned = kl_finetune(training, tiny_model(), DATA, tokens=6 * 4 * SEQ, lr=2e-3, **FAST)
     report = tuned.cfg.metadata.kl_finetune
     assert report["after"]["kl"] < report["before"]["kl"]
+
+
+def test_checkpointed_suffix_trains_the_same_weights() -> None:
+    # Recomputing the suffix's activations in backward repeats the same deterministic forward, so
+    # the gradients and weights are bit-identical to keeping them.
+    model = tiny_model()
+    sae = make_sae("topk", hook_name="blocks.0.hook_resid_pre")
+    options = {"tokens": 4 * 4 * SEQ, "lr": 2e-3, "loss": "e2e+ds", **FAST}
+    kept = kl_finetune(sae, model, DATA, **options)
+    recomputed = kl_finetune(sae, model, DATA, checkpoint_suffix=True, **options)
+    for name, tensor in kept.state_dict().items():
+        assert torch.equal(recomputed.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match="checkpoint_suffix=True .* needs prefix_reuse=True"):
+        kl_finetune(sae, model, DATA, checkpoint_suffix=True, prefix_reuse=False, **options)
