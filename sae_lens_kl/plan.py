@@ -132,6 +132,13 @@ def make_plan(
             f"is {out_width} wide in this model. Pass the model the transcoder was trained on."
         )
     model_cfg = getattr(model, "cfg", None)
+    if (n_devices := getattr(model_cfg, "n_devices", 1)) > 1:
+        # TransformerLens builds such a model only with CUDA devices, so it is untested here
+        raise ValueError(
+            f"The model is split over n_devices={n_devices} devices, which sae_lens_kl does not support "
+            "yet. Load it on one device, and to use several GPUs run data-parallel (torchrun, "
+            "distributed=True: one replica per GPU)."
+        )
     if cfg.check_model_name and metadata.model_name and model_cfg is not None:
         _check_model_name(metadata.model_name, model_cfg.model_name)
     elif cfg.check_model_name and model_cfg is not None:

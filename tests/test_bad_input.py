@@ -126,3 +126,17 @@ def test_controller_on_an_sae_without_a_sparsity_coefficient() -> None:
 def test_device_other_than_the_models() -> None:
     with pytest.raises(ValueError, match="device='meta' but the model is on cpu"):
         finetune(device="meta")
+
+
+def test_model_split_over_devices_is_refused() -> None:
+    # TransformerLens builds an n_devices model only with CUDA; the setting is what is checked
+    model = tiny_model()
+    model.cfg.n_devices = 2
+    with pytest.raises(ValueError, match="split over n_devices=2 devices"):
+        kl_finetune(make_sae("topk"), model, DATA, tokens=4 * 4 * SEQ, **FAST)
+
+
+def test_checkpointed_suffix_with_lm_lora_is_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match="checkpoint_suffix=True with lm_lora_rank"):
+        finetune(checkpoint_suffix=True, lm_lora_rank=2, loss="kl", save_dir=tmp_path)
+    assert not any(tmp_path.iterdir())
