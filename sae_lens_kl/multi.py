@@ -53,6 +53,8 @@ class MultiKLFinetuneTrainer(MultiSAETrainer):
     @torch.no_grad()
     def _update_pbar(self, step_outputs: dict[str, TrainStepOutput], pbar: tqdm) -> None:  # type: ignore[override]
         first = next(iter(self.trainers.values()))
+        if not first.parallel.is_main:  # type: ignore[attr-defined]
+            pbar.disable = True
         pbar.update(first.tokens_per_step)  # type: ignore[attr-defined]
         pbar.set_postfix(
             {f"kl[{name}]": f"{out.metrics['kl']:.4g}" for name, out in step_outputs.items()}, refresh=False
