@@ -80,8 +80,8 @@ class DataParallel:
         names = list(local)
         count = torch.tensor([float(n_rows)], dtype=torch.float64, device=local[names[0]].device)
         dist.all_reduce(count)
-        share = n_rows / float(count.item())
-        shared = [local[name] * share for name in names]
+        share = n_rows / count[0]  # a tensor: no host sync inside the step
+        shared = [local[name] * share.to(local[name].dtype) for name in names]
         # float64 sums: each rank's part then adds in the same order on every rank
         total = torch.stack([value.detach().double() for value in shared])
         dist.all_reduce(total)
