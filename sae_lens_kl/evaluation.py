@@ -167,6 +167,8 @@ class HeldOutEvaluator:
         self.parallel = parallel or DataParallel()
         # a data-parallel rank evaluates its share of the batches; the results are gathered
         self.batches = self.parallel.parts(list(sequences.split(batch_size)))
+        self.n_sequences = len(sequences)
+        """Sequences evaluated, over every rank."""
         self.special_token_ids = special_token_ids
         self.exclude_first_positions = exclude_first_positions
         self.chunk_tokens = chunk_tokens
@@ -226,11 +228,6 @@ class HeldOutEvaluator:
             clean_cache_bytes=clean_cache_bytes,
             parallel=parallel,
         )
-
-    @property
-    def n_sequences(self) -> int:
-        """Sequences evaluated, over every rank."""
-        return sum(self.parallel.gather(sum(len(batch) for batch in self.batches)))
 
     def _clean_pass(
         self, index: int, tokens: torch.Tensor, site: HookSite, write: HookSite, reuse: bool
