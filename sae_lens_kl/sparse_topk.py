@@ -41,7 +41,8 @@ class _SelectedLatentsLinear(torch.autograd.Function):
         flat_grad = grad.reshape(-1, d_sae)
         flat_in = sae_in.reshape(-1, d_in)
         if flat_grad.dtype not in (torch.float32, torch.float64):
-            # torch.sparse.mm has no bfloat16/half CPU kernel (torch 2.13): the dense products
+            # the sparse products are tested (float64) and measured (float32) only for these
+            # dtypes; bfloat16/half SAEs keep SAELens's dense products
             grad_in = grad @ W_enc.T if ctx.needs_input_grad[0] else None
             grad_W = flat_in.T @ flat_grad if ctx.needs_input_grad[1] else None
             return grad_in, grad_W, flat_grad.sum(0) if ctx.needs_input_grad[2] else None
