@@ -54,6 +54,7 @@ def kl_finetune(
     eval_data: DataSource | None = None,
     evaluator: HeldOutEvaluator | None = None,
     callbacks: Sequence[StepCallback] = (),
+    start_sae: str | os.PathLike[str] | Sequence[str | os.PathLike[str] | None] | None = None,
     **options: Any,
 ) -> Any:
     """Fine-tune `sae` so that splicing it into `model` changes the next-token distribution less.
@@ -76,6 +77,10 @@ def kl_finetune(
     earliest one and the clean pass) and returns a list, each result identical to fine-tuning that
     SAE alone; with `save_dir`, SAE i is saved in save_dir/sae_<i>.
 
+    `start_sae`: where the starting SAE can be loaded from (a SAELens folder or RELEASE:SAE_ID; one
+    per SAE for a list), recorded in the report as `start_sae` so that `sae-lens-kl saebench --sae
+    after=SAVE_DIR` compares the result with it.
+
     Returns an inference SAE of the same family (usable in HookedSAETransformer, run_evals, ...).
     With `save_dir`, also writes a SAELens folder there (cfg.json, sae_weights.safetensors,
     sparsity.safetensors) plus the fine-tune config and before/after metrics, and resumable
@@ -97,6 +102,7 @@ def kl_finetune(
     saes = [sae] if isinstance(sae, SAE) else list(sae)
     if not saes or not all(isinstance(one, SAE) for one in saes):
         raise TypeError("kl_finetune takes an SAE or a non-empty list of SAEs.")
+    starts = _start_sources(start_sae, len(saes))
     # several SAEs resume together from the newest checkpoint all of them reached
     resume_points: list[Any] = [resume_from] * len(saes)
     if len(saes) > 1 and resume_from is not None:
@@ -137,8 +143,24 @@ def kl_finetune(
     # training SAE (then overwritten): the caller's generator state is left as it was.
     cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda_devices):
-        tuned = _run(saes, model, plans, eval_data, evaluator, callbacks, overwrite, parallel)
+        tuned = _run(saes, model, plans, eval_data, evaluator, callbacks, overwrite, parallel, starts)
     return tuned[0] if isinstance(sae, SAE) else tuned
+
+
+def _start_sources(start_sae: Any, count: int) -> list[str | None]:
+    """One source per SAE: a local folder made absolute, RELEASE:SAE_ID as given."""
+    given = (
+        [start_sae] * count
+        if start_sae is None or isinstance(start_sae, (str, os.PathLike))
+        else list(start_sae)
+    )
+    if len(given) != count or (count > 1 and isinstance(start_sae, (str, os.PathLike))):
+        raise ValueError(f"start_sae: pass one source per SAE ({count}), got {start_sae!r}.")
+    sources: list[str | None] = []
+    for source in given:
+        path = None if source is None else Path(source).expanduser()
+        sources.append(None if source is None else str(path.resolve()) if path.is_dir() else str(source))
+    return sources
 
 
 @contextmanager
@@ -177,6 +199,7 @@ def _run(
     callbacks: Sequence[StepCallback],
     overwrite: bool,
     parallel: DataParallel,
+    start_sources: Sequence[str | None],
 ) -> list[SAE[Any]]:
     """Fine-tune one SAE, or several in lockstep on the same tokens sharing the clean pass."""
     started = time.perf_counter()
@@ -243,7 +266,10 @@ def _run(
     with frozen(model), _wandb_run(cfg, first, parallel):
         fitter.fit()
     train_seconds = time.perf_counter() - train_started
-    tuned = [_finish(job, evaluator, train_seconds, time.perf_counter() - started, parallel) for job in jobs]
+    tuned = [
+        _finish(job, evaluator, train_seconds, time.perf_counter() - started, parallel, source)
+        for job, source in zip(jobs, start_sources, strict=True)
+    ]
     parallel.barrier()  # every rank returns once rank 0 has written the artifacts
     return tuned
 
@@ -444,6 +470,7 @@ def _finish(
     train_seconds: float,
     wall_seconds: float,
     parallel: DataParallel,
+    start_source: str | None,
 ) -> SAE[Any]:
     """The inference SAE with its 'after' evaluation and report; saved when a folder is given."""
     trainer, controller = job.trainer, job.controller
@@ -482,6 +509,7 @@ def _finish(
         wall_seconds=wall_seconds,
     )
     report["weight_stability"] = weight_stability(job.start, tuned)
+    report["start_sae"] = start_source
     tuned.cfg.metadata.kl_finetune = report
     if job.save_dir is not None and parallel.is_main:
         save_artifact(tuned, trainer, report, job.save_dir)

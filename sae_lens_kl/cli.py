@@ -341,6 +341,52 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--out", default=None, help="Folder for report.json/report.md (default: print only)."
     )
+    saebench = sub.add_parser(
+        "saebench",
+        help="SAEBench's evals on SAEs side by side (before/after a fine-tune).",
+        description="Runs SAEBench's own evals (core, absorption, meta_structure; sae-bench 0.6.0, "
+        "the [saebench] extra) on every --sae and writes saebench.json, saebench.md (one column per "
+        "SAE and the difference from the first), saebench.png and SAEBench's result files.",
+    )
+    _common(saebench)
+    saebench.add_argument(
+        "--sae",
+        action="append",
+        default=[],
+        help="NAME=PATH_OR_RELEASE:SAE_ID; repeat (the first is the baseline of the differences). "
+        "A folder kl_finetune wrote alone (--sae after=FOLDER) brings its starting SAE as 'before'.",
+    )
+    saebench.add_argument(
+        "--evals",
+        default="core,absorption,meta_structure",
+        help="Comma-separated evals (default: %(default)s).",
+    )
+    saebench.add_argument(
+        "--model", default=None, help="Model (default: the first SAE's metadata model_name)."
+    )
+    saebench.add_argument(
+        "--data", default=None, help="core's text (default: Django's held-out docs, from PyPI)."
+    )
+    saebench.add_argument(
+        "--absorption-words",
+        type=_positive_int,
+        default=None,
+        help="Evaluate absorption on a seeded sample of this many of the tokenizer's alphabetic tokens "
+        "(default: all, as SAEBench; hours on a CPU).",
+    )
+    saebench.add_argument(
+        "--eval-config",
+        default=None,
+        help='JSON of SAEBench config fields per eval, e.g. \'{"core": {"context_size": 256}}\'.',
+    )
+    saebench.add_argument(
+        "--quick", action="store_true", help="Small sizes (minutes on a CPU; a smoke test)."
+    )
+    saebench.add_argument("--device", default=None, help="Device (default: cpu).")
+    saebench.add_argument("--out", default="saebench", help="Output folder (default: %(default)s).")
+    saebench.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing output folder's files."
+    )
     circuits = sub.add_parser(
         "circuits",
         help="Attribution with the error node for SAEs side by side (e.g. before and after a fine-tune).",
@@ -415,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": commands.evaluate,
         "experiment": commands.experiment,
         "circuits": commands.circuits,
+        "saebench": commands.saebench,
     }[args.command]
     started = time.perf_counter()
     # SIGTERM (a scheduler's kill) ends the run like Ctrl-C: with the resume hint, not a traceback.

@@ -22,7 +22,7 @@ from sae_lens_kl.evaluation import HeldOutEvaluator
 from sae_lens_kl.evaluation import evaluate as evaluate_sae
 from sae_lens_kl.models import cache_root, load_model
 from sae_lens_kl.parallel import init_process_group, launched_processes
-from sae_lens_kl.report import History, write_report
+from sae_lens_kl.report import METRICS_FILENAME, History, write_report
 from sae_lens_kl.staging import staged_folder, write_file
 from sae_lens_kl.train import mse_phase, runner_config, train_with_kl_phase
 
@@ -68,10 +68,8 @@ def _check_out(out: str | None, overwrite: bool) -> Path | None:
     return path
 
 
-def cached_mse_sae(
-    runner_cfg: LanguageModelSAERunnerConfig[Any], model: Any, data: Any
-) -> tuple[TrainingSAE[Any], bool]:
-    """The MSE-phase SAE for this configuration, trained once and then read from the cache."""
+def mse_cache_folder(runner_cfg: LanguageModelSAERunnerConfig[Any]) -> Path:
+    """Where the MSE-phase SAE of this configuration is cached (a SAELens folder)."""
     key_fields = {
         "model": runner_cfg.model_name,
         "hook": runner_cfg.hook_name,
@@ -87,7 +85,14 @@ def cached_mse_sae(
         "lr_decay_steps": runner_cfg.lr_decay_steps,
     }
     key = hashlib.sha1(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    folder = cache_root() / "mse_saes" / key
+    return cache_root() / "mse_saes" / key
+
+
+def cached_mse_sae(
+    runner_cfg: LanguageModelSAERunnerConfig[Any], model: Any, data: Any
+) -> tuple[TrainingSAE[Any], bool]:
+    """The MSE-phase SAE for this configuration, trained once and then read from the cache."""
+    folder = mse_cache_folder(runner_cfg)
     if (folder / "cfg.json").is_file():
         return TrainingSAE.load_from_disk(folder, device=str(model.cfg.device)), True
     sae = mse_phase(runner_cfg, model, data, runner_cfg.training_tokens)
@@ -231,6 +236,7 @@ def demo(args: argparse.Namespace) -> None:
         mse_sae=mse_sae,
         callbacks=[history],
         overwrite=args.overwrite,
+        start_sae=mse_cache_folder(runner_cfg),
         **setup.held_out(),
         **options,
     )
@@ -247,6 +253,7 @@ def demo(args: argparse.Namespace) -> None:
             loss=loss,
             save_dir=out / CONTROL_FOLDERS.get(loss, loss.replace("+", "_")),
             overwrite=args.overwrite,
+            start_sae=mse_cache_folder(runner_cfg),
             **setup.held_out(),
             **options,
         )
@@ -326,6 +333,7 @@ def finetune(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         eval_data=args.eval_data,
         callbacks=[history],
+        start_sae=args.sae,
         **options,
     )
     report = tuned.cfg.metadata.kl_finetune
@@ -510,3 +518,74 @@ def cache(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
     )
     print(f"cached {built.n_sequences} sequences in {built.path}; fine-tune with --data {built.path}")
+
+
+def _named_saes(specs: list[str]) -> list[tuple[str, str]]:
+    """NAME=SPEC pairs; a lone kl_finetune folder brings its starting SAE (its report's start_sae)."""
+    if not specs:
+        raise SystemExit(
+            "saebench needs at least one --sae NAME=PATH_OR_RELEASE:SAE_ID, e.g. --sae before=out/."
+        )
+    named = []
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep or not name or not source:
+            raise SystemExit(f"--sae {spec!r}: write NAME=PATH_OR_RELEASE:SAE_ID, e.g. --sae after={spec}.")
+        named.append((name, source))
+    if len(set(name for name, _ in named)) != len(named):
+        raise SystemExit(f"--sae names must differ: {[name for name, _ in named]}.")
+    if len(named) == 1:
+        metrics = Path(named[0][1]).expanduser() / METRICS_FILENAME
+        start = json.loads(metrics.read_text()).get("start_sae") if metrics.is_file() else None
+        if start is None:
+            raise SystemExit(
+                f"--sae {specs[0]} alone: give a second SAE to compare with (e.g. --sae before=...); "
+                "only a folder kl_finetune wrote with its starting SAE recorded brings its own."
+            )
+        named.insert(0, ("before" if named[0][0] != "before" else "start", start))
+    return named
+
+
+def saebench(args: argparse.Namespace) -> None:
+    from sae_lens_kl import saebench as bench
+
+    named = _named_saes(args.sae)
+    bench.check_names(dict(named))
+    evals = bench.check_evals([name.strip() for name in args.evals.split(",") if name.strip()])
+    out = _check_out(args.out, args.overwrite)
+    assert out is not None
+    try:
+        configs = json.loads(args.eval_config) if args.eval_config else {}
+    except json.JSONDecodeError as error:
+        raise SystemExit(
+            f'--eval-config is not JSON ({error}): e.g. \'{{"core": {{"context_size": 256}}}}\'.'
+        ) from None
+    if not isinstance(configs, dict) or not all(isinstance(v, dict) for v in configs.values()):
+        raise SystemExit(
+            '--eval-config maps eval names to settings: e.g. \'{"core": {"context_size": 256}}\'.'
+        )
+    bench.sae_bench_module("sae_bench")  # the extra is installed
+    bench.check_configs(evals, configs)
+    device = args.device or "cpu"
+    saes = {name: load_sae(spec, device=device) for name, spec in named}
+    model_name = args.model or next(iter(saes.values())).cfg.metadata.model_name
+    needs_model = any(bench.OFFLINE_EVALS[name].needs_model for name in evals)
+    if model_name is None and needs_model:
+        raise SystemExit("The SAEs' metadata name no model; pass --model.")
+    bench.check_saes(saes, model_name)  # before the model loads
+    model = load_model(model_name, device=device) if needs_model else None
+    data = (args.data or django_docs().eval) if "core" in evals else None
+    bench.evaluate_saebench(
+        saes,
+        model,
+        evals,
+        out,
+        data=data,
+        configs=configs,
+        absorption_words=args.absorption_words,
+        quick=args.quick,
+        device=device,
+    )
+    print((out / "saebench.md").read_text())
+    for name, spec in named:
+        print(f"{name}: {spec}")
