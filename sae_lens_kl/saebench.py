@@ -16,6 +16,7 @@ import copy
 import importlib
 import inspect
 import json
+import math
 import os
 import random
 import time
@@ -210,6 +211,24 @@ def check_saes(saes: Mapping[str, SAE[Any]], model_name: str | None) -> str:
     return hook
 
 
+def check_width(saes: Mapping[str, SAE[Any]], model: HookedTransformer, hook: str) -> None:
+    """The SAEs read activations as wide as the model's at their hook (one token's forward)."""
+    if hook not in model.hook_dict:
+        raise SAEBenchError(f"The model has no hook {hook!r}; the SAEs belong to another model.")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(
+            torch.zeros(1, 1, dtype=torch.long, device=model.cfg.device), names_filter=[hook]
+        )
+    shape = cache[hook].shape
+    for name, sae in saes.items():
+        width = shape[-1] if sae.cfg.metadata.hook_head_index is not None else math.prod(shape[2:])
+        if sae.cfg.d_in != width:
+            raise SAEBenchError(
+                f"SAE {name!r} reads {sae.cfg.d_in} dimensions; {model.cfg.model_name} has {width} at "
+                f"{hook}: it belongs to another model."
+            )
+
+
 def same_model(a: str, b: str) -> bool:
     """Whether two model names are one model, through TransformerLens's aliases (gpt2-small = gpt2)."""
     from transformer_lens.loading_from_pretrained import get_official_model_name
@@ -280,8 +299,8 @@ def evaluate_saebench(
     if any(OFFLINE_EVALS[name].needs_model for name in evals) and model is None:
         raise SAEBenchError(f"Evals {evals} need the model; pass it.")
     hook = check_saes(saes, None if model is None else model.cfg.model_name)
-    if model is not None and hook not in model.hook_dict:
-        raise SAEBenchError(f"The model has no hook {hook!r}; the SAEs belong to another model.")
+    if model is not None:
+        check_width(saes, model, hook)
     if "absorption" in evals:
         assert model is not None
         check_absorption(model, hook, overrides["absorption"])

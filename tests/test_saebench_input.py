@@ -97,3 +97,16 @@ def test_start_sae_takes_one_source_per_sae() -> None:
     saes = [make_sae("topk"), make_sae("topk", seed=2)]
     with pytest.raises(ValueError, match=r"start_sae: pass one source per SAE \(2\)"):
         kl_finetune(saes, tiny_model(), random_tokens(8), tokens=64, start_sae="release:id")
+
+
+def test_an_sae_of_another_width_is_refused_before_any_eval(tmp_path) -> None:
+    from conftest import tiny_model
+
+    from sae_lens_kl.saebench import evaluate_saebench
+
+    wide = make_sae("standard", d_in=48)
+    with pytest.raises(
+        SAEBenchError, match="reads 48 dimensions; tiny-test-model has 32 at blocks.1.hook_resid_pre"
+    ):
+        evaluate_saebench({"before": wide}, tiny_model(), ["meta_structure"], tmp_path / "o")
+    assert not (tmp_path / "o").exists()
