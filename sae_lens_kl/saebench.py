@@ -282,8 +282,8 @@ def evaluate_saebench(
 
     Writes out_dir/<eval>/ (SAEBench's own result files), saebench.json, saebench.md and
     saebench.png, rewritten after each eval so a later failure leaves the finished ones. Returns
-    the table ({"evals": {eval: {metric: {sae: value}}}, ...}). The SAEs given are not modified
-    (SAEBench edits the config of an SAE it evaluates; it gets a copy).
+    the table ({"evals": {eval: {metric: {sae: value}}}, ...}). SAEBench gets copies with the
+    decoder norms folded into the encoder (`saebench_copy`); the SAEs given are not modified.
     """
     evals = check_evals(evals)
     check_names(saes)
@@ -329,7 +329,7 @@ def evaluate_saebench(
         eval_dir = out / name
         run = {"core": _run_core, "absorption": _run_absorption, "meta_structure": _run_meta_structure}[name]
         settings = run(
-            {sae_name: copy.deepcopy(sae) for sae_name, sae in saes.items()},
+            {sae_name: saebench_copy(sae) for sae_name, sae in saes.items()},
             model,
             eval_dir,
             overrides[name],
@@ -342,6 +342,19 @@ def evaluate_saebench(
         table["evals"][name] = read_headlines(OFFLINE_EVALS[name], eval_dir, list(saes))
         write_table(table, out)
     return table
+
+
+def saebench_copy(sae: SAE[Any]) -> SAE[Any]:
+    """A copy of `sae` with unit-norm decoder rows where SAELens can fold the norms into the
+    encoder without changing what the SAE computes, as SAEBench does to every SAE it loads from
+    the hub (its decoder-based metrics assume unit rows) but not to an SAE object. Without it, an
+    SAE saved in training form (decoder norms unfolded) and its fine-tuned inference form would
+    differ in every weight-based number for no reason. A copy, because SAEBench edits the config
+    of the SAE it evaluates."""
+    evaluated = copy.deepcopy(sae)
+    with contextlib.suppress(NotImplementedError):  # e.g. TopK without rescale_acts_by_decoder_norm
+        evaluated.fold_W_dec_norm()
+    return evaluated
 
 
 def _version(package: str) -> str | None:

@@ -26,11 +26,17 @@ def tiny_saes(model_name: str, hook: str) -> dict:
     before.cfg.metadata.model_name = model_name
     before.cfg.metadata.prepend_bos = True
     twin = copy.deepcopy(before)
+    # the same function with decoder rows twice as long (powers of two scale exactly in floats)
+    rescaled = copy.deepcopy(before)
+    with torch.no_grad():
+        rescaled.W_dec.mul_(2)
+        rescaled.W_enc.div_(2)
+        rescaled.b_enc.div_(2)
     after = copy.deepcopy(before)
     with torch.no_grad():
         after.W_enc.mul_(1.5)
         after.W_dec.add_(0.05 * torch.randn_like(after.W_dec))
-    return {"before": before, "twin": twin, "after": after}
+    return {"before": before, "twin": twin, "rescaled": rescaled, "after": after}
 
 
 def test_core_and_meta_structure_side_by_side(tmp_path) -> None:
@@ -57,17 +63,19 @@ def test_core_and_meta_structure_side_by_side(tmp_path) -> None:
                     assert table["evals"][eval_name][headline.label][name] == value
     core = table["evals"]["core"]
     assert core["reconstruction_quality.explained_variance"]["before"] < 1
-    # the same SAE under two names scores the same; the changed one differently
+    # the same SAE under two names scores the same, and so does its rescaled form, as SAEBench
+    # gets both with unit decoder rows; the changed one scores differently
     for label, row in core.items():
-        assert row["twin"] == row["before"], label
+        assert row["twin"] == row["before"] == row["rescaled"], label
     for label in ("reconstruction_quality.mse", "model_behavior_preservation.kl_div_score", "sparsity.l1"):
         assert core[label]["after"] != core[label]["before"], label
     meta = table["evals"]["meta_structure"]["meta_structure.decoder_fraction_variance_explained"]
     assert meta["after"] != meta["before"]
-    assert meta["twin"] == meta["before"]  # seeded: SAEBench's meta-SAE draws from torch's RNG
+    # seeded: SAEBench's meta-SAE draws from torch's RNG
+    assert meta["twin"] == meta["before"] == meta["rescaled"]
 
     saved = json.loads((tmp_path / "saebench.json").read_text())
-    assert saved["evals"] == table["evals"] and saved["saes"] == ["before", "twin", "after"]
+    assert saved["evals"] == table["evals"] and saved["saes"] == ["before", "twin", "rescaled", "after"]
     markdown = (tmp_path / "saebench.md").read_text()
     assert "| core | reconstruction_quality.mse ↓ |" in markdown and "after − before" in markdown
     assert (tmp_path / "saebench.png").stat().st_size > 10_000
@@ -80,7 +88,7 @@ def test_core_and_meta_structure_side_by_side(tmp_path) -> None:
 def test_a_failing_eval_leaves_the_finished_ones_on_disk(tmp_path) -> None:
     model = tiny_text_model()
     saes = tiny_saes("tiny-text-model", "blocks.1.hook_resid_post")
-    saes.pop("twin")
+    saes = {"before": saes["before"], "after": saes["after"]}
     suffix = len(model.tokenizer(" has the first letter:", add_special_tokens=False)["input_ids"])
     # The tiny BPE vocabulary spells few first letters: SAEBench's absorption cannot finish on it.
     with pytest.raises(Exception):  # noqa: B017 (whatever SAEBench raises mid-way)
