@@ -21,6 +21,7 @@ _MODULE_OF = {
     "UnsupportedSAEError": "architectures",
     "build_cache": "cache",
     "evaluate": "evaluation",
+    "evaluate_saebench": "saebench",
     "kl_finetune": "api",
     "load_model": "models",
     "to_inference_sae": "architectures",

@@ -29,7 +29,7 @@ import torch
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
-from sae_lens_kl.data import DataSource, _local_files, documents
+from sae_lens_kl.data import DataSource, _local_files, describe, documents
 from sae_lens_kl.staging import staged_files, write_file
 
 INSTALL = 'pip install "sae-lens-kl[saebench]" && pip install --no-deps sae-bench==0.6.0'
@@ -48,12 +48,12 @@ NEEDS_HUB: dict[str, str] = {
     "canrager/amazon_reviews_mcauley_1and5",
     "tpp": "the Hugging Face hub datasets LabHC/bias_in_bios_class_set1 and "
     "canrager/amazon_reviews_mcauley_1and5",
-    "ravel": "the Hugging Face hub dataset adamkarvonen/ravel and the model's Hugging Face "
+    "ravel": "the Hugging Face hub dataset adamkarvonen/ravel_prompts and the model's Hugging Face "
     "checkpoint by name (it runs transformers' AutoModelForCausalLM)",
-    "autointerp": "an OpenAI API key (openai_api_key.txt) and the Hugging Face hub dataset "
+    "autointerp": "an OpenAI API key (in openai_api_key.txt) and the Hugging Face hub dataset "
     "monology/pile-uncopyrighted",
-    "unlearning": "the WMDP bio-forget corpus (gated; requested from its authors) and the hub "
-    "datasets cais/wmdp and cais/mmlu",
+    "unlearning": "the WMDP bio-forget-corpus (gated; requested from its authors) and the hub "
+    "datasets cais/wmdp, cais/mmlu and wikitext",
     "sparse_probing_sae_probes": "the sae-probes datasets from the Hugging Face hub",
     "mdl": "the Hugging Face hub dataset HuggingFaceFW/fineweb",
 }
@@ -311,6 +311,7 @@ def evaluate_saebench(
                 "core needs text to evaluate on: pass data= (a local folder, texts, a dataset)."
             )
         core_data = core_dataset(data)
+        overrides["core"].setdefault("dataset", describe(data))  # recorded in SAEBench's result file
     sae_bench_module("sae_bench.evals.core.main")  # the extra is installed
     device = device or (str(next(iter(saes.values())).W_dec.device) if model is None else model.cfg.device)
 
@@ -598,7 +599,6 @@ def _run_core(
         **{
             "model_name": model.cfg.model_name,
             "llm_dtype": str(model.cfg.dtype).removeprefix("torch."),
-            "dataset": data if isinstance(data, str) else "(local text)",
             "compute_kl": True,
             "compute_ce_loss": True,
             "compute_l2_norms": True,

@@ -23,7 +23,7 @@ def test_unknown_eval_lists_the_known_ones() -> None:
     [
         ("sparse_probing", "LabHC/bias_in_bios_class_set1"),
         ("scr", "canrager/amazon_reviews_mcauley_1and5"),
-        ("ravel", "adamkarvonen/ravel"),
+        ("ravel", "adamkarvonen/ravel_prompts"),
         ("autointerp", "OpenAI API key"),
     ],
 )
