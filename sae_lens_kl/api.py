@@ -158,8 +158,11 @@ def _start_sources(start_sae: Any, count: int) -> list[str | None]:
         raise ValueError(f"start_sae: pass one source per SAE ({count}), got {start_sae!r}.")
     sources: list[str | None] = []
     for source in given:
-        path = None if source is None else Path(source).expanduser()
-        sources.append(None if source is None else str(path.resolve()) if path.is_dir() else str(source))
+        if source is None:
+            sources.append(None)
+            continue
+        path = Path(source).expanduser()
+        sources.append(str(path.resolve()) if path.is_dir() else str(source))
     return sources
 
 

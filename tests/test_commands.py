@@ -45,6 +45,7 @@ def test_train_cache_finetune_eval(tiny_lm_folder: Path, text_folders: tuple[Pat
     assert main([*finetune, "--eval-tokens", "128", "--lr", "1e-3", "--out", str(tmp_path / "tuned")]) == 0
     tuned = SAE.load_from_disk(tmp_path / "tuned")
     assert not torch.equal(tuned.W_dec, sae.W_dec)
+    assert tuned.cfg.metadata.kl_finetune["start_sae"] == str((tmp_path / "trained").resolve())
 
     evaluate = [
         "eval",
@@ -90,6 +91,9 @@ def test_demo_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path, Pat
     assert report["mse_phase_cached"] is False
     for run in report["runs"].values():
         assert run["training_tokens"] == 2 * 8 * 32
+    # ... which each report names, so `sae-lens-kl saebench --sae after=<run folder>` finds it
+    (start,) = {run["start_sae"] for run in report["runs"].values()}
+    assert SAE.load_from_disk(start).cfg.d_sae == 64
     # The MSE phase is cached: a second run reads it back and trains the same KL phase.
     assert main([*args, "--out", str(tmp_path / "demo"), "--overwrite", "--no-control"]) == 0
     again = json.loads((tmp_path / "demo" / "report.json").read_text())
