@@ -710,8 +710,14 @@ def write_table(table: Mapping[str, Any], out: Path) -> None:
     axes = figure.subplots(n_rows, columns, squeeze=False).ravel()
     names = table["saes"]
     for axis, (eval_name, label, row) in zip(axes, panels, strict=False):
-        values = [row[n] if row[n] is not None else 0.0 for n in names]
-        axis.bar(names, values, color=[f"C{i}" for i in range(len(names))])
+        shown = [n for n in names if row[n] is not None]
+        values = [row[n] for n in shown]
+        bars = axis.bar(shown, values, color=[f"C{names.index(n)}" for n in shown])
+        axis.bar_label(bars, labels=[f"{v:.4g}" for v in values], fontsize=7)
+        # a fine-tune moves these numbers by a few percent: the axis spans the values, not 0..max
+        low, high = min(values), max(values)
+        pad = (high - low) * 0.6 or abs(high) * 0.05 or 1.0
+        axis.set_ylim(low - pad, high + pad)
         axis.set_title(f"{eval_name}\n{label.split('.', 1)[1]}", fontsize=9)
         axis.tick_params(axis="x", labelrotation=20, labelsize=8)
     for axis in axes[len(panels) :]:
