@@ -329,15 +329,16 @@ def evaluate_saebench(
         started = time.perf_counter()
         eval_dir = out / name
         run = {"core": _run_core, "absorption": _run_absorption, "meta_structure": _run_meta_structure}[name]
-        settings = run(
-            {sae_name: saebench_copy(sae) for sae_name, sae in saes.items()},
-            model,
-            eval_dir,
-            overrides[name],
-            device=str(device),
-            data=core_data,
-            absorption_words=absorption_words,
-        )
+        with _caller_rng_kept():
+            settings = run(
+                {sae_name: saebench_copy(sae) for sae_name, sae in saes.items()},
+                model,
+                eval_dir,
+                overrides[name],
+                device=str(device),
+                data=core_data,
+                absorption_words=absorption_words,
+            )
         table["settings"][name] = settings
         table["wall_seconds"][name] = time.perf_counter() - started
         table["evals"][name] = read_headlines(OFFLINE_EVALS[name], eval_dir, list(saes))
@@ -418,6 +419,20 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     numpy.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _caller_rng_kept() -> Iterator[None]:
+    """The evals seed Python's, numpy's and torch's generators; the caller's states come back."""
+    import numpy
+
+    python_state, numpy_state = random.getstate(), numpy.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            numpy.random.set_state(numpy_state)
 
 
 @contextlib.contextmanager

@@ -45,6 +45,9 @@ def test_core_and_meta_structure_side_by_side(tmp_path) -> None:
     weights = {name: {k: v.clone() for k, v in sae.state_dict().items()} for name, sae in saes.items()}
     cfg_keys = {name: set(vars(sae.cfg)) for name, sae in saes.items()}
 
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
     table = evaluate_saebench(
         saes,
         model,
@@ -74,6 +77,7 @@ def test_core_and_meta_structure_side_by_side(tmp_path) -> None:
     # seeded: SAEBench's meta-SAE draws from torch's RNG
     assert meta["twin"] == meta["before"] == meta["rescaled"]
 
+    assert torch.equal(torch.rand(3), expected)  # the caller's generator state came back
     saved = json.loads((tmp_path / "saebench.json").read_text())
     assert saved["evals"] == table["evals"] and saved["saes"] == ["before", "twin", "rescaled", "after"]
     markdown = (tmp_path / "saebench.md").read_text()
