@@ -275,6 +275,13 @@ def kl_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+CPU_VOCAB_BLOCK = 2048
+"""Vocabulary columns per unembedding product on CPU. Each [tokens, block] piece of the logits is
+written while it is in cache; one product over the whole vocabulary writes [tokens, vocab] through
+memory and ran ~20 % slower (GPT-2's 50257 x 768, 512 tokens, 2 threads, torch 2.13 with MKL: 222 ms
+whole, 175 ms in blocks of 2048; 1024-8192 within 10 %)."""
+
+
 @dataclass(frozen=True)
 class VocabProjection:
     """Maps a run's output to logits: the model's unembedding (+ softcap), or nothing for logits."""
@@ -303,22 +310,42 @@ class VocabProjection:
         linear unembedding (in lower precision W_U q - W_U p would cancel away the signal)."""
         return self.W_U is not None and self.softcap == 0 and self.W_U.dtype in (torch.float32, torch.float64)
 
-    def logits(self, output: torch.Tensor) -> torch.Tensor:
-        """Logits of a chunk of run outputs [n, d], in float32 (float64 for a float64 model)."""
-        if self.W_U is None:
-            return output.to(kl_dtype(output.dtype))
-        logits = torch.addmm(self.b_U, output, self.W_U)
-        logits = logits.to(kl_dtype(logits.dtype))
-        if self.softcap > 0:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-        return logits
+    def vocab_size(self, output: torch.Tensor) -> int:
+        """Width of the logits of run outputs like `output` [..., d]."""
+        return output.shape[-1] if self.W_U is None else self.W_U.shape[1]
 
-    def backward(
-        self, grad_logits: torch.Tensor, logits: torch.Tensor, out_dtype: torch.dtype
-    ) -> torch.Tensor:
-        """Gradient w.r.t. the run output given the gradient w.r.t. this chunk's logits."""
+    def logits(self, output: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of a chunk of run outputs [n, d], in float32 (float64 for a float64 model),
+        written into `out` [n, vocab] (a new tensor if None; reuse one for every chunk: on CPU a
+        fresh tensor this size is page-faulted in again each time, ~13 ms per 50 MB)."""
+        dtype = kl_dtype(output.dtype)
+        if out is None:
+            out = output.new_empty((output.shape[0], self.vocab_size(output)), dtype=dtype)
+        if self.W_U is None:
+            out.copy_(output)
+        elif output.dtype == self.W_U.dtype == dtype:
+            assert self.b_U is not None
+            vocab = self.W_U.shape[1]
+            block = CPU_VOCAB_BLOCK if output.device.type == "cpu" else vocab
+            for start in range(0, vocab, block):
+                columns = slice(start, start + block)
+                torch.addmm(self.b_U[columns], output, self.W_U[:, columns], out=out[:, columns])
+        else:
+            out.copy_(torch.addmm(self.b_U, output, self.W_U))
         if self.softcap > 0:
-            grad_logits = grad_logits * (1 - (logits / self.softcap) ** 2)
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
+        return out
+
+    def softcap_backward_(self, grad_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The gradient w.r.t. the logits before the softcap, in place of `grad_logits` (the
+        gradient w.r.t. `logits`, the capped logits)."""
+        if self.softcap > 0:
+            grad_logits.mul_(1 - (logits / self.softcap) ** 2)
+        return grad_logits
+
+    def output_gradient(self, grad_logits: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """Gradient w.r.t. the run outputs [n, d] given the gradient w.r.t. their logits before the
+        softcap [n, vocab]."""
         if self.W_U is None:
             return grad_logits.to(out_dtype)
         return grad_logits.to(self.W_U.dtype) @ self.W_U.T

@@ -60,9 +60,16 @@ def _at_rows(recorded: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str,
 
 
 @torch.no_grad()
-def _firing(feature_acts: torch.Tensor) -> torch.Tensor:
-    """[rows, d_sae] bool: which latents fired; accepts SAELens's sparse TopK activations."""
-    return (feature_acts.to_dense() if feature_acts.is_sparse else feature_acts) != 0
+def _firing_counts(feature_acts: torch.Tensor) -> torch.Tensor:
+    """[d_sae] int64: on how many of the [rows, d_sae] activations' rows each latent fired.
+    SAELens's sparse TopK activations are counted from their entries, not densified; dense ones
+    are summed as int32 (a bool sum to int64 first converts the whole [rows, d_sae] matrix: 13 ms
+    instead of 2 at 512 x 12288)."""
+    if feature_acts.is_sparse:
+        chosen = feature_acts.coalesce()
+        latents = chosen.indices()[-1][chosen.values() != 0]
+        return torch.bincount(latents, minlength=feature_acts.shape[-1])
+    return (feature_acts != 0).sum(0, dtype=torch.int32).long()
 
 
 class TrainedModule(Protocol):
@@ -221,15 +228,15 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
             spliced_at=_at_rows(spliced_at, rows),
         )
         values = {term.name: term(tensors) for term in self.objective.terms}
-        firing = _firing(out.feature_acts)
-        local = {**values, "aux": out.loss - out.losses["mse_loss"], "l0": firing.sum(-1).float().mean()}
+        firing = _firing_counts(out.feature_acts)
+        local = {**values, "aux": out.loss - out.losses["mse_loss"], "l0": firing.sum() / len(rows)}
         # means over every rank's rows (a single process: unchanged)
         means = self.parallel.global_means(local, len(rows))
         values = {name: means[name] for name in values}
         loss, alpha = self.objective.combine(values, means["aux"])
         numbers = self._checked_numbers(loss=loss, kl=values.get("kl"), alpha=alpha, l0=means["l0"])
 
-        self._record_firing(firing)
+        self._record_firing(firing, len(rows))
         loss.backward()
         self.parallel.sum_gradients(self.trained_parameters())
         torch.nn.utils.clip_grad_norm_(self.trained_parameters(), 1.0)
@@ -314,12 +321,10 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         return out
 
     @torch.no_grad()
-    def _record_firing(self, firing: torch.Tensor) -> None:
+    def _record_firing(self, firing: torch.Tensor, n_rows: int) -> None:
         """SAELens's dead-latent and firing-frequency statistics, over the rows actually trained
-        (on every rank)."""
-        counts = self.parallel.sum_(
-            torch.cat([firing.sum(0), firing.new_tensor([firing.shape[0]], dtype=torch.long)])
-        )
+        (on every rank), from the step's `_firing_counts`."""
+        counts = self.parallel.sum_(torch.cat([firing, firing.new_tensor([n_rows])]))
         self.n_forward_passes_since_fired += 1
         self.n_forward_passes_since_fired[counts[:-1] > 0] = 0
         self.act_freq_scores += counts[:-1]
