@@ -78,7 +78,7 @@ def clean_statistics(clean: torch.Tensor, projection: VocabProjection, chunk_tok
             log_p = F.log_softmax(logits[group], dim=-1)
             p = torch.exp(log_p, out=logits[group])  # p takes the logits' place
             neg_entropy[group] = torch.sum(p * log_p, dim=-1)
-        parts.append((logits @ projection.W_U.T, logits @ projection.b_U, neg_entropy))
+        parts.append((projection.unembed_transposed(logits), logits @ projection.b_U, neg_entropy))
     unembed_mean, bias_mean, neg_entropy = (torch.cat(part) for part in zip(*parts, strict=True))
     leading = clean.shape[:-1]
     return CleanStatistics(
@@ -191,7 +191,7 @@ def _chunk_kl_from_statistics(
     kl_sum = torch.sum(clean.neg_entropy[rows] - cross + log_normaliser)
     if not want_grad:
         return kl_sum, None
-    unembed_q = spliced_logits @ projection.W_U.T
+    unembed_q = projection.unembed_transposed(spliced_logits)
     return kl_sum, unembed_q.sub_(clean.unembed_mean[rows]).div_(n_tokens)
 
 

@@ -9,12 +9,14 @@ TransformerBridge) run full hooked forwards.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from sae_lens import SAE
 from torch.utils.checkpoint import checkpoint
 from transformer_lens import HookedTransformer
@@ -278,8 +280,37 @@ def kl_dtype(dtype: torch.dtype) -> torch.dtype:
 CPU_VOCAB_BLOCK = 2048
 """Vocabulary columns per unembedding product on CPU. Each [tokens, block] piece of the logits is
 written while it is in cache; one product over the whole vocabulary writes [tokens, vocab] through
-memory and ran ~20 % slower (GPT-2's 50257 x 768, 512 tokens, 2 threads, torch 2.13 with MKL: 222 ms
-whole, 175 ms in blocks of 2048; 1024-8192 within 10 %)."""
+memory and ran ~20 % slower (GPT-2's 50257 x 768, 512 tokens, 2 threads, torch 2.13: 222 ms whole,
+175 ms in blocks of 2048 with MKL; 128 ms whole, 103 ms in blocks with oneDNN; 2048-8192 within 5 %)."""
+
+
+def onednn_linear_available(weight: torch.Tensor) -> bool:
+    """Whether float32 CPU products with `weight` go through oneDNN (`onednn_linear`).
+
+    torch 2.13's CPU build runs float32 matmuls through MKL 2024.2, which on this project's AMD
+    EPYC (Zen 5) machines reaches ~180 GFLOP/s at 2 threads; oneDNN, which picks its kernels by
+    the instruction set and not the vendor, ~400 (2048^3), and 2.1x on the unembedding products
+    (512 x 768 x 50257: 211 -> 103 ms; its transpose 204 -> 94 ms). `torch.backends.mkldnn.enabled
+    = False` switches it off."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def onednn_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """inputs @ weight.T + bias, as F.linear, through oneDNN's linear: torch's own op for inductor's
+    CPU linears (`mkldnn::_linear_pointwise`, torch 2.0-2.13), with no fused activation. `weight`
+    [out, in] must be contiguous: a strided one fell to a kernel 100x slower (torch 2.13). The op
+    has no autograd kernel (its backward would silently give no gradient), so under autograd this
+    is F.linear."""
+    tensors = (inputs, weight) if bias is None else (inputs, weight, bias)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+        return F.linear(inputs, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(inputs.contiguous(), weight, bias, "none", [], "")
 
 
 @dataclass(frozen=True)
@@ -329,7 +360,10 @@ class VocabProjection:
             block = CPU_VOCAB_BLOCK if output.device.type == "cpu" else vocab
             for start in range(0, vocab, block):
                 columns = slice(start, start + block)
-                torch.addmm(self.b_U[columns], output, self.W_U[:, columns], out=out[:, columns])
+                if self._vocab_rows is not None:
+                    out[:, columns] = onednn_linear(output, self._vocab_rows[columns], self.b_U[columns])
+                else:
+                    torch.addmm(self.b_U[columns], output, self.W_U[:, columns], out=out[:, columns])
         else:
             out.copy_(torch.addmm(self.b_U, output, self.W_U))
         if self.softcap > 0:
@@ -348,7 +382,27 @@ class VocabProjection:
         softcap [n, vocab]."""
         if self.W_U is None:
             return grad_logits.to(out_dtype)
-        return grad_logits.to(self.W_U.dtype) @ self.W_U.T
+        return self.unembed_transposed(grad_logits.to(self.W_U.dtype))
+
+    def unembed_transposed(self, by_vocab: torch.Tensor) -> torch.Tensor:
+        """by_vocab [n, vocab] @ W_U^T: [n, d_model] (gradients, and W_U p of a distribution p)."""
+        assert self.W_U is not None
+        if self._vocab_rows is not None:  # W_U is [d_model, vocab]: F.linear's [out, in]
+            return onednn_linear(by_vocab, self._unembed_contiguous, None)
+        return by_vocab @ self.W_U.T
+
+    @functools.cached_property
+    def _vocab_rows(self) -> torch.Tensor | None:
+        """W_U^T [vocab, d_model], contiguous, when the products go through oneDNN (made once per
+        projection: the size of W_U)."""
+        if self.W_U is None or not onednn_linear_available(self.W_U):
+            return None
+        return self.W_U.T.contiguous()
+
+    @functools.cached_property
+    def _unembed_contiguous(self) -> torch.Tensor:
+        assert self.W_U is not None
+        return self.W_U.contiguous()
 
 
 def hook_width(model: HookedRootModule, site: HookSite) -> int:

@@ -14,7 +14,7 @@ from sae_lens_kl.losses import (
     kl_divergence,
     kl_per_token,
 )
-from sae_lens_kl.splice import CPU_VOCAB_BLOCK, VocabProjection, kl_dtype
+from sae_lens_kl.splice import CPU_VOCAB_BLOCK, VocabProjection, kl_dtype, onednn_linear_available
 
 
 def projection(softcap: float = 0.0, dtype: torch.dtype = torch.float32, vocab: int = 50) -> VocabProjection:
@@ -109,6 +109,34 @@ def test_kl_over_vocabulary_blocks_and_row_groups_equals_the_reference(softcap: 
     torch.testing.assert_close(
         cross_entropy_per_token(clean, targets, proj, chunk), expected, rtol=1e-12, atol=0
     )
+
+
+def test_float32_unembedding_products_are_within_their_rounding_bound() -> None:
+    """The float32 CPU products (oneDNN where torch has it, else MKL) against float64: each output
+    is a dot product of length n, whose float32 error is at most gamma_n * sum |a_i b_i| plus the
+    bias's addition (gamma_n = n u / (1 - n u), u = 2^-24; Higham, Accuracy and Stability, 3.1)."""
+    vocab = 2 * CPU_VOCAB_BLOCK + 101
+    proj = projection(vocab=vocab)
+    assert proj.W_U is not None and proj.b_U is not None
+    generator = torch.Generator().manual_seed(5)
+    outputs = torch.randn(37, 16, generator=generator)
+    by_vocab = torch.randn(37, vocab, generator=generator)
+    W, b = proj.W_U.double(), proj.b_U.double()
+    u = 2.0**-24
+
+    def gamma(n: int) -> float:
+        return n * u / (1 - n * u)
+
+    logits = proj.logits(outputs)
+    exact = outputs.double() @ W + b
+    bound = gamma(17) * (outputs.double().abs() @ W.abs() + b.abs())
+    assert ((logits.double() - exact).abs() <= bound).all()
+    back = proj.unembed_transposed(by_vocab)
+    exact_back = by_vocab.double() @ W.T
+    bound_back = gamma(vocab) * (by_vocab.double().abs() @ W.abs().T)
+    assert ((back.double() - exact_back).abs() <= bound_back).all()
+    # the oneDNN path is the one measured faster on CPU; where torch has it, it is taken
+    assert (proj._vocab_rows is not None) == onednn_linear_available(proj.W_U)
 
 
 def test_clean_statistics_refuse_a_softcapped_unembedding() -> None:
