@@ -288,8 +288,8 @@ def onednn_linear_available(weight: torch.Tensor) -> bool:
     """Whether float32 CPU products with `weight` go through oneDNN (`onednn_linear`).
 
     torch 2.13's CPU build runs float32 matmuls through MKL 2024.2, which on this project's AMD
-    EPYC (Zen 5) machines reaches ~180 GFLOP/s at 2 threads; oneDNN, which picks its kernels by
-    the instruction set and not the vendor, ~400 (2048^3), and 2.1x on the unembedding products
+    EPYC (Zen 5) machines reaches ~180 GFLOP/s at 2 threads; oneDNN, which dispatches on the CPU's
+    instruction set (AVX-512 here), ~400 (2048^3), and 2.1x on the unembedding products
     (512 x 768 x 50257: 211 -> 103 ms; its transpose 204 -> 94 ms). `torch.backends.mkldnn.enabled
     = False` switches it off."""
     return (
@@ -303,7 +303,8 @@ def onednn_linear_available(weight: torch.Tensor) -> bool:
 
 def onednn_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """inputs @ weight.T + bias, as F.linear, through oneDNN's linear: torch's own op for inductor's
-    CPU linears (`mkldnn::_linear_pointwise`, torch 2.0-2.13), with no fused activation. `weight`
+    CPU linears (`mkldnn::_linear_pointwise`, used as of torch 2.13; a build without it takes MKL,
+    see onednn_linear_available), with no fused activation. `weight`
     [out, in] must be contiguous: a strided one fell to a kernel 100x slower (torch 2.13). The op
     has no autograd kernel (its backward would silently give no gradient), so under autograd this
     is F.linear."""
