@@ -304,10 +304,9 @@ def onednn_linear_available(weight: torch.Tensor) -> bool:
 def onednn_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """inputs @ weight.T + bias, as F.linear, through oneDNN's linear: torch's own op for inductor's
     CPU linears (`mkldnn::_linear_pointwise`, used as of torch 2.13; a build without it takes MKL,
-    see onednn_linear_available), with no fused activation. `weight`
-    [out, in] must be contiguous: a strided one fell to a kernel 100x slower (torch 2.13). The op
-    has no autograd kernel (its backward would silently give no gradient), so under autograd this
-    is F.linear."""
+    see onednn_linear_available), with no fused activation. `weight` [out, in] must be contiguous:
+    a strided one fell to a kernel 100x slower (torch 2.13). The op has no autograd kernel (its
+    backward would silently give no gradient), so under autograd this is F.linear."""
     tensors = (inputs, weight) if bias is None else (inputs, weight, bias)
     if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
         return F.linear(inputs, weight, bias)
