@@ -107,18 +107,37 @@ def _rename_into(staging: Path, folder: Path, last: str | None) -> None:
 
 
 def _swap_staging(folder: Path) -> Path | None:
-    """A staging folder beside `folder` for an exchange, or None where exchanging is not possible
-    or not safe: not Linux, a folder the current directory lies in (the process would be left
-    in the old copy), or a parent folder we cannot write to."""
+    """A staging folder beside `folder` for an exchange, with `folder`'s mode, owner and group, or
+    None where exchanging is not possible or not safe: not Linux, a folder the current directory
+    lies in (the process would be left in the old copy), a mount point (its parent is another
+    filesystem: rename fails with EXDEV), a parent folder we cannot write to, or a folder whose
+    owner or group we cannot give the copy (it would replace the folder with one of other
+    ownership)."""
     if sys.platform != "linux" or not folder.is_dir():
         return None
     real = folder.resolve()  # exchange the folder a symlink points to, not the link
-    if Path.cwd().is_relative_to(real):
+    if Path.cwd().is_relative_to(real) or os.stat(real.parent).st_dev != os.stat(real).st_dev:
         return None
     try:
-        return _staging_folder(real.parent, real.name)
+        swap = _staging_folder(real.parent, real.name)
     except OSError:
         return None
+    try:
+        _copy_folder_identity(real, swap)
+    except OSError:
+        shutil.rmtree(swap, ignore_errors=True)
+        return None
+    return swap
+
+
+def _copy_folder_identity(source: Path, target: Path) -> None:
+    """Give `target` the owner, group and permission bits (setgid and sticky included) of
+    `source`; chown first, since it clears the setgid bit."""
+    stat = os.stat(source)
+    now = os.stat(target)
+    if (now.st_uid, now.st_gid) != (stat.st_uid, stat.st_gid):
+        os.chown(target, stat.st_uid, stat.st_gid)
+    os.chmod(target, stat.st_mode & 0o7777)
 
 
 def _link_others(folder: Path, swap: Path, written: set[str]) -> bool:
@@ -149,7 +168,7 @@ def _exchange(a: Path, b: Path) -> bool:
     if renameat2(at_fdcwd, old, at_fdcwd, new, rename_exchange) == 0:
         return True
     code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EXDEV):
         return False
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
