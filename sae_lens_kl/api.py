@@ -6,7 +6,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from sae_lens import SAE, TrainingSAE
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule
 
+from sae_lens_kl import save_dir as owned
 from sae_lens_kl.adapters import Adapter, load_adapter
 from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, to_inference_sae, to_training_sae
 from sae_lens_kl.cache import CleanPassCache
@@ -30,8 +31,9 @@ from sae_lens_kl.losses import Objective, objective_of
 from sae_lens_kl.multi import MultiKLFinetuneTrainer
 from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.plan import Plan, make_plan
-from sae_lens_kl.report import prepare_save_dir, run_report, save_artifact
+from sae_lens_kl.report import run_report, save_artifact
 from sae_lens_kl.runs import CleanRun, SpliceRunner, shared_clean_runs
+from sae_lens_kl.save_dir import check_not_the_start, exclusive
 from sae_lens_kl.splice import CompiledBlocks
 from sae_lens_kl.trainer import (
     KLFinetuneTrainer,
@@ -139,10 +141,14 @@ def kl_finetune(
             "(fine-tune from a clean-pass cache one SAE at a time), a loss without downstream "
             "hooks and no LoRA on the LM (fine-tune e2e+ds or lm_lora_rank one SAE at a time)."
         )
+    for index, (plan, start) in enumerate(zip(plans, starts, strict=True)):
+        if plan.save_dir is not None:
+            check_not_the_start(plan.save_dir if len(saes) == 1 else plan.save_dir / f"sae_{index}", start)
     # Nothing in the fine-tune is random, but SAELens draws an initialisation when it builds a
     # training SAE (then overwritten): the caller's generator state is left as it was.
     cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda_devices):
+    writer_lock = exclusive(plans[0].save_dir) if plans[0].save_dir and parallel.is_main else nullcontext()
+    with writer_lock, torch.random.fork_rng(devices=cuda_devices):
         tuned = _run(saes, model, plans, eval_data, evaluator, callbacks, overwrite, parallel, starts)
     return tuned[0] if isinstance(sae, SAE) else tuned
 
@@ -239,7 +245,7 @@ def _run(
     ]
     for save_dir in save_dirs:
         if save_dir is not None and parallel.is_main:
-            prepare_save_dir(save_dir, overwrite=overwrite, resuming=first.resuming_into_save_dir)
+            owned.prepare(save_dir, overwrite=overwrite, resuming=first.resuming_into_save_dir)
     jobs = [
         _prepare(
             sae,

@@ -23,6 +23,7 @@ from sae_lens_kl.evaluation import evaluate as evaluate_sae
 from sae_lens_kl.models import cache_root, load_model
 from sae_lens_kl.parallel import init_process_group, launched_processes
 from sae_lens_kl.report import METRICS_FILENAME, History, write_report
+from sae_lens_kl.save_dir import holds_nothing
 from sae_lens_kl.staging import staged_folder, write_file
 from sae_lens_kl.train import mse_phase, runner_config, train_with_kl_phase
 
@@ -63,7 +64,7 @@ def _check_out(out: str | None, overwrite: bool) -> Path | None:
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise SystemExit(f"--out {path} is a file; pass a folder.")
-    if path.exists() and any(path.iterdir()) and not overwrite:
+    if not holds_nothing(path) and not overwrite:
         raise SystemExit(f"Output folder {path} exists and is not empty; pass --overwrite or another --out.")
     return path
 

@@ -26,6 +26,7 @@ from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.data import DataError, DataSource
 from sae_lens_kl.lm_lora import lm_lora_targets
 from sae_lens_kl.lora import check_rank
+from sae_lens_kl.save_dir import check_can_overwrite, holds_nothing
 from sae_lens_kl.splice import (
     HookSite,
     hook_width,
@@ -237,11 +238,12 @@ def make_plan(
     )
     if out_dir is not None:
         _check_folder_can_be_written(out_dir)
-        if out_dir.exists() and any(out_dir.iterdir()) and not overwrite and not resuming_into_out:
+        if not holds_nothing(out_dir) and not overwrite and not resuming_into_out:
             raise FileExistsError(
                 f"save_dir {out_dir} exists and is not empty; pass overwrite=True to "
                 "replace what sae_lens_kl wrote there, resume_from to continue its run, or another save_dir."
             )
+        check_can_overwrite(out_dir)
     # Everything downstream (trainer, checkpoints, reports) sees the resolved values.
     cfg = dataclasses.replace(
         cfg,

@@ -4,7 +4,6 @@ report dict, report.json, a human-readable report.md, and PNG plots."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,44 +14,13 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_
 from sae_lens.saes.sae import TrainStepOutput
 from safetensors.torch import save_file
 
-from sae_lens_kl.adapters import ADAPTER_FILENAME
+from sae_lens_kl import save_dir as owned
 from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.evaluation import EvalResult
-from sae_lens_kl.lm_lora import LM_LORA_FILENAME
-from sae_lens_kl.staging import remove_partial_folders, staged_files, write_file
+from sae_lens_kl.save_dir import CONFIG_FILENAME, MANIFEST_FILENAME, METRICS_FILENAME
+from sae_lens_kl.staging import staged_files, write_file
 from sae_lens_kl.trainer import KLFinetuneTrainer
-
-CONFIG_FILENAME = "kl_finetune_config.json"
-METRICS_FILENAME = "kl_finetune_metrics.json"
-REPORT_FILES = ("report.json", "report.md", "training_curves.png", "before_after.png")
-# Everything a fine-tune writes into its save_dir: what overwrite=True clears, and nothing else.
-WRITTEN_FILES = (
-    SAE_CFG_FILENAME,
-    SAE_WEIGHTS_FILENAME,
-    SPARSITY_FILENAME,
-    CONFIG_FILENAME,
-    METRICS_FILENAME,
-    ADAPTER_FILENAME,
-    LM_LORA_FILENAME,
-    *REPORT_FILES,
-)
-
-
-def prepare_save_dir(save_dir: Path, *, overwrite: bool, resuming: bool) -> None:
-    """Create save_dir; delete staging folders a killed run left in it; with overwrite (and not
-    resuming this run) delete what an earlier fine-tune wrote there, its checkpoints included, so
-    that nothing of that run can be resumed or mistaken for this one. Other files are kept."""
-    save_dir.mkdir(parents=True, exist_ok=True)
-    for folder in (save_dir, save_dir / CHECKPOINTS_DIRNAME):
-        remove_partial_folders(folder)
-    # the old copy an artifact swap (staging.staged_files) left beside save_dir if killed
-    remove_partial_folders(save_dir.resolve().parent, save_dir.resolve().name)
-    if overwrite and not resuming:
-        for name in WRITTEN_FILES:
-            (save_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(save_dir / CHECKPOINTS_DIRNAME, ignore_errors=True)
-
 
 ROWS = (
     ("ce_clean", "clean CE (nats/token)"),
@@ -175,16 +143,25 @@ def save_artifact(
     """The SAELens folder (cfg.json, sae_weights.safetensors, sparsity.safetensors) plus the
     fine-tune's config and metrics, appearing in save_dir together (one atomic exchange of
     folders; where the filesystem cannot, cfg.json, without which SAELens loads nothing, goes
-    last and an older one first: an old cfg.json never stands beside new weights)."""
-    with staged_files(save_dir, last=SAE_CFG_FILENAME) as staging:
+    last and an older one first: an old cfg.json never stands beside new weights). What an earlier
+    run wrote there and this one does not rewrite goes in the same exchange, and the manifest
+    records what this package wrote; the earlier run's checkpoints set aside go after it."""
+    writing = {SAE_CFG_FILENAME, SPARSITY_FILENAME, CONFIG_FILENAME, METRICS_FILENAME, MANIFEST_FILENAME}
+    writing |= {module.filename for module in trainer.modules} | {SAE_WEIGHTS_FILENAME}
+    if (save_dir / CHECKPOINTS_DIRNAME).is_dir():  # this run's, written as it went
+        writing.add(CHECKPOINTS_DIRNAME)
+    stale = owned.stale_entries(save_dir, writing)
+    with staged_files(save_dir, last=SAE_CFG_FILENAME, remove=stale) as staging:
         tuned.save_model(staging)
         save_file({"sparsity": trainer.log_feature_sparsity}, staging / SPARSITY_FILENAME)
         (staging / CONFIG_FILENAME).write_text(json.dumps(report["config"], indent=2))
         (staging / METRICS_FILENAME).write_text(json.dumps(report, indent=2))
         for module in trainer.modules:  # an adapter, LoRA on the LM: each its own file
             module.save(staging / module.filename)
-
-
+        if unexpected := {path.name for path in staging.iterdir()} - writing:
+            raise RuntimeError(f"save_artifact wrote {sorted(unexpected)}, which it does not list as ours.")
+        (staging / MANIFEST_FILENAME).write_text(owned.manifest_text(save_dir, writing, stale))
+    owned.finish(save_dir)
 def write_report(
     out_dir: Path,
     title: str,
@@ -233,6 +210,7 @@ def write_report(
     fig.tight_layout()
     save_figure(fig, out_dir / "before_after.png")
     written.append(out_dir / "before_after.png")
+    owned.record_written(out_dir, [path.name for path in written])
     return written
 
 

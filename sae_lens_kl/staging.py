@@ -11,7 +11,7 @@ import re
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,23 +56,25 @@ def staged_folder(target: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def staged_files(folder: Path, last: str | None = None) -> Iterator[Path]:
+def staged_files(folder: Path, last: str | None = None, remove: Collection[str] = ()) -> Iterator[Path]:
     """Yields an empty temporary folder; when the block succeeds the files written there replace
-    those of the same names in `folder`. If the block fails nothing in `folder` changes.
+    those of the same names in `folder`, and the entries named in `remove` go. If the block fails
+    nothing in `folder` changes.
 
     With `last`, the marker a reader needs to use the set (an SAE's cfg.json, a cache's
     cache.json), the set appears at once: a copy of `folder` is staged beside it (its other
     entries hard-linked, not copied) and exchanged with it in one atomic rename. Where the
     platform or filesystem cannot exchange two folders, the files are renamed in one by one, the
     old marker deleted first and the new one renamed in last: a reader then sees the old set, no
-    marker, or the new set, never a mix, even if the process dies in between."""
+    marker, or the new set, never a mix, even if the process dies in between (the entries in
+    `remove` are deleted after the old marker, before the new files)."""
     if last is not None and (swap := _swap_staging(folder)) is not None:
         staging = swap / _SWAP_CONTENT
         staging.mkdir()
         try:
             yield staging
             written = sorted(staging.iterdir())
-            if _link_others(folder, swap, {path.name for path in written}):
+            if _link_others(folder, swap, {path.name for path in written} | set(remove)):
                 for path in written:
                     os.replace(path, swap / path.name)
                 staging.rmdir()
@@ -81,14 +83,14 @@ def staged_files(folder: Path, last: str | None = None) -> Iterator[Path]:
                 staging.mkdir()
                 for path in written:
                     os.replace(swap / path.name, staging / path.name)
-            _rename_into(staging, folder, last)
+            _rename_into(staging, folder, last, remove)
         finally:
             shutil.rmtree(swap, ignore_errors=True)
         return
     staging = _staging_folder(folder, "files")
     try:
         yield staging
-        _rename_into(staging, folder, last)
+        _rename_into(staging, folder, last, remove)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -98,10 +100,17 @@ def staged_files(folder: Path, last: str | None = None) -> Iterator[Path]:
 _SWAP_CONTENT = ".staged"
 
 
-def _rename_into(staging: Path, folder: Path, last: str | None) -> None:
-    """Rename each entry of `staging` into `folder`; `last` is deleted first and renamed last."""
+def _rename_into(staging: Path, folder: Path, last: str | None, remove: Collection[str] = ()) -> None:
+    """Rename each entry of `staging` into `folder`; `last` is deleted first and renamed last,
+    the entries in `remove` deleted right after it."""
     if last is not None:
         (folder / last).unlink(missing_ok=True)
+    for name in remove:
+        stale = folder / name
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink(missing_ok=True)
     for path in sorted(staging.iterdir(), key=lambda path: (path.name == last, path.name)):
         os.replace(path, folder / path.name)
 

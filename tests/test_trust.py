@@ -13,7 +13,7 @@ import torch
 from conftest import make_sae, random_tokens, tiny_model
 
 from sae_lens_kl import DataError, KLFinetuneTrainer, NonFiniteLossError, kl_finetune
-from sae_lens_kl.checkpoints import FINETUNE_STATE_FILENAME, sae_fingerprint
+from sae_lens_kl.save_dir import MANIFEST_FILENAME
 
 SEQ = 16
 DATA = random_tokens(60, seq=SEQ)
@@ -113,24 +113,6 @@ def test_save_dir_under_a_file_fails_before_any_work(tmp_path) -> None:
     assert steps == []
 
 
-def test_overwrite_clears_the_old_runs_checkpoints_and_nothing_else(tmp_path) -> None:
-    out = tmp_path / "out"
-    every = {"checkpoint_every_tokens": STEP_TOKENS}
-    finetune(make_sae("standard", seed=1), save_dir=out, **every)
-    (out / "notes.txt").write_text("mine")
-    new_sae = make_sae("standard", seed=2)
-    with pytest.raises(Crash):
-        finetune(new_sae, save_dir=out, overwrite=True, callbacks=[crash_at(2)], **every)
-    # Only the new run's checkpoints remain, so resuming continues the new run.
-    states = [json.loads(p.read_text()) for p in (out / "checkpoints").glob(f"*/{FINETUNE_STATE_FILENAME}")]
-    assert states and all(s["fingerprints"]["sae"] == sae_fingerprint(new_sae) for s in states)
-    assert not (out / "cfg.json").exists()  # the old run's artifact is gone with its run
-    assert (out / "notes.txt").read_text() == "mine"
-    resumed = finetune(new_sae, save_dir=out, resume_from=out, **every)
-    uninterrupted = finetune(new_sae, **every)
-    assert torch.equal(resumed.W_dec, uninterrupted.W_dec)
-
-
 def test_resume_refuses_another_sae_or_other_data(tmp_path) -> None:
     out = tmp_path / "out"
     sae = make_sae("standard", seed=1)
@@ -159,6 +141,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path) -> No
 def test_leftovers_of_a_killed_run_are_cleaned_and_old_checkpoints_pruned(tmp_path) -> None:
     out = tmp_path / "out"
     (out / "checkpoints" / ".partial-192-dead").mkdir(parents=True)
+    (out / MANIFEST_FILENAME).write_text(json.dumps({"written": ["checkpoints"]}))  # as a run records
     (out / ".partial-files-dead").mkdir()
     (tmp_path / ".partial-out-0123abcd").mkdir()  # the old copy a killed artifact swap leaves
     (tmp_path / ".partial-out-2-0123abcd").mkdir()  # another folder's (out-2): not ours to delete
