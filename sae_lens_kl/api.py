@@ -20,7 +20,12 @@ from sae_lens_kl import save_dir as owned
 from sae_lens_kl.adapters import Adapter, load_adapter
 from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, to_inference_sae, to_training_sae
 from sae_lens_kl.cache import CleanPassCache
-from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME, FINETUNE_STATE_FILENAME, common_checkpoints
+from sae_lens_kl.checkpoints import (
+    CHECKPOINTS_DIRNAME,
+    FINETUNE_STATE_FILENAME,
+    common_checkpoints,
+    data_fingerprint,
+)
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataSource, batched, budgeted, held_out_and_training
@@ -110,8 +115,15 @@ def kl_finetune(
     if len(saes) > 1 and resume_from is not None:
         folders = [Path(resume_from).expanduser() / f"sae_{index}" for index in range(len(saes))]
         resume_points = common_checkpoints(folders)
+    held_out = (
+        "a shared evaluator (nothing held out of the data)"
+        if evaluator is not None
+        else f"eval_data {data_fingerprint(eval_data)}"
+        if eval_data is not None
+        else "the first eval_tokens of the data"
+    )
     plans = [
-        make_plan(one, model, data, cfg, save_dir, resume_point, overwrite, world_size=parallel.world_size)
+        make_plan(one, model, data, cfg, save_dir, resume_point, overwrite, parallel.world_size, held_out)
         for one, resume_point in zip(saes, resume_points, strict=True)
     ]
     # every rank must run the same fine-tune (also: no rank writes before all have checked)

@@ -29,28 +29,22 @@ from sae_lens_kl.data import DataSource, describe
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 FINETUNE_STATE_FILENAME = "kl_finetune_state.json"
-# Settings that decide the result: a resume must use the original run's.
-RESUME_MUST_MATCH = (
-    "tokens",
-    "loss",
-    "kl_coefficient",
-    "downstream_hooks",
-    "downstream_coefficient",
-    "sae_lora_rank",
-    "adapter",
-    "adapter_width",
-    "lm_lora_rank",
-    "lm_lora_layers",
-    "lr",
-    "lr_schedule",
-    "lr_warm_up_steps",
-    "batch_size",
-    "context_size",
-    "prepend_bos",
-    "eval_tokens",
-    "exclude_special_tokens",
-    "exclude_first_positions",
+# The options a resume may change: they decide where checkpoints go and how progress is logged,
+# not the weights (checkpoint_suffix recomputes the same activations bit for bit; the world size
+# is checked on its own). Every other option of KLFinetuneConfig must match the checkpoint's.
+RESUME_MAY_CHANGE = (
+    "checkpoint_every_tokens",
+    "keep_checkpoints",
+    "checkpoint_suffix",
+    "device",
+    "distributed",
+    "eval_batch_size",
+    "check_model_name",
+    "log_to_wandb",
+    "wandb_project",
+    "wandb_log_frequency",
 )
+RESUME_MUST_MATCH = tuple(f.name for f in fields(KLFinetuneConfig) if f.name not in RESUME_MAY_CHANGE)
 
 
 def sae_fingerprint(sae: SAE[Any]) -> str:
@@ -163,6 +157,13 @@ def _unreadable(checkpoint: Path) -> str | None:
     return None
 
 
+_FINGERPRINTED = {
+    "sae": "starting sae",
+    "data": "starting data",
+    "held_out": "held-out split (eval_data or not, or an evaluator), which decides the training sequences",
+}
+
+
 def check_resume(
     checkpoint: Path, cfg: KLFinetuneConfig, fingerprints: dict[str, str], world_size: int = 1
 ) -> None:
@@ -187,8 +188,8 @@ def check_resume(
     ]
     saved_prints = state.get("fingerprints", {})
     differing += [
-        f"the starting {what} (fingerprint {saved_prints[what]} vs now {fingerprints[what]})"
-        for what in ("sae", "data")
+        f"the {_FINGERPRINTED[what]} (checkpoint {saved_prints[what]} vs now {fingerprints[what]})"
+        for what in ("sae", "data", "held_out")
         if what in saved_prints and saved_prints[what] != fingerprints[what]
     ]
     if differing:

@@ -65,7 +65,10 @@ def make_plan(
     resume_from: str | os.PathLike[str] | None,
     overwrite: bool,
     world_size: int = 1,
+    held_out: str = "the first eval_tokens of the data",
 ) -> Plan:
+    """`held_out` names where the held-out evaluation tokens come from (it decides which
+    sequences are trained on, so a resume must keep it)."""
     check_supported(sae)
     _check_finite(sae)
     metadata = sae.cfg.metadata
@@ -254,7 +257,7 @@ def make_plan(
         if cfg.prepend_bos is not None
         else metadata.prepend_bos is not False,
     )
-    fingerprints = {"sae": sae_fingerprint(sae), "data": data_fingerprint(data)}
+    fingerprints = {"sae": sae_fingerprint(sae), "data": data_fingerprint(data), "held_out": held_out}
     if checkpoint is not None:
         check_resume(checkpoint, cfg, fingerprints, world_size)
     return Plan(

@@ -224,3 +224,51 @@ def test_kill_9_while_overwriting_the_sae_in_its_own_folder_leaves_a_loadable_sa
     # and the folder takes the next overwrite as usual
     finetune(loaded, save_dir=folder, overwrite=True)
     assert not list(folder.glob(".superseded-*")) and not list(tmp_path.glob(".partial-*"))
+
+
+# ---- resume refuses every changed setting -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory) -> Path:
+    """The folder of a run killed at step 2 (checkpoints every step), for resumes to try."""
+    out = tmp_path_factory.mktemp("killed") / "out"
+    with pytest.raises(Crash):
+        finetune(make_sae("standard", seed=1), save_dir=out, callbacks=[crash_at(2)], **EVERY)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("changed", "named"),
+    [
+        ({"sparsity_controller": "off"}, "sparsity_controller: checkpoint 'auto' vs now 'off'"),
+        ({"controller_rate": 0.01}, "controller_rate: checkpoint 0.001 vs now 0.01"),
+        ({"target_l0": 3.0}, "target_l0: checkpoint None vs now 3.0"),
+        ({"sparsity_coefficient": 0.5}, "sparsity_coefficient: checkpoint None vs now 0.5"),
+        ({"dead_feature_window": 7}, "dead_feature_window: checkpoint 1000 vs now 7"),
+        ({"feature_sampling_window": 7}, "feature_sampling_window: checkpoint 2000 vs now 7"),
+        ({"kl_chunk_tokens": 8}, "kl_chunk_tokens: checkpoint 16 vs now 8"),
+        ({"eval_data": DATA[:8]}, "the held-out split"),
+    ],
+)
+def test_resume_refuses_every_setting_that_changes_the_result(killed_run: Path, changed, named) -> None:
+    with pytest.raises(ValueError, match=f"Cannot resume from .*{named}"):
+        finetune(
+            make_sae("standard", seed=1), save_dir=killed_run, resume_from=killed_run, **EVERY, **changed
+        )
+
+
+def test_resume_may_change_where_checkpoints_go_and_how_progress_is_logged(
+    killed_run: Path, tmp_path
+) -> None:
+    sae = make_sae("standard", seed=1)
+    resumed = finetune(
+        sae,
+        save_dir=tmp_path / "resumed",
+        resume_from=killed_run,
+        checkpoint_every_tokens=2 * STEP_TOKENS,
+        keep_checkpoints=1,
+        eval_batch_size=1,
+        check_model_name=False,
+    )
+    assert torch.equal(resumed.W_dec, finetune(sae, **EVERY).W_dec)
