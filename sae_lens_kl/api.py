@@ -120,7 +120,7 @@ def kl_finetune(
         if evaluator is not None
         else f"eval_data {data_fingerprint(eval_data)}"
         if eval_data is not None
-        else "the first eval_tokens of the data"
+        else None
     )
     plans = [
         make_plan(one, model, data, cfg, save_dir, resume_point, overwrite, parallel.world_size, held_out)

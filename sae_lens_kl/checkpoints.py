@@ -142,6 +142,8 @@ def _unreadable(checkpoint: Path) -> str | None:
     try:
         json.loads((checkpoint / FINETUNE_STATE_FILENAME).read_text())["config"]
         json.loads((checkpoint / SAE_CFG_FILENAME).read_text())
+        for file in sorted(checkpoint.glob("*.json")):  # activation_scaler.json and the like
+            json.loads(file.read_text())
         weights = sorted(checkpoint.glob("*.safetensors"))
         if not weights:
             return "no weights file"

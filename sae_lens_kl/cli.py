@@ -440,9 +440,49 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = sorted(set(values) - known)
         if unknown:
             parser.error(f"--config {args.config}: unknown options {unknown}")
-        sub.set_defaults(**values)
+        actions = {action.dest: action for action in sub._actions}
+        try:
+            typed = {name: _config_value(actions[name], value) for name, value in values.items()}
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+            parser.error(f"--config {args.config}: {error}")
+        sub.set_defaults(**typed)
         args = parser.parse_args(argv)
     return args
+
+
+def _config_value(action: argparse.Action, value: Any) -> Any:
+    """A --config value checked as the flag's own parser would check it: a flag that takes a
+    value gets it through the flag's type (an int flag refuses 2.5 and True), a switch takes
+    True or False, a list flag a list."""
+    name = action.dest
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: {value!r} is not true or false")
+        return value
+    if value is None:
+        return None
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list):
+            raise TypeError(f"{name}: {value!r} is not a list")
+        return [_config_item(action, item) for item in value]
+    return _config_item(action, value)
+
+
+def _config_item(action: argparse.Action, value: Any) -> Any:
+    kind = action.type or str
+    if isinstance(value, (bool, list, dict)):
+        raise TypeError(f"{action.dest}: {value!r} is not a {getattr(kind, '__name__', 'value')}")
+    if kind is str and not isinstance(value, str):
+        raise TypeError(f"{action.dest}: {value!r} is not a string")
+    if kind is int and isinstance(value, float):
+        raise TypeError(f"{action.dest}: {value!r} is not an integer")
+    try:
+        converted = kind(str(value)) if callable(kind) else value
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+        raise ValueError(f"{action.dest}: {value!r} is not valid ({error})") from None
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"{action.dest}: {value!r} is not one of {list(action.choices)}")
+    return converted
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 # Each set of choices is written once, as a type; the CLI's choices and the checks below derive
 # from it (this module imports nothing heavy, so `--help` stays fast).
@@ -195,6 +195,7 @@ class KLFinetuneConfig:
     """Steps between wandb logs."""
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in (
             "lr",
             "kl_coefficient",
@@ -236,6 +237,11 @@ class KLFinetuneConfig:
             raise ValueError(f"controller_rate={self.controller_rate} must lie in (0, 1).")
         if self.checkpoint_every_tokens is not None and self.checkpoint_every_tokens <= 0:
             raise ValueError("checkpoint_every_tokens must be positive or None.")
+        if self.lr_warm_up_steps < 0:
+            raise ValueError(f"lr_warm_up_steps={self.lr_warm_up_steps} must be >= 0.")
+        for name in ("dead_feature_window", "feature_sampling_window", "wandb_log_frequency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1 (steps).")
         if self.exclude_first_positions < 0:
             raise ValueError("exclude_first_positions must be >= 0.")
         if self.sae_lora_rank is not None and (
@@ -295,3 +301,45 @@ class KLFinetuneConfig:
         if unknown:
             raise ValueError(f"Unknown KLFinetuneConfig fields {unknown}; known: {sorted(known)}.")
         return cls(**values)
+
+
+def _check_types(cfg: KLFinetuneConfig) -> None:
+    """Every option holds a value of its annotated type: ints are ints (not 2.0 or True), bools are
+    bools, lists are lists (a string is not a list of hooks)."""
+    for name, hint in get_type_hints(type(cfg)).items():
+        value = getattr(cfg, name)
+        if not _is_instance(value, hint):
+            raise ValueError(
+                f"{name}={value!r} ({type(value).__name__}) must be {_describe(hint)}; pass a value of "
+                "that type."
+            )
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if origin is Union or type(hint).__name__ == "UnionType":
+        return any(_is_instance(value, option) for option in get_args(hint))
+    if origin is Literal:  # the choices are checked below, each with its own message
+        return True
+    if origin is list:
+        (item,) = get_args(hint)
+        return isinstance(value, list) and all(_is_instance(element, item) for element in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:  # an int is a float; a bool is neither
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    origin = get_origin(hint)
+    if origin is Union or type(hint).__name__ == "UnionType":
+        return " or ".join(_describe(option) for option in get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(get_args(hint)[0], plural=True)}"
+    if plural:
+        return {int: "integers", float: "numbers", str: "strings"}.get(hint, hint.__name__)
+    names = {int: "an integer", float: "a number", bool: "True or False", str: "a string", type(None): "None"}
+    return names.get(hint, hint.__name__)

@@ -8,6 +8,7 @@ resumed run skips the sequences it already trained on.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,27 @@ def describe(data: DataSource) -> str:
     if isinstance(data, (list, tuple)):
         return f"{len(data)} items"
     return type(data).__name__
+
+
+def check_data_kind(data: Any) -> None:
+    """Refuse, before any work, data of a kind no reader here takes."""
+    import datasets
+
+    from sae_lens_kl.cache import CleanPassCache
+
+    readable = (str, Path, torch.Tensor, CleanPassCache, datasets.Dataset, datasets.IterableDataset)
+    readable += (datasets.DatasetDict, datasets.IterableDatasetDict)
+    if data is None or isinstance(data, readable):
+        return
+    if isinstance(data, (list, tuple)) and (
+        all(isinstance(item, str) for item in data) or all(isinstance(item, Path) for item in data)
+    ):
+        return
+    raise DataError(
+        f"data={describe(data)[:80]} ({type(data).__name__}) is not a kind kl_finetune reads; pass a "
+        "Hugging Face dataset name or object, a list of strings, a local text file or folder (a "
+        "list of Paths), a [n, seq] token tensor or a clean-pass cache folder."
+    )
 
 
 def _local_files(data: DataSource) -> list[Path] | None:
@@ -67,7 +89,16 @@ def documents(data: DataSource) -> Iterator[str | torch.Tensor]:
     files = _local_files(data)
     if files is not None:
         for path in files:
-            yield path.read_text(encoding="utf-8", errors="replace")
+            text = path.read_text(encoding="utf-8", errors="replace")
+            # U+FFFD stands for each byte that is not UTF-8: many of them mean a binary file
+            if (replaced := text.count("\ufffd")) > max(10, len(text) // 100):
+                warnings.warn(
+                    f"{path} is not UTF-8 text: {replaced} of its {len(text)} characters could not be "
+                    "decoded (a binary file?); it is trained on as replacement characters. Remove it "
+                    "from the data.",
+                    stacklevel=2,
+                )
+            yield text
         return
     if isinstance(data, torch.Tensor):
         if data.ndim != 2 or data.dtype not in (torch.int32, torch.int64):
@@ -136,9 +167,17 @@ def token_sequences(
     (documents concatenated with BOS between them; BOS first in each sequence when prepend_bos)."""
     tokenizer = getattr(model, "tokenizer", None)
     bos = None if tokenizer is None else tokenizer.bos_token_id
+    d_vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
 
     def tokenized() -> Iterator[torch.Tensor]:
-        for row in documents(data):
+        for index, row in enumerate(documents(data)):
+            if isinstance(row, torch.Tensor) and row.numel() and d_vocab is not None:
+                low, high = int(row.min()), int(row.max())
+                if low < 0 or high >= d_vocab:
+                    raise DataError(
+                        f"Document {index} of the data holds token ids from {low} to {high}, outside "
+                        f"[0, {d_vocab}) for this model; tokenize with the model's tokenizer."
+                    )
             if isinstance(row, str):
                 if tokenizer is None:
                     raise DataError(

@@ -21,9 +21,15 @@ from transformer_lens.hook_points import HookedRootModule
 from sae_lens_kl.adapters import attached
 from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, check_supported
 from sae_lens_kl.cache import CACHE_FILENAME, CleanPassCache
-from sae_lens_kl.checkpoints import check_resume, data_fingerprint, find_checkpoint, sae_fingerprint
+from sae_lens_kl.checkpoints import (
+    CHECKPOINTS_DIRNAME,
+    check_resume,
+    data_fingerprint,
+    find_checkpoint,
+    sae_fingerprint,
+)
 from sae_lens_kl.config import KLFinetuneConfig
-from sae_lens_kl.data import DataError, DataSource
+from sae_lens_kl.data import DataError, DataSource, check_data_kind
 from sae_lens_kl.lm_lora import lm_lora_targets
 from sae_lens_kl.lora import check_rank
 from sae_lens_kl.save_dir import check_can_overwrite, holds_nothing
@@ -65,12 +71,25 @@ def make_plan(
     resume_from: str | os.PathLike[str] | None,
     overwrite: bool,
     world_size: int = 1,
-    held_out: str = "the first eval_tokens of the data",
+    held_out: str | None = None,
 ) -> Plan:
-    """`held_out` names where the held-out evaluation tokens come from (it decides which
-    sequences are trained on, so a resume must keep it)."""
+    """`held_out` names where the held-out evaluation tokens come from when not from the start of
+    `data` (eval_data, a shared evaluator); it decides which sequences are trained on, so a resume
+    must keep it."""
     check_supported(sae)
     _check_finite(sae)
+    if torch.float16 in (sae.dtype, *(parameter.dtype for parameter in sae.parameters())):
+        raise ValueError(
+            "The SAE is float16, whose range overflows in the fine-tune's losses (NaN within steps); "
+            "fine-tune a float32 copy (sae.to(torch.float32)) and cast the result back if needed."
+        )
+    k = getattr(sae.cfg, "k", None)
+    if isinstance(k, int) and not 0 < k <= sae.cfg.d_sae:
+        raise ValueError(
+            f"The SAE's k={k} must lie in [1, d_sae={sae.cfg.d_sae}] (latents kept per token); "
+            "set sae.cfg.k to a value in that range."
+        )
+    check_data_kind(data)
     metadata = sae.cfg.metadata
     if not metadata.hook_name:
         raise ValueError(
@@ -225,6 +244,12 @@ def make_plan(
             f"tokens={cfg.tokens} is less than one batch ({cfg.batch_size} x {context_size} "
             f"= {tokens_per_step} tokens); raise tokens or lower batch_size/context_size."
         )
+    steps = cfg.tokens // tokens_per_step
+    if cfg.lr_warm_up_steps > steps:
+        raise ValueError(
+            f"lr_warm_up_steps={cfg.lr_warm_up_steps} exceeds the run's {steps} steps, so the learning "
+            f"rate would still be rising at the end; pass lr_warm_up_steps <= {steps}."
+        )
     if data is None:
         data = metadata.dataset_path
         if not data:
@@ -234,6 +259,7 @@ def make_plan(
             )
     if isinstance(data, torch.Tensor):
         _check_token_ids(data, model)
+        _check_tensor_budget(data, cfg, context_size, steps, held_out_of_data=held_out is None)
     out_dir = None if save_dir is None else Path(save_dir).expanduser()
     checkpoint = None if resume_from is None else find_checkpoint(Path(resume_from).expanduser())
     resuming_into_out = (
@@ -241,6 +267,11 @@ def make_plan(
     )
     if out_dir is not None:
         _check_folder_can_be_written(out_dir)
+        if (out_dir / CHECKPOINTS_DIRNAME).exists() and not (out_dir / CHECKPOINTS_DIRNAME).is_dir():
+            raise FileExistsError(
+                f"save_dir {out_dir} holds a file named {CHECKPOINTS_DIRNAME}, where the run's checkpoints "
+                "go; move it, or pass another save_dir."
+            )
         if not holds_nothing(out_dir) and not overwrite and not resuming_into_out:
             raise FileExistsError(
                 f"save_dir {out_dir} exists and is not empty; pass overwrite=True to "
@@ -257,7 +288,11 @@ def make_plan(
         if cfg.prepend_bos is not None
         else metadata.prepend_bos is not False,
     )
-    fingerprints = {"sae": sae_fingerprint(sae), "data": data_fingerprint(data), "held_out": held_out}
+    fingerprints = {
+        "sae": sae_fingerprint(sae),
+        "data": data_fingerprint(data),
+        "held_out": held_out or "the first eval_tokens of the data",
+    }
     if checkpoint is not None:
         check_resume(checkpoint, cfg, fingerprints, world_size)
     return Plan(
@@ -351,6 +386,25 @@ def _check_token_ids(tokens: torch.Tensor, model: HookedRootModule) -> None:
         raise DataError(
             f"Token ids must lie in [0, {d_vocab}) for this model; the data holds ids from "
             f"{int(tokens.min())} to {int(tokens.max())}. Tokenize with the model's tokenizer."
+        )
+
+
+def _check_tensor_budget(
+    tokens: torch.Tensor, cfg: KLFinetuneConfig, context_size: int, steps: int, held_out_of_data: bool
+) -> None:
+    """A token tensor's rows are repacked into context_size sequences with at most one BOS between
+    rows and one at each sequence's start: fewer tokens than the budget's sequences need can only
+    run out, so say so before training on all of them."""
+    if tokens.ndim != 2:
+        return  # documents() refuses it with its own message
+    held_out = -(-cfg.eval_tokens // context_size) if held_out_of_data else 0
+    needed = steps * cfg.batch_size + held_out
+    most = (tokens.numel() + tokens.shape[0]) // (context_size - 1)
+    if most < needed:
+        budget = f"tokens={cfg.tokens}" + (f" and eval_tokens={cfg.eval_tokens}" if held_out else "")
+        raise DataError(
+            f"The token tensor {tuple(tokens.shape)} packs into at most {most} sequences of {context_size} "
+            f"tokens, but {budget} need {needed}; pass more data or lower tokens."
         )
 
 

@@ -73,12 +73,16 @@ def test_bad_option_and_bad_values() -> None:
 
 
 def test_empty_and_short_data() -> None:
-    with pytest.raises(DataError, match="fewer than 8 sequences"):
+    # a token tensor's length is known up front: too short for the budget is refused before work
+    with pytest.raises(DataError, match=r"packs into at most 0 sequences .* need 24"):
         finetune(data=DATA[:0])
-    with pytest.raises(DataError, match="no training batch"):
+    with pytest.raises(DataError, match=r"packs into at most 11 sequences of 16 tokens"):
         finetune(data=DATA[:10])
-    with pytest.raises(DataError, match="ran out before the token budget"):
+    with pytest.raises(DataError, match="packs into at most 22 sequences"):
         finetune(data=DATA[:20], tokens=10 * 4 * SEQ)
+    # a stream's length is not: running out is found as it happens
+    with pytest.raises(DataError, match=r"The evaluation data \(token tensor \(0, 16\)\) holds fewer than 8"):
+        finetune(eval_data=DATA[:0])
     sae = make_sae("topk")
     with pytest.raises(ValueError, match="no dataset_path"):
         kl_finetune(sae, tiny_model(), tokens=4 * SEQ)
@@ -91,8 +95,10 @@ def test_existing_save_dir_is_refused_and_left_alone(tmp_path) -> None:
     with pytest.raises(FileExistsError, match="overwrite=True"):
         finetune(save_dir=out)
     assert (out / "cfg.json").read_text() == "precious"
-    finetune(save_dir=out, overwrite=True)
-    assert (out / "cfg.json").read_text() != "precious"
+    # not ours (no manifest names it): overwrite does not replace it either
+    with pytest.raises(FileExistsError, match="holds cfg.json, which sae_lens_kl did not write"):
+        finetune(save_dir=out, overwrite=True)
+    assert (out / "cfg.json").read_text() == "precious"
     assert not [p for p in out.iterdir() if p.name.startswith(".partial")]
 
 

@@ -235,6 +235,6 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails_its_checks(tmp_path)
     out = tmp_path / "out"
     finetune(save_dir=out)
     weights = (out / "sae_weights.safetensors").read_bytes()
-    with pytest.raises(DataError, match="fewer than 8 sequences"):
+    with pytest.raises(DataError, match="packs into at most 5 sequences"):
         finetune(data=DATA[:5], save_dir=out, overwrite=True)
     assert (out / "sae_weights.safetensors").read_bytes() == weights
