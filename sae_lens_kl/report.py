@@ -74,10 +74,13 @@ def markdown(title: str, runs: Mapping[str, Mapping[str, Any]], notes: list[str]
     first = runs[names[0]]
     header = ["metric", "before", *[f"after: {n}" for n in names]]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key, label in ROWS:
+    evaluated = first["before"] is not None and all(runs[n]["after"] is not None for n in names)
+    for key, label in ROWS if evaluated else ():
         cells = [_fmt(first["before"][key])] + [_fmt(runs[n]["after"][key]) for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for hook in first["before"].get("downstream_mse", {}):
+    if not evaluated:
+        notes = ["No held-out evaluation (eval_tokens=0): no before/after metrics.", *notes]
+    for hook in first["before"].get("downstream_mse", {}) if evaluated else ():
         cells = [_fmt(first["before"]["downstream_mse"][hook])]
         cells += [_fmt(runs[n]["after"]["downstream_mse"][hook]) for n in names]
         lines.append(f"| spliced − clean at {hook} (sum of squares) | " + " | ".join(cells) + " |")
@@ -198,6 +201,9 @@ def write_report(
 
     names = list(runs)
     first = runs[names[0]]
+    if first["before"] is None or any(runs[n]["after"] is None for n in names):  # eval_tokens=0
+        owned.record_written(out_dir, [path.name for path in written])
+        return written
     bars = ("ce_gap", "kl", "mse")
     fig = Figure(figsize=(4 * len(bars), 3.2))
     axes = fig.subplots(1, len(bars))

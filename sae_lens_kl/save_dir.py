@@ -53,7 +53,7 @@ WRITTEN_FILES = (
 _BOOKKEEPING = (MANIFEST_FILENAME, LOCK_FILENAME)
 
 
-class SaveDirInUseError(RuntimeError):
+class SaveDirInUseError(OSError):
     """Another process is writing into the save_dir."""
 
 

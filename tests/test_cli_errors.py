@@ -116,3 +116,159 @@ def test_demo_control_that_is_not_a_loss(capsys, tmp_path) -> None:
     code, err = run(capsys, "demo", "--controls", "mse,kl-only", "--out", str(tmp_path / "o"))
     assert code == 2 and "--controls kl-only: not a loss" in err
     assert not (tmp_path / "o").exists()
+
+
+def _damaged_sae_folders(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """SAE folders a user may hand over, each damaged one way, with what the error must say."""
+    import json
+
+    sae = make_sae("topk", hook_name="blocks.1.hook_resid_pre")
+    folders = {}
+    for name in ("unknown_architecture", "truncated_weights", "d_in_string"):
+        sae.save_model(tmp_path / name)
+    cfg = json.loads((tmp_path / "unknown_architecture" / "cfg.json").read_text())
+    (tmp_path / "unknown_architecture" / "cfg.json").write_text(
+        json.dumps({**cfg, "architecture": "nonsense"})
+    )
+    folders["unknown_architecture"] = (tmp_path / "unknown_architecture", "KeyError: 'nonsense'")
+    weights = tmp_path / "truncated_weights" / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    folders["truncated_weights"] = (tmp_path / "truncated_weights", "SafetensorError")
+    (tmp_path / "d_in_string" / "cfg.json").write_text(json.dumps({**cfg, "d_in": "32"}))
+    folders["d_in_string"] = (tmp_path / "d_in_string", "TypeError")
+    return folders
+
+
+def test_damaged_sae_folders_and_missing_models_are_one_line(capsys, tmp_path, local_sae: Path) -> None:
+    for folder, cause in _damaged_sae_folders(tmp_path).values():
+        code, err = run(capsys, "finetune", "--sae", str(folder), "--tokens", "100")
+        assert code == 2 and f"--sae {folder}: cannot load the SAE folder ({cause}" in err
+        assert len(err.strip().splitlines()) == 1
+    code, err = run(capsys, "finetune", "--sae", str(local_sae), "--tokens", "100", "--model", "/nope/model")
+    assert code == 2 and "Model '/nope/model': no such .gguf file or model folder" in err
+
+
+def test_an_offline_hub_model_name_is_one_line(capsys, local_sae: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = run(capsys, "finetune", "--sae", str(local_sae), "--tokens", "100", "--model", "gpt2")
+    assert code == 2 and "Could not load model 'gpt2'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("out: 5", "out: 5 is not a string"),
+        ("sae: [1]", "sae: [1] is not a"),
+        ("device: 5", "device: 5 is not a string"),
+        ("batch_size: true", "batch_size: True is not a"),
+        ("context_size: 2.5", "context_size: 2.5 is not an integer"),
+        (
+            "downstream_hooks: blocks.2.hook_resid_post",
+            "downstream_hooks: 'blocks.2.hook_resid_post' is not a list",
+        ),
+        ("overwrite: 1", "overwrite: 1 is not true or false"),
+        ("loss: kl-only", "loss: 'kl-only' is not one of"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_refused(capsys, tmp_path, value: str, message: str) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(value + "\n")
+    code, err = run(capsys, "finetune", "--config", str(config))
+    assert code == 2 and f"--config {config}: {message}" in err
+
+
+def test_eval_never_writes_over_a_fine_tunes_report(capsys, tmp_path, local_sae: Path) -> None:
+    out = tmp_path / "tuned"
+    out.mkdir()
+    (out / "kl_finetune_metrics.json").write_text("{}")
+    (out / "report.json").write_text('{"runs": "the fine-tune\'s"}')
+    code, err = run(capsys, "eval", "--sae", str(local_sae), "--out", str(out), "--overwrite")
+    assert code == 2 and "holds a fine-tuned SAE and its report; eval would replace it" in err
+    assert (out / "report.json").read_text() == '{"runs": "the fine-tune\'s"}'
+
+
+KILLED_CLI = """
+import sys
+from sae_lens_kl.cli import entry
+sys.argv[0] = "sae-lens-kl"
+entry()  # what the installed command runs
+"""
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_ctrl_c_during_start_up_once_or_twice_is_no_traceback(
+    tmp_path, local_sae: Path, signals: int
+) -> None:
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            KILLED_CLI,
+            "eval",
+            "--sae",
+            str(local_sae),
+            "--model",
+            str(tmp_path / "none"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.8)  # inside the start-up imports (torch, SAELens: several seconds)
+    for _ in range(signals):
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    err = process.communicate(timeout=60)[1]
+    assert "Traceback" not in err, err
+    assert process.returncode == 130 and "interrupted" in err
+
+
+def test_an_interrupt_without_checkpoints_says_none_was_written(capsys, tiny_lm_folder, tmp_path) -> None:
+    sae = make_sae("topk", hook_name="blocks.1.hook_resid_pre")
+    sae.cfg.metadata.model_name = "tiny-lm"
+    sae.save_model(tmp_path / "sae")
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for index in range(700):
+        (texts / f"{index}.txt").write_text("\n".join(sentences(12, seed=index)))
+    out = tmp_path / "o"
+    args = ["finetune", "--sae", str(tmp_path / "sae"), "--model", str(tiny_lm_folder), "--data", str(texts)]
+    args += ["--tokens", str(128 * 2500), "--context-size", "32", "--batch-size", "4", "--eval-tokens", "0"]
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        code, err = run(capsys, *args, "--out", str(out))
+    finally:
+        timer.cancel()
+    assert code == 130 and "interrupted" in err
+    assert "No checkpoint was written, so the run cannot be resumed" in err and "--resume" not in err
+
+
+def test_resume_without_out_saves_into_the_run_folder(
+    capsys, tiny_lm_folder, local_sae, text_folders, tmp_path
+):
+    out = tmp_path / "o"
+    args = [
+        "finetune",
+        "--sae",
+        str(local_sae),
+        "--model",
+        str(tiny_lm_folder),
+        "--data",
+        str(text_folders[0]),
+    ]
+    args += ["--tokens", "512", "--context-size", "32", "--batch-size", "4", "--eval-tokens", "0"]
+    code, _ = run(capsys, *args, "--checkpoint-every-tokens", "128", "--out", str(out))
+    assert code == 0
+    finished = (out / "sae_weights.safetensors").read_bytes()
+    (out / "report.md").write_text("stale")
+    code, _ = run(
+        capsys, *args, "--checkpoint-every-tokens", "128", "--resume", str(out / "checkpoints" / "256")
+    )
+    assert code == 0
+    assert (out / "sae_weights.safetensors").read_bytes() == finished  # the same run, resumed
+    assert (out / "report.md").read_text().startswith("# sae_lens_kl finetune")
