@@ -30,10 +30,13 @@ ADAPTER_FORMAT = "sae_lens_kl.adapter/1"
 
 class Adapter(nn.Module):
     """y = x + f(x) on the SAE's reconstruction x [..., d_in]:
-    'linear': f(x) = U V x, V [width, d_in] zero-initialised, U [d_in, width] (rank `width`);
+    'linear': f(x) = U V x, V [width, d_in] the down projection, U [d_in, width] the up
+    projection, zero-initialised (rank `width`);
     'mlp': f(x) = W2 relu(W1 x + b1) + b2, W2 and b2 zero-initialised (hidden width `width`).
-    The zero part makes f = 0 at the start, so the adapted SAE equals the SAE before training; the
-    other part is initialised as torch's nn.Linear is, from a fixed seed so that runs repeat."""
+    Both as the paper's released code (its text says V is the zero one; its code zeroes the up
+    projection, which we follow). The zero part makes f = 0 at the start, so the adapted SAE
+    equals the SAE before training; the other part is initialised as torch's nn.Linear is, from a
+    fixed seed so that runs repeat."""
 
     filename = ADAPTER_FILENAME
 
@@ -57,7 +60,7 @@ class Adapter(nn.Module):
             return nn.Parameter(torch.zeros(shape, dtype=dtype))
 
         if kind == "linear":
-            self.V, self.U = zeros((width, d_in)), uniform((d_in, width), width)
+            self.V, self.U = uniform((width, d_in), d_in), zeros((d_in, width))
         else:
             self.W1, self.b1 = uniform((width, d_in), d_in), uniform((width,), d_in)
             self.W2, self.b2 = zeros((d_in, width)), zeros((d_in,))

@@ -316,7 +316,7 @@ def _starting_saes(
         else:
             training = to_training_sae(sae, plan.cfg.sparsity_coefficient).to(device)
             if plan.cfg.sae_lora_rank is not None:
-                add_lora(training, plan.cfg.sae_lora_rank)
+                add_lora(training, plan.cfg.sae_lora_rank, plan.cfg.sae_lora_alpha)
         if not plan.cfg.trains_sae:  # an adapter or LoRA on the LM trains instead
             training.requires_grad_(False)
         trainings.append(training)

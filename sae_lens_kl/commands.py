@@ -21,6 +21,7 @@ from sae_lens_kl.config import LOSS_MODES, KLFinetuneConfig
 from sae_lens_kl.corpus import django_docs
 from sae_lens_kl.evaluation import HeldOutEvaluator
 from sae_lens_kl.evaluation import evaluate as evaluate_sae
+from sae_lens_kl.intervals import paired_intervals
 from sae_lens_kl.models import cache_root, load_model
 from sae_lens_kl.parallel import init_process_group, launched_processes
 from sae_lens_kl.report import METRICS_FILENAME, History, write_report
@@ -271,6 +272,7 @@ def demo(args: argparse.Namespace) -> None:
     runs = {"KL+MSE": result.sae.cfg.metadata.kl_finetune}
     # Controls on the same tokens from the same MSE-phase SAE: MSE-only continuation (paper App. B),
     # and any other objective asked for (KL-only, Braun et al.'s e2e+ds, ...).
+    controls: dict[str, SAE[Any]] = {}
     for loss in [] if args.no_control else args.controls:
         print(f"control: loss={loss} on the same tokens")
         control = kl_finetune(
@@ -286,9 +288,23 @@ def demo(args: argparse.Namespace) -> None:
             **options,
         )
         runs[CONTROL_NAMES.get(loss, loss)] = control.cfg.metadata.kl_finetune
+        controls[CONTROL_NAMES.get(loss, loss)] = control
+    evaluator = setup.evaluator
+    extra: dict[str, Any] = {"mse_phase_cached": cached, "kl_tokens_share_of_run": kl_tokens / total}
+    control_name = CONTROL_NAMES["mse"]
+    if evaluator is not None:
+        # every run was evaluated on the same held-out sequences: paired intervals (stored results)
+        tuned = {"KL+MSE": result.sae, **controls}
+        extra["intervals"] = paired_intervals(
+            evaluator(mse_sae),
+            {name: evaluator(sae) for name, sae in tuned.items()},
+            control=control_name if control_name in tuned else None,
+        )
     notes = [
         f"Model: {model.cfg.model_name}; SAE: TopK k={args.k}, d_sae={args.d_sae} at {hook}, MSE-trained "
         f"with SAELens's runner on {args.mse_tokens:,} tokens of {train_data}.",
+        f"KL phase: {kl_tokens:,} tokens = {kl_tokens / total:.1%} of the run's {total:,}.",
+        *_interval_notes(extra.get("intervals")),
         f"Held-out evaluation: {args.eval_tokens:,} tokens of {eval_data}, never trained on.",
         SINK_NOTE.format(n=sinks),
         f"torch threads: {torch.get_num_threads()}.",
@@ -299,10 +315,31 @@ def demo(args: argparse.Namespace) -> None:
         runs,
         history,
         notes,
-        {"mse_phase_cached": cached},
+        extra,
     )
     print((out / "report.md").read_text())
     print("wrote", ", ".join(str(p) for p in written))
+
+
+def _interval_notes(intervals: dict[str, Any] | None) -> list[str]:
+    """The paired intervals as report notes."""
+    if intervals is None:
+        return []
+    level = f"{intervals['level']:.0%}"
+    notes = [
+        f"Intervals: {level} paired bootstrap over the {intervals['n_sequences']} held-out sequences "
+        f"({intervals['n_resamples']} resamples, the same draws for every run)."
+    ]
+    for name, interval in intervals["fraction_ce_gap_closed"].items():
+        if interval is not None:
+            notes.append(f"{name}: CE gap closed, {level} interval [{interval[0]:.1%}, {interval[1]:.1%}].")
+    for name, interval in intervals.get("difference_from_control", {}).items():
+        if interval is not None:
+            notes.append(
+                f"{name} − {intervals['control']}: difference in CE gap closed, {level} interval "
+                f"[{interval[0]:+.1%}, {interval[1]:+.1%}]."
+            )
+    return notes
 
 
 def experiment(args: argparse.Namespace) -> None:

@@ -57,16 +57,22 @@ class KLFinetuneConfig:
     merged into the weights at the end: the result is a plain SAE of the same architecture. None:
     fine-tune every SAE parameter."""
 
+    sae_lora_alpha: float = 32.0
+    """LoRA on the SAE: the update is scaled by sae_lora_alpha / sae_lora_rank, as peft's
+    lora_alpha (the paper's code: lora_alpha=32, so x16 at rank 2 and x0.5 at rank 64)."""
+
     adapter: AdapterKind | None = None
     """Train an adapter after the SAE instead of the SAE, which stays frozen (paper App. C):
-    'linear': x_hat + U V x_hat (rank adapter_width, V zero-initialised); 'mlp': x_hat +
-    W2 relu(W1 x_hat + b1) + b2 (hidden width adapter_width, last layer zero-initialised). It acts
+    'linear': x_hat + U V x_hat (rank adapter_width, the up projection U zero-initialised, as the
+    paper's released code); 'mlp': x_hat + W2 relu(W1 x_hat + b1) + b2 (hidden width
+    adapter_width, last layer zero-initialised). It acts
     on the SAE's hook_sae_recons, is saved as save_dir/adapter.safetensors and re-attached with
     `load_adapter(save_dir, sae)`. Two-stage (paper): fine-tune first, then train an adapter
     after the fine-tuned SAE."""
 
-    adapter_width: int = 64
-    """Rank of the linear adapter / hidden width of the MLP adapter."""
+    adapter_width: int = 16
+    """Rank of the linear adapter / hidden width of the MLP adapter (the paper's code runs 16 and
+    768 at d_model 2304)."""
 
     lm_lora_rank: int | None = None
     """Train rank-r LoRA updates of the language model's weights in the blocks after the SAE's hook
@@ -207,6 +213,8 @@ class KLFinetuneConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
                 raise ValueError(f"{name}={value!r} must be a finite number.")
+        if self.sae_lora_alpha <= 0 or not math.isfinite(self.sae_lora_alpha):
+            raise ValueError(f"sae_lora_alpha={self.sae_lora_alpha!r} must be a positive number.")
         for name in ("kl_coefficient", "downstream_coefficient", "target_l0", "sparsity_coefficient"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0.")

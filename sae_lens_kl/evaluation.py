@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -74,12 +74,22 @@ class EvalResult:
     the reconstruction's error travels down the network."""
     n_tokens: int
     """Positions evaluated."""
+    per_sequence: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    """Per held-out sequence, in order: the sums of ce_clean and ce_spliced over its CE positions
+    and their count (`n_tokens`): what a paired bootstrap resamples (intervals.py). Not in
+    `to_dict`: reports carry the intervals computed from it."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        del values["per_sequence"]
+        return values
 
     def copy(self) -> EvalResult:
-        return dataclasses.replace(self, downstream_mse=dict(self.downstream_mse))
+        return dataclasses.replace(
+            self,
+            downstream_mse=dict(self.downstream_mse),
+            per_sequence={name: list(values) for name, values in self.per_sequence.items()},
+        )
 
 
 def special_token_ids(model: HookedRootModule) -> list[int]:
@@ -296,6 +306,8 @@ class HeldOutEvaluator:
             for name in ("ce_clean", "ce_ablated", "kl_ablated", "ce_spliced", "kl", "l0", "mse")
             + tuple(f"downstream:{hook}" for hook in later)
         }
+        # which sequence each CE position belongs to (within its batch), and each batch's size
+        sequence_parts: dict[str, list[torch.Tensor]] = {"ce_sequence": [], "batch_sequences": []}
         variance = ExplainedVarianceCalculator()
         fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
 
@@ -305,6 +317,9 @@ class HeldOutEvaluator:
             tokens = batch.to(device)
             keep = position_mask(tokens, self.special_token_ids, self.exclude_first_positions)
             kept, ce_rows = keep.flatten(), keep[:, :-1].flatten()
+            rows_of = torch.arange(tokens.shape[0], device=device).repeat_interleave(tokens.shape[1] - 1)
+            sequence_parts["ce_sequence"].append(rows_of[ce_rows])
+            sequence_parts["batch_sequences"].append(torch.tensor([tokens.shape[0]]))
             targets = tokens[:, 1:].flatten()
             clean = self._clean_pass(index, tokens, site, write, reuse)
             prefix, clean_out, acts, target = clean.prefix, clean.output, clean.acts, clean.target
@@ -368,11 +383,15 @@ class HeldOutEvaluator:
         if self.parallel.active:  # every rank's per-token values, in batch order, and statistics
             gathered = self.parallel.gather(
                 (
-                    {name: [v.cpu() for v in values] for name, values in parts.items()},
+                    {name: [v.cpu() for v in values] for name, values in {**parts, **sequence_parts}.items()},
                     vars(variance),
                     fired.cpu(),
                 )
             )
+            sequence_parts = {
+                name: [v for rank_parts, _, _ in gathered for v in rank_parts[name]]
+                for name in sequence_parts
+            }
             parts = {name: [v for rank_parts, _, _ in gathered for v in rank_parts[name]] for name in parts}
             variance = _merged_variance([state for _, state, _ in gathered])
             fired = torch.stack([rank_fired for _, _, rank_fired in gathered]).any(0)
@@ -394,10 +413,34 @@ class HeldOutEvaluator:
             dead_latents=int((~fired).sum().item()),
             downstream_mse={hook: means[f"downstream:{hook}"] for hook in later},
             n_tokens=sum(part.numel() for part in parts["l0"]),
+            per_sequence=_per_sequence_sums(parts, sequence_parts),
         )
         if result_key is not None:
             self._results[result_key] = result.copy()
         return result
+
+
+def _per_sequence_sums(
+    parts: dict[str, list[torch.Tensor]], sequence_parts: dict[str, list[torch.Tensor]]
+) -> dict[str, list[float]]:
+    """Sums of the per-position clean and spliced CE over each sequence, in float64, and counts."""
+    offsets = torch.cumsum(
+        torch.cat([torch.zeros(1, dtype=torch.long), *sequence_parts["batch_sequences"]]), 0
+    )
+    sequence = torch.cat(
+        [
+            ids.cpu() + offset
+            for ids, offset in zip(sequence_parts["ce_sequence"], offsets[:-1].tolist(), strict=True)
+        ]
+    )
+    n_sequences = int(offsets[-1])
+    sums = {}
+    for name in ("ce_clean", "ce_spliced"):
+        values = torch.cat([part.cpu() for part in parts[name]]).double()
+        sums[name] = torch.zeros(n_sequences, dtype=torch.float64).index_add_(0, sequence, values).tolist()
+    ones = torch.ones(len(sequence), dtype=torch.float64)
+    sums["n_tokens"] = torch.zeros(n_sequences, dtype=torch.float64).index_add_(0, sequence, ones).tolist()
+    return sums
 
 
 def _merged_variance(states: list[dict[str, Any]]) -> ExplainedVarianceCalculator:

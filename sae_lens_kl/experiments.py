@@ -183,7 +183,7 @@ def _fitted(options: dict[str, Any], sae: Any, model: Any) -> dict[str, Any]:
     if "sae_lora_rank" in options:
         options["sae_lora_rank"] = min(options["sae_lora_rank"], min(sae.cfg.d_in, sae.cfg.d_sae) // 2)
     if options.get("adapter") == "linear":
-        options["adapter_width"] = min(options.get("adapter_width", 64), sae.cfg.d_in // 2)
+        options["adapter_width"] = min(options.get("adapter_width", 16), sae.cfg.d_in // 2)
     if "lm_lora_rank" in options:
         targets = lm_lora_targets(model, sae.cfg.metadata.hook_name, options.get("lm_lora_layers", "after"))
         smallest = min(min(t.in_features, t.out_features) for t in targets)

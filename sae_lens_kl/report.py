@@ -18,6 +18,7 @@ from sae_lens_kl import save_dir as owned
 from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.evaluation import EvalResult
+from sae_lens_kl.intervals import fraction_closed, paired_intervals, undefined_reason
 from sae_lens_kl.save_dir import CONFIG_FILENAME, MANIFEST_FILENAME, METRICS_FILENAME
 from sae_lens_kl.staging import staged_files, write_file
 from sae_lens_kl.trainer import KLFinetuneTrainer
@@ -85,7 +86,7 @@ def markdown(title: str, runs: Mapping[str, Mapping[str, Any]], notes: list[str]
         cells += [_fmt(runs[n]["after"]["downstream_mse"][hook]) for n in names]
         lines.append(f"| spliced − clean at {hook} (sum of squares) | " + " | ".join(cells) + " |")
     extra = (
-        ("fraction of CE gap closed", lambda r: _fmt(r["fraction_ce_gap_closed"])),
+        ("fraction of CE gap closed [95 % paired bootstrap]", _fraction_cell),
         ("training tokens", lambda r: _fmt(r["training_tokens"])),
         ("training steps", lambda r: _fmt(r["steps"])),
         ("lr", lambda r: _fmt(r["config"]["lr"])),
@@ -97,6 +98,15 @@ def markdown(title: str, runs: Mapping[str, Mapping[str, Any]], notes: list[str]
         lines.append(f"| {label} | | " + " | ".join(cell(runs[n]) for n in names) + " |")
     lines += ["", *[f"- {note}" for note in notes], ""]
     return "\n".join(lines)
+
+
+def _fraction_cell(report: Mapping[str, Any]) -> str:
+    """The fraction of the CE gap closed with its interval, or why it is undefined."""
+    if report.get("fraction_ce_gap_closed_note"):
+        return "undefined (starting gap ≤ 0)"
+    interval = report.get("fraction_ce_gap_closed_interval")
+    cell = _fmt(report.get("fraction_ce_gap_closed"))
+    return cell if interval is None else f"{cell} [{interval[0]:.4f}, {interval[1]:.4f}]"
 
 
 def run_report(
@@ -129,8 +139,13 @@ def run_report(
         "after": after.to_dict() if after else None,
         "fraction_ce_gap_closed": None,
     }
-    if before and after and before.ce_gap != 0:
-        report["fraction_ce_gap_closed"] = (before.ce_gap - after.ce_gap) / before.ce_gap
+    if before and after:
+        report["fraction_ce_gap_closed"] = fraction_closed(before, after)
+        if (reason := undefined_reason(before)) is not None:
+            report["fraction_ce_gap_closed_note"] = reason
+        elif len(before.per_sequence.get("n_tokens", ())) >= 2:
+            intervals = paired_intervals(before, {"after": after})
+            report["fraction_ce_gap_closed_interval"] = intervals["fraction_ce_gap_closed"]["after"]
     if controller is not None:
         scheduler = trainer.coefficient_schedulers[controller.coefficient_name]
         report["sparsity_controller"] = controller.state_dict(scheduler)

@@ -152,3 +152,15 @@ def test_the_adapter_follows_the_same_lr_schedule_as_the_sae() -> None:
     assert [step[1] for step in lrs] == pytest.approx(
         [OPTIONS["lr"] * (1 - (i + 1) / steps) for i in range(steps)]
     )
+
+
+def test_adapters_start_as_the_papers_code_does() -> None:
+    from sae_lens_kl.adapters import Adapter
+
+    linear = Adapter("linear", 32, 4)
+    assert torch.all(linear.U == 0)  # the up projection is the zero one (the released code)
+    assert 0 < linear.V.abs().max() <= 1 / 32**0.5  # the down projection as nn.Linear's init
+    mlp = Adapter("mlp", 32, 4)
+    assert torch.all(mlp.W2 == 0) and torch.all(mlp.b2 == 0) and mlp.W1.abs().max() > 0
+    x = torch.randn(5, 32)
+    assert torch.equal(linear(x), x) and torch.equal(mlp(x), x)

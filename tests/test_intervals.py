@@ -1,0 +1,81 @@
+"""Paired bootstrap intervals over held-out sequences, and the CE-gap fraction when undefined."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import make_sae, random_tokens, tiny_model
+
+from sae_lens_kl import HeldOutEvaluator, kl_finetune
+from sae_lens_kl.intervals import fraction_closed, paired_intervals
+
+SEQ = 16
+DATA = random_tokens(60, seq=SEQ)
+
+
+@pytest.fixture(scope="module")
+def evaluated():
+    model = tiny_model()
+    evaluator = HeldOutEvaluator(
+        model, DATA[:12], batch_size=5, special_token_ids=[], exclude_first_positions=1, chunk_tokens=16
+    )
+    sae = make_sae("topk")
+    options = {
+        "tokens": 8 * 4 * SEQ,
+        "batch_size": 4,
+        "kl_chunk_tokens": 16,
+        "lr": 2e-3,
+        "evaluator": evaluator,
+    }
+    tuned = kl_finetune(sae, model, DATA[12:], **options)
+    control = kl_finetune(sae, model, DATA[12:], loss="mse", **options)
+    return evaluator(sae), evaluator(tuned), evaluator(control)
+
+
+def test_per_sequence_sums_add_up_to_the_reported_means(evaluated) -> None:
+    for result in evaluated:
+        sums = {
+            name: torch.tensor(values, dtype=torch.float64) for name, values in result.per_sequence.items()
+        }
+        assert len(sums["n_tokens"]) == 12 and sums["n_tokens"].sum() == 12 * (SEQ - 2)  # CE rows: 16-1-1
+        # the same float64 terms summed in another order: relative rounding ~ n * 2^-53
+        for name in ("ce_clean", "ce_spliced"):
+            assert sums[name].sum() / sums["n_tokens"].sum() == pytest.approx(
+                getattr(result, name), rel=1e-12
+            )
+
+
+def test_intervals_hold_the_point_estimate_and_vanish_for_identical_runs(evaluated) -> None:
+    before, tuned, control = evaluated
+    intervals = paired_intervals(before, {"kl+mse": tuned, "mse": control, "same": tuned}, control="mse")
+    low, high = intervals["fraction_ce_gap_closed"]["kl+mse"]
+    assert low < fraction_closed(before, tuned) < high
+    # the difference of a run from an identical one is 0 on every resample: pairing, not noise
+    assert intervals["difference_from_control"]["kl+mse"] != [0.0, 0.0]
+    same = paired_intervals(before, {"a": tuned, "b": tuned}, control="b")
+    assert same["difference_from_control"]["a"] == [0.0, 0.0]
+    assert paired_intervals(before, {"before": before})["fraction_ce_gap_closed"]["before"] == [0.0, 0.0]
+
+
+def test_a_bootstrap_needs_two_sequences_and_paired_runs(evaluated) -> None:
+    before, tuned, _ = evaluated
+    one = dataclasses.replace(before, per_sequence={k: v[:1] for k, v in before.per_sequence.items()})
+    with pytest.raises(ValueError, match="at least 2 of them; this evaluation has 1"):
+        paired_intervals(one, {"after": tuned})
+    shifted = dataclasses.replace(
+        tuned, per_sequence={k: v[1:] + v[:1] for k, v in tuned.per_sequence.items()}
+    )
+    with pytest.raises(ValueError, match="evaluated on other sequences"):
+        paired_intervals(before, {"after": shifted})
+
+
+def test_the_fraction_closed_is_undefined_when_there_is_no_gap(evaluated) -> None:
+    from sae_lens_kl.report import _fraction_cell
+
+    before, tuned, _ = evaluated
+    no_gap = dataclasses.replace(before, ce_spliced=before.ce_clean - 0.01, ce_gap=-0.01)
+    assert fraction_closed(no_gap, tuned) is None
+    report = {"fraction_ce_gap_closed": None, "fraction_ce_gap_closed_note": "undefined: ..."}
+    assert _fraction_cell(report) == "undefined (starting gap ≤ 0)"
