@@ -86,6 +86,13 @@ class KLFinetuneConfig:
     input, so the spliced pass runs from the embedding and the frozen SAE encodes the adapted
     activation)."""
 
+    decoder_unit_norm: bool | None = None
+    """Keep every decoder row (W_dec[i]) at unit norm: each step removes the gradient's component
+    along the row before the optimizer step and renormalises the rows after it, as the paper's
+    code does in its full fine-tune (remove_gradient_parallel_to_decoder_directions,
+    set_decoder_norm_to_unit_norm). None: on when the SAE trains and its decoder rows start at
+    unit norm (within 1e-4), off otherwise (an SAE whose rows carry scale would change)."""
+
     lr: float = 5e-5
     """Adam learning rate, decayed linearly to 0 over the fine-tune. 5e-5 is the paper's value for
     ~12k steps; short runs need a larger one (see README)."""

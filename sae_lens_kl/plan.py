@@ -281,6 +281,7 @@ def make_plan(
     # Everything downstream (trainer, checkpoints, reports) sees the resolved values.
     cfg = dataclasses.replace(
         cfg,
+        decoder_unit_norm=_decoder_unit_norm(sae, cfg),
         context_size=context_size,
         prepend_bos=cache_bos
         if cache_bos is not None
@@ -387,6 +388,27 @@ def _check_token_ids(tokens: torch.Tensor, model: HookedRootModule) -> None:
             f"Token ids must lie in [0, {d_vocab}) for this model; the data holds ids from "
             f"{int(tokens.min())} to {int(tokens.max())}. Tokenize with the model's tokenizer."
         )
+
+
+def _decoder_unit_norm(sae: SAE[Any], cfg: KLFinetuneConfig) -> bool:
+    """Whether the fine-tune keeps decoder rows at unit norm (see KLFinetuneConfig)."""
+    norms = sae.W_dec.detach().double().norm(dim=-1)
+    unit = bool(((norms - 1).abs() <= 1e-4).all())
+    trains_rows = cfg.trains_sae and cfg.sae_lora_rank is None
+    if cfg.decoder_unit_norm is None:
+        return unit and trains_rows
+    if cfg.decoder_unit_norm and not trains_rows:
+        raise ValueError(
+            "decoder_unit_norm=True needs the SAE's decoder itself to train (not an adapter, LoRA on "
+            "the LM or LoRA on the SAE, as in the paper's code); leave it unset."
+        )
+    if cfg.decoder_unit_norm and not unit:
+        raise ValueError(
+            f"decoder_unit_norm=True, but the SAE's decoder rows have norms from {norms.min():.4g} to "
+            f"{norms.max():.4g}: renormalising them would change what the SAE computes. Fold the norms "
+            "into the encoder first (SAELens's fold_W_dec_norm) or leave decoder_unit_norm unset."
+        )
+    return cfg.decoder_unit_norm
 
 
 def _check_tensor_budget(

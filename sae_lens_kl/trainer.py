@@ -107,6 +107,19 @@ def recorded_hooks(objective: Objective) -> tuple[str, ...]:
     return tuple(dict.fromkeys(hook for term in objective.terms for hook in term.hooks))
 
 
+@torch.no_grad()
+def remove_gradient_along_rows(weight: torch.Tensor) -> None:
+    """Drop the component of each row's gradient along the (unit) row: a step then turns rows
+    rather than scaling them."""
+    if weight.grad is not None:
+        weight.grad -= (weight.grad * weight).sum(-1, keepdim=True) * weight
+
+
+@torch.no_grad()
+def normalise_rows(weight: torch.Tensor) -> None:
+    weight /= weight.norm(dim=-1, keepdim=True)
+
+
 class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
     """SAELens's trainer whose data provider yields one `CleanRun` per token batch and whose step
     splices the `replacement`'s output in and minimises the `objective`."""
@@ -239,9 +252,13 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         self._record_firing(firing, len(rows))
         loss.backward()
         self.parallel.sum_gradients(self.trained_parameters())
+        if cfg.decoder_unit_norm:
+            remove_gradient_along_rows(sae.W_dec)
         torch.nn.utils.clip_grad_norm_(self.trained_parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad()
+        if cfg.decoder_unit_norm:
+            normalise_rows(sae.W_dec)
         self.parallel.broadcast_buffers(sae)
         self._advance_schedules(numbers["l0"])
         return self._step_output(out, loss, values, numbers)

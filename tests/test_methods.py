@@ -278,3 +278,30 @@ def test_lora_on_the_sae_is_pefts_lora_of_the_same_linear_map() -> None:
         magnitude = original.abs() + update.scale * (update.A.double().abs() @ update.B.double().abs())
         bound = 4 * 2**-24 * (inputs.abs() @ magnitude)
         assert torch.all((ours - theirs).abs() <= bound), name
+
+
+def unit_rows(sae):
+    with torch.no_grad():
+        sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True)
+    return sae
+
+
+def test_decoder_rows_stay_at_unit_norm_as_in_the_papers_fine_tune() -> None:
+    options = {"tokens": 4 * 4 * SEQ, "batch_size": 4, "eval_tokens": 0, "lr": 1e-2, "kl_chunk_tokens": 16}
+    kept = kl_finetune(unit_rows(make_sae("topk")), tiny_model(), DATA, **options)  # default: on
+    assert kept.cfg.metadata.kl_finetune["config"]["decoder_unit_norm"] is True
+    # one division per row: |norm - 1| within a few float32 roundings of the d_in-term norm
+    assert torch.allclose(
+        kept.W_dec.double().norm(dim=-1), torch.ones(96, dtype=torch.float64), atol=32 * 2**-24
+    )
+    free = kl_finetune(unit_rows(make_sae("topk")), tiny_model(), DATA, decoder_unit_norm=False, **options)
+    assert (free.W_dec.double().norm(dim=-1) - 1).abs().max() > 1e-3  # without it, rows scale
+    assert not torch.allclose(kept.W_dec, unit_rows(make_sae("topk")).W_dec)  # they did turn
+    with pytest.raises(ValueError, match="renormalising them would change what the SAE computes"):
+        kl_finetune(make_sae("topk"), tiny_model(), DATA, decoder_unit_norm=True, **options)
+    assert (
+        kl_finetune(make_sae("topk"), tiny_model(), DATA, **options).cfg.metadata.kl_finetune["config"][
+            "decoder_unit_norm"
+        ]
+        is False
+    )  # rows that carry scale: off by default
