@@ -330,9 +330,11 @@ class Objective(Protocol):
     def terms(self) -> tuple[LossTerm, ...]: ...
 
     def combine(
-        self, values: Mapping[str, torch.Tensor], aux: torch.Tensor
+        self, values: Mapping[str, torch.Tensor], aux: torch.Tensor, sae_mse: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(loss, alpha): alpha is the balancing factor when the objective has one, else None."""
+        """(loss, alpha): alpha is the balancing factor when the objective has one, else None.
+        `sae_mse`: the SAE's own MSE at its hook (SAELens's mse_loss), the scale `aux` was made
+        for."""
         ...
 
 
@@ -349,7 +351,10 @@ class BalancedKLMSE:
         return (self.mse, self.kl)
 
     def combine(
-        self, values: Mapping[str, torch.Tensor], aux: torch.Tensor
+        self,
+        values: Mapping[str, torch.Tensor],
+        aux: torch.Tensor,
+        sae_mse: torch.Tensor | None = None,  # noqa: ARG002 (aux stays on the MSE's scale here)
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         mse, kl = values[self.mse.name], values[self.kl.name]
         alpha = (mse / (kl + ALPHA_EPS)).detach()
@@ -358,17 +363,26 @@ class BalancedKLMSE:
 
 @dataclass(frozen=True)
 class WeightedSum:
-    """sum of weight * term, + aux."""
+    """sum of weight * term, + aux; with `aux_on_kl_scale` (objectives without an MSE term at
+    the SAE's hook), aux * (kl / sae_mse).detach(): SAELens makes its aux-k and L1 losses for
+    MSE training, where their coefficient sets their weight against the MSE; mapped onto the KL's
+    scale by the ratio the balancing alpha uses, they keep that weight against the KL instead of
+    swamping it (a KL of ~0.2 nats beside an MSE-scale aux of ~100s)."""
 
     weighted: tuple[tuple[LossTerm, float], ...]
+    aux_on_kl_scale: bool = False
 
     @property
     def terms(self) -> tuple[LossTerm, ...]:
         return tuple(term for term, _ in self.weighted)
 
     def combine(
-        self, values: Mapping[str, torch.Tensor], aux: torch.Tensor
+        self, values: Mapping[str, torch.Tensor], aux: torch.Tensor, sae_mse: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.aux_on_kl_scale:
+            if sae_mse is None:
+                raise ValueError("This objective scales aux by kl / sae_mse: pass sae_mse.")
+            aux = aux * (values[KLTerm.name] / (sae_mse + ALPHA_EPS)).detach()
         loss = aux
         for term, weight in self.weighted:
             loss = weight * values[term.name] + loss
@@ -384,21 +398,26 @@ def objective_for(
     """The objective of a `KLFinetuneConfig.loss` name:
 
     kl+mse:        0.5 * (mse + alpha * kl) + aux, alpha = (mse / (kl + 1e-8)).detach()
-    kl:            kl + aux
+    kl:            kl + aux'
     mse:           mse + aux
     kl+mse-fixed:  mse + kl_coefficient * kl + aux
-    e2e:           kl_coefficient * kl + aux
-    e2e+ds:        kl_coefficient * kl + downstream_coefficient * downstream_mse + aux
-    `aux` is the architecture's own sparsity/auxiliary loss, kept as SAELens computes it.
+    e2e:           kl_coefficient * kl + aux'
+    e2e+ds:        kl_coefficient * kl + downstream_coefficient * downstream_mse + aux'
+    `aux` is the architecture's own sparsity/auxiliary loss as SAELens computes it, on the MSE's
+    scale; aux' = aux * (kl / sae_mse).detach() puts it on the KL's where no MSE term is minimised.
     """
     objectives: dict[str, Callable[[], Objective]] = {
         "kl+mse": BalancedKLMSE,
-        "kl": lambda: WeightedSum(((KLTerm(), 1.0),)),
+        "kl": lambda: WeightedSum(((KLTerm(), 1.0),), aux_on_kl_scale=True),
         "mse": lambda: WeightedSum(((HookMSETerm(), 1.0),)),
         "kl+mse-fixed": lambda: WeightedSum(((HookMSETerm(), 1.0), (KLTerm(), kl_coefficient))),
-        "e2e": lambda: WeightedSum(((KLTerm(), kl_coefficient),)),
+        "e2e": lambda: WeightedSum(((KLTerm(), kl_coefficient),), aux_on_kl_scale=True),
         "e2e+ds": lambda: WeightedSum(
-            ((KLTerm(), kl_coefficient), (DownstreamMSETerm(tuple(downstream_hooks)), downstream_coefficient))
+            (
+                (KLTerm(), kl_coefficient),
+                (DownstreamMSETerm(tuple(downstream_hooks)), downstream_coefficient),
+            ),
+            aux_on_kl_scale=True,
         ),
     }
     return objectives[loss]()
@@ -418,4 +437,4 @@ def combine_losses(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The objective `mode` (see `objective_for`) of given MSE and KL values, and its alpha."""
     values = {"mse": mse} if kl is None else {"mse": mse, "kl": kl}
-    return objective_for(mode, kl_coefficient).combine(values, aux)
+    return objective_for(mode, kl_coefficient).combine(values, aux, mse)

@@ -242,11 +242,12 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         )
         values = {term.name: term(tensors) for term in self.objective.terms}
         firing = _firing_counts(out.feature_acts)
-        local = {**values, "aux": out.loss - out.losses["mse_loss"], "l0": firing.sum() / len(rows)}
+        sae_mse = out.losses["mse_loss"]
+        local = {**values, "aux": out.loss - sae_mse, "sae_mse": sae_mse, "l0": firing.sum() / len(rows)}
         # means over every rank's rows (a single process: unchanged)
         means = self.parallel.global_means(local, len(rows))
         values = {name: means[name] for name in values}
-        loss, alpha = self.objective.combine(values, means["aux"])
+        loss, alpha = self.objective.combine(values, means["aux"], means["sae_mse"])
         numbers = self._checked_numbers(loss=loss, kl=values.get("kl"), alpha=alpha, l0=means["l0"])
 
         self._record_firing(firing, len(rows))

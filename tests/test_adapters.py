@@ -33,7 +33,7 @@ def test_an_adapter_starts_as_the_identity(kind: str) -> None:
     assert attached(sae) is adapter
     assert torch.equal(sae(x), plain)  # the zero-initialised part makes f(x) exactly 0
     with torch.no_grad():
-        next(p for n, p in adapter.named_parameters() if n in ("V", "W2")).normal_()
+        next(p for n, p in adapter.named_parameters() if n in ("U", "W2")).normal_()
     assert not torch.equal(sae(x), plain)
     adapter.detach(sae)
     assert attached(sae) is None and torch.equal(sae(x), plain)

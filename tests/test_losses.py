@@ -200,6 +200,16 @@ def test_alpha_makes_the_loss_equal_the_mse() -> None:
 def test_loss_modes() -> None:
     mse, kl, aux = torch.tensor(2.0), torch.tensor(0.5), torch.tensor(0.25)
     assert combine_losses("mse", mse, None, aux, 1.0)[0].item() == pytest.approx(2.25)
-    assert combine_losses("kl", mse, kl, aux, 1.0)[0].item() == pytest.approx(0.75)
+    # no MSE term: aux, made for the MSE's scale, is put on the KL's (x kl / mse)
+    assert combine_losses("kl", mse, kl, aux, 1.0)[0].item() == pytest.approx(0.5 + 0.25 * 0.5 / 2.0)
     assert combine_losses("kl+mse-fixed", mse, kl, aux, 4.0)[0].item() == pytest.approx(4.25)
     assert combine_losses("kl+mse", mse, kl, aux, 1.0)[0].item() == pytest.approx(2.25, rel=1e-6)
+
+
+def test_an_mse_scale_aux_loss_cannot_swamp_the_kl() -> None:
+    # an aux-k loss of an SAE whose MSE is ~1,800 (SmolLM2's residual) beside a KL of 0.2 nats
+    mse, kl, aux = torch.tensor(1800.0), torch.tensor(0.2), torch.tensor(60.0)
+    for mode in ("kl", "e2e"):
+        loss, _ = combine_losses(mode, mse, kl, aux, 1.0)
+        assert loss.item() == pytest.approx(0.2 * (1 + 60.0 / 1800.0))  # aux keeps its 1/30 of the fit term
+    assert combine_losses("mse", mse, kl, aux, 1.0)[0].item() == pytest.approx(1860.0)  # unchanged

@@ -76,6 +76,7 @@ def test_kl_and_downstream_terms_equal_braun_et_al(braun_losses) -> None:
     loss, _ = objective_for("e2e+ds", 0.5, hooks, 2.5).combine(
         {"kl": KLTerm()(tensors), "downstream_mse": DownstreamMSETerm(hooks)(tensors)},
         torch.zeros((), dtype=torch.float64),
+        sae_mse=torch.ones((), dtype=torch.float64),
     )
     torch.testing.assert_close(loss, 0.5 * theirs_kl + theirs_ds, rtol=1e-12, atol=0)
 
