@@ -188,6 +188,9 @@ class HeldOutEvaluator:
         self._clean: dict[tuple[HookSite, HookSite], list[_CleanPass]] = {}
         self._too_big: set[tuple[HookSite, HookSite]] = set()
         self._results: dict[tuple[str, ...], EvalResult] = {}
+        self.last: EvalResult | None = None
+        """The most recent evaluation's result (per-sequence sums included), for a caller whose
+        fine-tune evaluated its result inside `kl_finetune` (paired intervals across runs)."""
 
     @classmethod
     def for_data(
@@ -293,7 +296,8 @@ class HeldOutEvaluator:
         site, write = sae_sites(model, sae)
         result_key = self._result_key(sae, (site, write), spliced_hooks)
         if result_key in self._results:
-            return self._results[result_key].copy()  # type: ignore[index]
+            self.last = self._results[result_key].copy()  # type: ignore[index]
+            return self.last.copy()
         reuse = self.prefix_reuse and supports_prefix_reuse(model, site)
         projection = VocabProjection.for_run(model, reuse)
         device = next(model.parameters()).device
@@ -417,6 +421,7 @@ class HeldOutEvaluator:
         )
         if result_key is not None:
             self._results[result_key] = result.copy()
+        self.last = result.copy()
         return result
 
 

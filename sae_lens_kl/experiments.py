@@ -18,6 +18,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from sae_lens_kl.api import kl_finetune
+from sae_lens_kl.evaluation import EvalResult
+from sae_lens_kl.intervals import fraction_closed, paired_intervals
 from sae_lens_kl.lm_lora import lm_lora_targets
 from sae_lens_kl.report import save_figure
 from sae_lens_kl.staging import write_file
@@ -36,6 +38,10 @@ class Arm:
     kl_fraction: float | None = None
     """Train from scratch instead: MSE for (1 - kl_fraction) of the MSE phase's + the KL phase's
     tokens, then the first stage's objective on the rest (1.0: end to end)."""
+    split_budget: bool = False
+    """The stages share the KL tokens (stage i trains on the i-th equal part) instead of each
+    training on all of them: a two-stage arm at the same budget as the others (the paper's code
+    switches from the SAE to the adapter halfway)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +66,11 @@ EXPERIMENTS: dict[str, Experiment] = {
             Arm("SAE fine-tune"),
             Arm("linear adapter", ({"adapter": "linear"},)),
             Arm("MLP adapter", ({"adapter": "mlp"},)),
-            Arm("two-stage: fine-tune, then linear adapter", ({}, {"adapter": "linear"})),
+            Arm(
+                "two-stage: fine-tune, then linear adapter (half the tokens each)",
+                ({}, {"adapter": "linear"}),
+                split_budget=True,
+            ),
         ),
     ),
     "C": Experiment(
@@ -73,11 +83,12 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
     ),
     "D": Experiment(
-        "Fig. 3: SAE fine-tune vs LoRA on the LM after the SAE or on all layers (SAE frozen), KL loss",
+        "Fig. 3: SAE fine-tune (KL+MSE) vs LoRA on the LM after the SAE or on all layers (SAE frozen, "
+        "KL loss, Chen et al.'s)",
         "The SAE fine-tune is slightly better than LoRA on the whole model; LoRA on the layers after "
         "the SAE only is much weaker.",
         (
-            Arm("SAE fine-tune (KL)", ({"loss": "kl"},)),
+            Arm("SAE fine-tune (KL+MSE)"),
             Arm("LoRA on the LM after the SAE, rank 16 (KL)", ({"lm_lora_rank": 16, "loss": "kl"},)),
             Arm(
                 "LoRA on all LM layers, rank 16 (KL)",
@@ -91,9 +102,10 @@ EXPERIMENTS: dict[str, Experiment] = {
         (Arm("TopK", start="topk"), Arm("ReLU (L1, controller on)", start="standard")),
     ),
     "F": Experiment(
-        "Fig. 1 (Braun et al.): end to end vs MSE then a 5 % KL+MSE phase vs e2e+ds, equal total tokens",
-        "End-to-end training reaches a lower CE gap at equal L0 but costs far more compute; a short "
-        "KL+MSE phase after MSE training gets much of it.",
+        "Fig. 1 (Braun et al.): end to end vs MSE then a 5 % KL+MSE phase vs e2e+ds, equal total "
+        "tokens, one lr (the MSE phase's) and the same batches for every arm",
+        "The short KL+MSE fine-tune at the end of MSE training matches or exceeds full end-to-end "
+        "training on CE at about half the wall-clock time.",
         (
             Arm("MSE, then 5 % KL+MSE", kl_fraction=0.05),
             Arm("end to end, KL+MSE", kl_fraction=1.0),
@@ -107,13 +119,17 @@ def run_experiment(name: str, setup: Any, mse_sae_for: Any, out: Path, *, overwr
     """Run every arm of experiment `name` on the demo `setup` (commands.DemoSetup); `mse_sae_for`
     maps an architecture to the cached MSE-phase SAE. Writes experiment.json/.md/.png in `out`."""
     experiment = EXPERIMENTS[name]
-    rows, reports = [], {}
+    rows, reports, afters = [], {}, {}
     for arm in experiment.arms:
         print(f"[{name}] {arm.name}")
         started = time.perf_counter()
         arm_reports = _run_arm(arm, setup, mse_sae_for, out / _slug(arm.name), overwrite)
         reports[arm.name] = arm_reports
         rows.append(_row(arm.name, arm_reports, time.perf_counter() - started))
+        # the arm's result as its last stage evaluated it (with LoRA on the LM or an adapter)
+        afters[arm.name] = None if setup.evaluator is None else setup.evaluator.last
+    if setup.evaluator is not None:
+        _add_intervals(experiment, rows, afters, setup, mse_sae_for)
     result = {
         "experiment": name,
         "title": experiment.title,
@@ -135,16 +151,50 @@ def run_experiment(name: str, setup: Any, mse_sae_for: Any, out: Path, *, overwr
     return result
 
 
+def _add_intervals(
+    experiment: Experiment,
+    rows: list[dict[str, Any]],
+    afters: Mapping[str, EvalResult | None],
+    setup: Any,
+    mse_sae_for: Any,
+) -> None:
+    """Each arm's fraction of the CE gap closed against the MSE-phase SAE it starts from (for
+    arms trained from scratch: the demo's MSE-phase SAE of their architecture, a common baseline),
+    with its 95 % paired bootstrap interval, and each arm's paired difference from the first arm
+    of the same start (the paper's method), all on the same held-out sequences."""
+    by_start: dict[str, list[str]] = {}
+    for arm in experiment.arms:
+        by_start.setdefault(arm.start, []).append(arm.name)
+    row_of = {row["arm"]: row for row in rows}
+    for start, names in by_start.items():
+        before = setup.evaluator(mse_sae_for(start))
+        runs = {name: afters[name] for name in names if afters[name] is not None}
+        intervals = paired_intervals(before, runs, control=names[0] if len(runs) > 1 else None)  # type: ignore[arg-type]
+        for name, after in runs.items():
+            row = row_of[name]
+            row["ce_gap_before"] = before.ce_gap
+            row["fraction_of_ce_gap_closed"] = fraction_closed(before, after)  # type: ignore[arg-type]
+            row["fraction_interval"] = intervals["fraction_ce_gap_closed"][name]
+            if name != names[0] and "difference_from_control" in intervals:
+                row["difference_from_first_arm"] = intervals["difference_from_control"][name]
+
+
 def _run_arm(arm: Arm, setup: Any, mse_sae_for: Any, folder: Path, overwrite: bool) -> list[dict[str, Any]]:
     """The kl_finetune report of each stage."""
     if arm.kl_fraction is not None:
         total = setup.runner_cfg.training_tokens + setup.kl_tokens
+        runner_cfg = setup.runner_config_for(arm.start, total)
+        # one lr and the same batches as the MSE phase for every arm (Braun et al.'s comparison)
+        same_steps = {
+            "lr": runner_cfg.lr,
+            "batch_size": runner_cfg.train_batch_size_tokens // runner_cfg.context_size,
+        }
         # at least one KL step (a quick run's 5 % can be less than a batch)
-        one_step = setup.options["batch_size"] * setup.runner_cfg.context_size
+        one_step = same_steps["batch_size"] * runner_cfg.context_size
         fraction = max(arm.kl_fraction, one_step / total)
         mse_tokens = total - round(total * fraction)
         result = train_with_kl_phase(
-            setup.runner_config_for(arm.start, total),
+            runner_cfg,
             setup.model,
             setup.train_data,
             kl_fraction=fraction,
@@ -152,7 +202,7 @@ def _run_arm(arm: Arm, setup: Any, mse_sae_for: Any, folder: Path, overwrite: bo
             mse_sae=mse_sae_for(arm.start, mse_tokens) if mse_tokens else None,
             overwrite=overwrite,
             **setup.held_out(),
-            **{**setup.options, **arm.stages[0]},
+            **{**setup.options, **same_steps, **arm.stages[0]},
         )
         return [result.sae.cfg.metadata.kl_finetune]
     sae = mse_sae_for(arm.start)
@@ -161,13 +211,14 @@ def _run_arm(arm: Arm, setup: Any, mse_sae_for: Any, folder: Path, overwrite: bo
         runner_cfg, setup.model, setup.train_data, runner_cfg.training_tokens, setup.kl_tokens
     )
     reports = []
-    for index, stage in enumerate(arm.stages):
+    parts = kl_data.chunk(len(arm.stages)) if arm.split_budget else [kl_data] * len(arm.stages)
+    for index, (stage, stage_data) in enumerate(zip(arm.stages, parts, strict=True)):
         options = _fitted({**setup.options, **stage}, sae, setup.model)
         sae = kl_finetune(
             sae,
             setup.model,
-            kl_data,
-            tokens=len(kl_data) * kl_data.shape[1],
+            stage_data,
+            tokens=len(stage_data) * stage_data.shape[1],
             **setup.held_out(),
             save_dir=folder if len(arm.stages) == 1 else folder / f"stage_{index + 1}",
             overwrite=overwrite,
@@ -200,7 +251,11 @@ def _row(name: str, reports: list[dict[str, Any]], seconds: float) -> dict[str, 
         "arm": name,
         "ce_gap_before": first["ce_gap"],
         "ce_gap": last["ce_gap"],
-        "fraction_of_ce_gap_closed": (first["ce_gap"] - last["ce_gap"]) / first["ce_gap"],
+        "fraction_of_ce_gap_closed": (first["ce_gap"] - last["ce_gap"]) / first["ce_gap"]
+        if first["ce_gap"] > 0
+        else None,
+        "fraction_interval": None,
+        "difference_from_first_arm": None,
         "kl": last["kl"],
         "mse_before": first["mse"],
         "mse": last["mse"],
@@ -218,6 +273,8 @@ COLUMNS = (
     ("ce_gap_before", "CE gap before"),
     ("ce_gap", "CE gap after"),
     ("fraction_of_ce_gap_closed", "CE gap closed"),
+    ("fraction_interval", "95 % interval"),
+    ("difference_from_first_arm", "minus the first arm, 95 %"),
     ("kl", "KL after"),
     ("mse_before", "MSE before"),
     ("mse", "MSE after"),
@@ -262,7 +319,16 @@ def _figure(result: Mapping[str, Any], path: Path) -> None:
         panels.append(("decoder_cosine_p50", "decoder cos p50 (vs start)"))
     fig = Figure(figsize=(4 * len(panels), 3.6))
     for axis, (key, label) in zip(fig.subplots(1, len(panels)), panels, strict=True):
-        axis.bar(range(len(rows)), [row[key] or 0 for row in rows])
+        values = [row[key] or 0 for row in rows]
+        errors = None
+        if key == "fraction_of_ce_gap_closed" and all(row.get("fraction_interval") for row in rows):
+            # the paired bootstrap interval as asymmetric error bars
+            errors = [
+                [value - row["fraction_interval"][0] for value, row in zip(values, rows, strict=True)],
+                [row["fraction_interval"][1] - value for value, row in zip(values, rows, strict=True)],
+            ]
+            label += " (95 % interval)"
+        axis.bar(range(len(rows)), values, yerr=errors, capsize=3)
         axis.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)
         axis.set_title(label)
     fig.suptitle(f"Experiment {result['experiment']}")
@@ -279,4 +345,6 @@ def _fmt(value: Any) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list) and len(value) == 2:  # an interval
+        return f"[{value[0]:+.3f}, {value[1]:+.3f}]"
     return str(value)

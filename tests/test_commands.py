@@ -137,7 +137,13 @@ def test_each_experiment_at_a_tiny_size(
         reports = result["reports"][arm.name]
         assert len(reports) == len(arm.stages) and row["train_seconds"] > 0
         if arm.kl_fraction is None:  # every arm from the same MSE-phase SAE of its architecture
-            assert reports[0]["training_tokens"] == 2 * 8 * 32
+            share = len(arm.stages) if arm.split_budget else 1  # a two-stage arm splits the budget
+            assert reports[0]["training_tokens"] == 2 * 8 * 32 // share
+        if row["fraction_of_ce_gap_closed"] is not None:  # (a tiny random model may have no gap)
+            low, high = row["fraction_interval"]  # paired, on the shared held-out sequences
+            assert low <= row["fraction_of_ce_gap_closed"] <= high
+        else:
+            assert row["ce_gap_before"] <= 0
     befores = {
         json.dumps(result["reports"][a.name][0]["before"])
         for a in arms
