@@ -267,3 +267,17 @@ def clean_and_spliced_at(
             ],
         )
     return dict(clean.items()), spliced
+
+
+class Crash(RuntimeError):
+    """What `crash_at` raises: a run stopped in the middle, as a kill would stop it."""
+
+
+def crash_at(step: int) -> Any:
+    """A kl_finetune callback that stops the run after its `step`-th step."""
+
+    def callback(trainer: Any, output: Any) -> None:  # noqa: ARG001
+        if trainer.n_training_steps == step:
+            raise Crash(f"killed at step {step}")
+
+    return callback

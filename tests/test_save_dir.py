@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_sae, random_tokens, tiny_model
+from conftest import Crash, crash_at, make_sae, random_tokens, tiny_model
 from sae_lens import SAE
 
 from sae_lens_kl import kl_finetune
@@ -80,18 +80,6 @@ DATA = random_tokens(60, seq=SEQ)
 STEP_TOKENS = 4 * SEQ
 FAST = {"eval_tokens": 8 * SEQ, "batch_size": 4, "kl_chunk_tokens": 16, "lr": 2e-3, "tokens": 4 * STEP_TOKENS}
 EVERY = {"checkpoint_every_tokens": STEP_TOKENS}
-
-
-class Crash(RuntimeError):
-    pass
-
-
-def crash_at(step: int):
-    def callback(trainer: Any, output: Any) -> None:  # noqa: ARG001
-        if trainer.n_training_steps == step:
-            raise Crash(f"killed at step {step}")
-
-    return callback
 
 
 def finetune(sae: Any = None, **options: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_sae, random_tokens, tiny_model
+from conftest import Crash, crash_at, make_sae, random_tokens, tiny_model
 
 from sae_lens_kl import DataError, KLFinetuneTrainer, NonFiniteLossError, kl_finetune
 from sae_lens_kl.save_dir import MANIFEST_FILENAME
@@ -28,18 +28,6 @@ def finetune(sae=None, data=DATA, **options: Any):
         data,
         **{"tokens": 4 * STEP_TOKENS, **FAST, **options},
     )
-
-
-class Crash(RuntimeError):
-    pass
-
-
-def crash_at(step: int):
-    def callback(trainer: KLFinetuneTrainer, output: Any) -> None:  # noqa: ARG001
-        if trainer.n_training_steps == step:
-            raise Crash(f"killed at step {step}")
-
-    return callback
 
 
 @pytest.mark.parametrize(
