@@ -93,6 +93,20 @@ def _read_config_file(parser: argparse.ArgumentParser, path: str) -> dict[str, A
     return {key.replace("-", "_"): value for key, value in values.items()}
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -193,6 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
         "d_sae 1152) instead of the demo's.",
     )
     _demo_sizes(experiment)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="The KL phase's lr x steps sweep: KL+MSE vs its MSE-only control per cell, with intervals.",
+        description="From the demo's MSE-phase SAE (its size flags apply), runs KL+MSE and the "
+        "MSE-only control at every lr and step count on the same tokens, evaluates both on the same "
+        "held-out sequences and writes sweep.json/.md/.png with paired 95 %% intervals.",
+    )
+    _common(sweep)
+    sweep.add_argument(
+        "--lrs", type=_floats, default=[5e-5, 1e-4, 2e-4, 5e-4], help="Comma-separated KL-phase lrs."
+    )
+    sweep.add_argument("--steps", type=_ints, default=[24, 48, 96], help="Comma-separated step counts.")
+    sweep.add_argument("--out", default="sae_lens_kl_sweep", help="Output folder (default: %(default)s).")
+    sweep.add_argument("--overwrite", action="store_true", help="Replace an existing output folder's files.")
+    sweep.add_argument("--quick", action="store_true", help="The experiments' minutes-long size.")
+    _demo_sizes(sweep)
 
     finetune = sub.add_parser(
         "finetune",
@@ -529,6 +560,7 @@ def _run(args: argparse.Namespace) -> None:
         "cache": commands.cache,
         "eval": commands.evaluate,
         "experiment": commands.experiment,
+        "sweep": commands.sweep,
         "circuits": commands.circuits,
         "saebench": commands.saebench,
     }[args.command]

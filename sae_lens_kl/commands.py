@@ -361,6 +361,23 @@ def experiment(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'experiment.json'}, {out / 'experiment.md'}, {out / 'experiment.png'}")
 
 
+def sweep(args: argparse.Namespace) -> None:
+    from sae_lens_kl.sweep import run_sweep
+
+    if any(lr <= 0 for lr in args.lrs) or any(n < 1 for n in args.steps):
+        raise SystemExit(f"--lrs {args.lrs} must be > 0 and --steps {args.steps} >= 1.")
+    out = _check_out(args.out, args.overwrite)
+    assert out is not None
+    setup = demo_setup(args, quick=args.quick)
+    mse_sae, cached = cached_mse_sae(setup.runner_cfg, setup.model, setup.train_data)
+    print(
+        f"MSE phase {'read from cache' if cached else 'trained and cached'}; "
+        f"sweeping lrs {args.lrs} x steps {args.steps}"
+    )
+    run_sweep(setup, mse_sae, args.lrs, args.steps, out, overwrite=args.overwrite)
+    print((out / "sweep.md").read_text())
+
+
 def _text_or_corpus(data: str | None, eval_data: str | None) -> tuple[Any, Any]:
     """(training, held-out) text: the given ones, the Django docs corpus for those not given."""
     if data is not None and eval_data is not None:

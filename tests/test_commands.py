@@ -150,3 +150,20 @@ def test_each_experiment_at_a_tiny_size(
         if a.kl_fraction is None and a.start == "topk"
     }
     assert len(befores) <= 1
+
+
+def test_the_sweep_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path, Path], tmp_path) -> None:
+    train_text, eval_text = text_folders
+    args = ["sweep", "--model", str(tiny_lm_folder), "--hook", "blocks.1.hook_resid_pre", "--quick"]
+    args += ["--d-sae", "64", "--k", "4", "--context-size", "32", "--mse-tokens", "2048"]
+    args += ["--eval-tokens", "256", "--data", str(train_text), "--eval-data", str(eval_text)]
+    assert main([*args, "--lrs", "1e-3,1e-2", "--steps", "1,2", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert [(c["lr"], c["steps"]) for c in result["cells"]] == [(1e-3, 1), (1e-3, 2), (1e-2, 1), (1e-2, 2)]
+    for cell in result["cells"]:
+        assert cell["kl_tokens"] == cell["steps"] * 8 * 32
+        for arm in ("KL+MSE", "MSE-only"):
+            assert cell[arm]["dead_latents"] >= 0 and cell[arm]["wall_seconds"] > 0
+    assert (tmp_path / "out" / "sweep.md").is_file() and (tmp_path / "out" / "sweep.png").is_file()
+    code = main([*args, "--lrs", "0", "--out", str(tmp_path / "bad")])
+    assert code == 2 and not (tmp_path / "bad").exists()
