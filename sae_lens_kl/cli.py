@@ -132,10 +132,11 @@ def _demo_sizes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lr",
         type=float,
-        default=5e-4,
-        help="KL-phase learning rate (default: %(default)s; the paper's 5e-5 is for ~12k steps).",
+        default=2e-4,
+        help="KL-phase learning rate (default: %(default)s, chosen with `sae-lens-kl sweep`; the "
+        "paper's 5e-5 is for ~12k steps).",
     )
-    parser.add_argument("--kl-steps", type=int, help="KL-phase steps of 8 x 128 tokens (default: 24).")
+    parser.add_argument("--kl-steps", type=int, help="KL-phase steps of 8 x 128 tokens (default: 48).")
     parser.add_argument("--mse-tokens", type=int, help="MSE-phase training tokens (default: 184,320).")
     parser.add_argument("--eval-tokens", type=int, help="Held-out evaluation tokens (default: 20,480).")
     sizes = parser.add_argument_group(
@@ -148,7 +149,7 @@ def _demo_sizes(parser: argparse.ArgumentParser) -> None:
         "--hook", default="blocks.15.hook_resid_post", help="Hook point (default: %(default)s)."
     )
     sizes.add_argument("--d-sae", type=int, help="TopK SAE latents (default: 4608).")
-    sizes.add_argument("--k", type=int, default=128, help="TopK k (default: %(default)s).")
+    sizes.add_argument("--k", type=int, default=64, help="TopK k (default: %(default)s).")
     sizes.add_argument(
         "--context-size", type=int, default=128, help="Tokens per sequence (default: %(default)s)."
     )

@@ -177,7 +177,7 @@ class DemoSetup:
 # 0.754 / 159, k=32 0.772 / 287, k=64 0.822 / 25, k=128 (the demo's) 0.869 / 24.
 MSE_LR_DECAY = 0.2
 # The demo's run lengths, and the minutes-long ones of `experiment --quick`.
-DEMO_SIZES = {"mse_tokens": 184_320, "kl_steps": 24, "eval_tokens": 20_480, "d_sae": 4608}
+DEMO_SIZES = {"mse_tokens": 184_320, "kl_steps": 48, "eval_tokens": 20_480, "d_sae": 4608}
 QUICK_SIZES = {"mse_tokens": 16_384, "kl_steps": 4, "eval_tokens": 2_048, "d_sae": 1152}
 
 

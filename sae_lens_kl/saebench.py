@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib
 import inspect
 import json
@@ -312,6 +313,7 @@ def evaluate_saebench(
     device = device or (str(next(iter(saes.values())).W_dec.device) if model is None else model.cfg.device)
 
     table: dict[str, Any] = {
+        "quick": quick,
         "saes": list(saes),
         "hook_name": hook,
         "model_name": None if model is None else model.cfg.model_name,
@@ -419,16 +421,19 @@ def _seed_everything(seed: int) -> None:
 
 @contextlib.contextmanager
 def _caller_rng_kept() -> Iterator[None]:
-    """The evals seed Python's, numpy's and torch's generators; the caller's states come back."""
+    """The evals seed Python's, numpy's and torch's generators and switch grad mode off; the
+    caller's generator states and grad mode come back."""
     import numpy
 
     python_state, numpy_state = random.getstate(), numpy.random.get_state()
+    grad_enabled = torch.is_grad_enabled()
     with torch.random.fork_rng(devices=[]):
         try:
             yield
         finally:
             random.setstate(python_state)
             numpy.random.set_state(numpy_state)
+            torch.set_grad_enabled(grad_enabled)
 
 
 @contextlib.contextmanager
@@ -531,8 +536,16 @@ def _run_absorption(
     served = (
         model if absorption_words is None else _vocabulary_sample(model, absorption_words, config.random_seed)
     )
-    work = (eval_dir / "artifacts").resolve()
+    # probes and caches depend on every setting: a run with other settings gets its own folder
+    settings_key = hashlib.sha256(
+        json.dumps(
+            {**config.__dict__, "vocabulary_words": absorption_words}, sort_keys=True, default=str
+        ).encode()
+    ).hexdigest()[:12]
+    work = (eval_dir / "artifacts" / settings_key).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    # sae-bench 0.6.0's absorption draws from the global generators without seeding them
+    _seed_everything(config.random_seed)
     # sae-bench 0.6.0 keeps absorption's probes and per-SAE caches in its installed package folder
     # (shared by every run, keyed only by model and SAE name) and more under ./artifacts: this run's
     # go in its own folder, and force_rerun keeps a previous run's SAE of the same name from being read.
@@ -676,7 +689,8 @@ def markdown(table: Mapping[str, Any]) -> str:
     first = names[0]
     header = ["eval", "metric", *names, *[f"{n} − {first}" for n in names[1:]]]
     lines = [
-        f"# SAEBench: {', '.join(names)}",
+        f"# SAEBench: {', '.join(names)}"
+        + (" (--quick: a smoke test, not a measurement)" if table.get("quick") else ""),
         "",
         f"Model {table['model_name']}, hook {table['hook_name']}, sae-bench {table['sae_bench_version']}. "
         "Arrows: which way SAEBench counts as better (↑ higher, ↓ lower, · neither).",
@@ -725,14 +739,16 @@ def write_table(table: Mapping[str, Any], out: Path) -> None:
         values = [row[n] for n in shown]
         bars = axis.bar(shown, values, color=[f"C{names.index(n)}" for n in shown])
         axis.bar_label(bars, labels=[f"{v:.4g}" for v in values], fontsize=7)
-        # a fine-tune moves these numbers by a few percent: the axis spans the values, not 0..max
-        low, high = min(values), max(values)
-        pad = (high - low) * 0.6 or abs(high) * 0.05 or 1.0
-        axis.set_ylim(low - pad, high + pad)
+        # from 0 (or the values' sign): a zoomed axis made a change of 0.0006 look like a collapse
+        low, high = min(0.0, *values), max(0.0, *values)
+        pad = (high - low) * 0.15 or 1.0
+        axis.set_ylim(low - (pad if low < 0 else 0), high + (pad if high > 0 else 0))
         axis.set_title(f"{eval_name}\n{label.split('.', 1)[1]}", fontsize=9)
         axis.tick_params(axis="x", labelrotation=20, labelsize=8)
     for axis in axes[len(panels) :]:
         axis.set_visible(False)
+    if table.get("quick"):
+        figure.suptitle("--quick: a smoke test at small sizes, not a measurement", fontsize=10)
     figure.tight_layout()
     with staged_files(out) as staging:
         figure.savefig(staging / "saebench.png", dpi=90)

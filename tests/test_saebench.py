@@ -136,13 +136,16 @@ def test_absorption_on_the_real_model(tmp_path) -> None:
             }
         },
     )
+    assert torch.is_grad_enabled()  # the caller's grad mode came back
     rows = table["evals"]["absorption"]
     fractions = rows["mean.mean_absorption_fraction_score"]
     assert all(0 <= value <= 1 for value in fractions.values())
     assert rows["mean.mean_num_split_features"]["before"] >= 1
     assert any(rows[label]["before"] != rows[label]["after"] for label in rows)
     # SAEBench's probe was trained and tested on the sampled words only
-    probes = tmp_path / "absorption" / "artifacts" / "probes" / model.cfg.model_name / "layer_6"
+    # keyed by the eval's settings: another run with other settings cannot read these probes
+    (settings_folder,) = (tmp_path / "absorption" / "artifacts").iterdir()
+    probes = settings_folder / "probes" / model.cfg.model_name / "layer_6"
     words = sum(len(pandas.read_csv(probes / f"{split}_df.csv")) for split in ("train", "test"))
     assert 400 <= words <= 400 + 26 * 12
     assert table["settings"]["absorption"]["vocabulary_words"] == 400
@@ -177,3 +180,15 @@ def test_a_fine_tune_folder_brings_its_starting_sae(tmp_path) -> None:
     assert table["saes"] == ["before", "after"]
     row = table["evals"]["meta_structure"]["meta_structure.final_reconstruction_mse"]
     assert row["before"] != row["after"]
+
+
+def test_quick_results_are_marked_as_such(tmp_path) -> None:
+    saes = tiny_saes("tiny-text-model", "blocks.1.hook_resid_post")
+    saes = {"before": saes["before"], "after": saes["after"]}
+    table = evaluate_saebench(
+        saes, tiny_text_model(), ["meta_structure"], tmp_path, quick=True, configs={"meta_structure": META}
+    )
+    assert table["quick"] is True and json.loads((tmp_path / "saebench.json").read_text())["quick"] is True
+    assert (
+        "(--quick: a smoke test, not a measurement)" in (tmp_path / "saebench.md").read_text().splitlines()[0]
+    )
