@@ -174,7 +174,7 @@ class DemoSetup:
 
 # The demo's MSE phase decays its lr to 0 over the last 20 % of its steps. Measured with
 # benchmarks/demo_recipe.py (held-out explained variance, dead latents of 4608): k=32 without decay
-# 0.754 / 159, k=32 0.772 / 287, k=64 0.822 / 25, k=128 (the demo's) 0.869 / 24.
+# 0.754 / 159, k=32 0.772 / 287, k=64 (the demo's) 0.822 / 25, k=128 0.869 / 24.
 MSE_LR_DECAY = 0.2
 # The demo's run lengths, and the minutes-long ones of `experiment --quick`.
 DEMO_SIZES = {"mse_tokens": 184_320, "kl_steps": 48, "eval_tokens": 20_480, "d_sae": 4608}

@@ -28,6 +28,7 @@ def evaluated():
         "kl_chunk_tokens": 16,
         "lr": 2e-3,
         "evaluator": evaluator,
+        "exclude_first_positions": 1,
     }
     tuned = kl_finetune(sae, model, DATA[12:], **options)
     control = kl_finetune(sae, model, DATA[12:], loss="mse", **options)
