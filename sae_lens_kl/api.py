@@ -38,7 +38,6 @@ from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.plan import Plan, make_plan
 from sae_lens_kl.report import run_report, save_artifact
 from sae_lens_kl.runs import CleanRun, SpliceRunner, shared_clean_runs
-from sae_lens_kl.save_dir import check_not_the_start, exclusive
 from sae_lens_kl.splice import CompiledBlocks
 from sae_lens_kl.trainer import (
     KLFinetuneTrainer,
@@ -155,11 +154,14 @@ def kl_finetune(
         )
     for index, (plan, start) in enumerate(zip(plans, starts, strict=True)):
         if plan.save_dir is not None:
-            check_not_the_start(plan.save_dir if len(saes) == 1 else plan.save_dir / f"sae_{index}", start)
+            folder = plan.save_dir if len(saes) == 1 else plan.save_dir / f"sae_{index}"
+            owned.check_not_the_start(folder, start)
     # Nothing in the fine-tune is random, but SAELens draws an initialisation when it builds a
     # training SAE (then overwritten): the caller's generator state is left as it was.
     cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    writer_lock = exclusive(plans[0].save_dir) if plans[0].save_dir and parallel.is_main else nullcontext()
+    # one writer per save_dir, from here (every check passed) to the artifact
+    top = plans[0].save_dir
+    writer_lock = owned.exclusive(top) if top is not None and parallel.is_main else nullcontext()
     with writer_lock, torch.random.fork_rng(devices=cuda_devices):
         tuned = _run(saes, model, plans, eval_data, evaluator, callbacks, overwrite, parallel, starts)
     return tuned[0] if isinstance(sae, SAE) else tuned
