@@ -218,7 +218,7 @@ def test_ctrl_c_during_start_up_once_or_twice_is_no_traceback(
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.8)  # inside the start-up imports (torch, SAELens: several seconds)
+    time.sleep(1.5)  # past the interpreter and cli imports (~0.2 s), inside torch and SAELens's (seconds)
     for _ in range(signals):
         process.send_signal(signal.SIGINT)
         time.sleep(0.05)
