@@ -13,6 +13,7 @@ import sys
 import time
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -93,18 +94,18 @@ def _read_config_file(parser: argparse.ArgumentParser, path: str) -> dict[str, A
     return {key.replace("-", "_"): value for key, value in values.items()}
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+def _comma_list(kind: type) -> Callable[[str], list[Any]]:
+    """An argparse type: comma-separated values of `kind`."""
 
+    def parse_list(text: str) -> list[Any]:
+        try:
+            return [kind(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of {kind.__name__}s"
+            ) from None
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    return parse_list
 
 
 def _positive_int(text: str) -> int:
@@ -218,9 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(sweep)
     sweep.add_argument(
-        "--lrs", type=_floats, default=[5e-5, 1e-4, 2e-4, 5e-4], help="Comma-separated KL-phase lrs."
+        "--lrs",
+        type=_comma_list(float),
+        default=[5e-5, 1e-4, 2e-4, 5e-4],
+        help="Comma-separated KL-phase lrs.",
     )
-    sweep.add_argument("--steps", type=_ints, default=[24, 48, 96], help="Comma-separated step counts.")
+    sweep.add_argument(
+        "--steps", type=_comma_list(int), default=[24, 48, 96], help="Comma-separated step counts."
+    )
     sweep.add_argument("--out", default="sae_lens_kl_sweep", help="Output folder (default: %(default)s).")
     sweep.add_argument("--overwrite", action="store_true", help="Replace an existing output folder's files.")
     sweep.add_argument("--quick", action="store_true", help="The experiments' minutes-long size.")

@@ -21,7 +21,7 @@ from sae_lens_kl.config import LOSS_MODES, KLFinetuneConfig
 from sae_lens_kl.corpus import django_docs
 from sae_lens_kl.evaluation import HeldOutEvaluator
 from sae_lens_kl.evaluation import evaluate as evaluate_sae
-from sae_lens_kl.intervals import paired_intervals
+from sae_lens_kl.intervals import format_interval, paired_intervals
 from sae_lens_kl.models import cache_root, load_model
 from sae_lens_kl.parallel import init_process_group, launched_processes
 from sae_lens_kl.report import METRICS_FILENAME, History, write_report
@@ -332,12 +332,12 @@ def _interval_notes(intervals: dict[str, Any] | None) -> list[str]:
     ]
     for name, interval in intervals["fraction_ce_gap_closed"].items():
         if interval is not None:
-            notes.append(f"{name}: CE gap closed, {level} interval [{interval[0]:.1%}, {interval[1]:.1%}].")
+            notes.append(f"{name}: CE gap closed, {level} interval {format_interval(interval)}.")
     for name, interval in intervals.get("difference_from_control", {}).items():
         if interval is not None:
             notes.append(
                 f"{name} − {intervals['control']}: difference in CE gap closed, {level} interval "
-                f"[{interval[0]:+.1%}, {interval[1]:+.1%}]."
+                f"{format_interval(interval)}."
             )
     return notes
 

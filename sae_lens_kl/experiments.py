@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from sae_lens_kl.api import kl_finetune
 from sae_lens_kl.evaluation import EvalResult
-from sae_lens_kl.intervals import fraction_closed, paired_intervals
+from sae_lens_kl.intervals import format_interval, fraction_closed, paired_intervals
 from sae_lens_kl.lm_lora import lm_lora_targets
 from sae_lens_kl.report import save_figure
 from sae_lens_kl.staging import write_file
@@ -345,6 +345,6 @@ def _fmt(value: Any) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, list) and len(value) == 2:  # an interval
-        return f"[{value[0]:+.3f}, {value[1]:+.3f}]"
+    if isinstance(value, list):  # an interval
+        return format_interval(value)
     return str(value)

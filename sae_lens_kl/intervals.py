@@ -99,6 +99,11 @@ def paired_intervals(
     return result
 
 
+def format_interval(interval: list[float] | None) -> str:
+    """An interval of fractions as signed percentages, "[+20.8%, +27.1%]" ("—" when undefined)."""
+    return "—" if interval is None else f"[{interval[0]:+.1%}, {interval[1]:+.1%}]"
+
+
 def _interval(samples: torch.Tensor) -> list[float] | None:
     if samples.numel() == 0:
         return None

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from sae_lens import SAE
 
 from sae_lens_kl.api import kl_finetune
-from sae_lens_kl.intervals import fraction_closed, paired_intervals
+from sae_lens_kl.intervals import format_interval, fraction_closed, paired_intervals
 from sae_lens_kl.report import save_figure
 from sae_lens_kl.staging import write_file
 from sae_lens_kl.train import kl_phase_sequences
@@ -107,16 +107,12 @@ def _cell_line(cell: dict[str, Any]) -> str:
     kl, mse, diff = cell["KL+MSE"], cell["MSE-only"], cell["difference_interval"]
     return (
         f"lr {cell['lr']:g} x {cell['steps']} steps: KL+MSE {_pct(kl['fraction_ce_gap_closed'])}, "
-        f"MSE-only {_pct(mse['fraction_ce_gap_closed'])}, difference {_interval(diff)}"
+        f"MSE-only {_pct(mse['fraction_ce_gap_closed'])}, difference {format_interval(diff)}"
     )
 
 
 def _pct(value: float | None) -> str:
     return "undefined" if value is None else f"{value:+.1%}"
-
-
-def _interval(interval: list[float] | None) -> str:
-    return "—" if interval is None else f"[{interval[0]:+.1%}, {interval[1]:+.1%}]"
 
 
 def _markdown(result: dict[str, Any]) -> str:
@@ -138,9 +134,10 @@ def _markdown(result: dict[str, Any]) -> str:
         kl, mse = cell["KL+MSE"], cell["MSE-only"]
         lines.append(
             f"| {cell['lr']:g} | {cell['steps']} | {cell['kl_share_of_run']:.1%} "
-            f"| {_pct(kl['fraction_ce_gap_closed'])} {_interval(kl['interval'])} "
-            f"| {_pct(mse['fraction_ce_gap_closed'])} {_interval(mse['interval'])} "
-            f"| {_interval(cell['difference_interval'])} | {kl['dead_latents']} / {mse['dead_latents']} "
+            f"| {_pct(kl['fraction_ce_gap_closed'])} {format_interval(kl['interval'])} "
+            f"| {_pct(mse['fraction_ce_gap_closed'])} {format_interval(mse['interval'])} "
+            f"| {format_interval(cell['difference_interval'])} "
+            f"| {kl['dead_latents']} / {mse['dead_latents']} "
             f"| {kl['mse']:,.0f} / {mse['mse']:,.0f} | {kl['wall_seconds']:.0f} / {mse['wall_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
