@@ -36,12 +36,18 @@ class Adapter(nn.Module):
     Both as the paper's released code (its text says V is the zero one; its code zeroes the up
     projection, which we follow). The zero part makes f = 0 at the start, so the adapted SAE
     equals the SAE before training; the other part is initialised as torch's nn.Linear is, from a
-    fixed seed so that runs repeat."""
+    fixed seed (`seed`) so that runs repeat."""
 
     filename = ADAPTER_FILENAME
 
     def __init__(
-        self, kind: AdapterKind, d_in: int, width: int, *, dtype: torch.dtype = torch.float32
+        self,
+        kind: AdapterKind,
+        d_in: int,
+        width: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if kind not in ADAPTER_KINDS:
@@ -49,7 +55,7 @@ class Adapter(nn.Module):
         if not isinstance(width, int) or width <= 0:
             raise ValueError(f"adapter_width={width!r} must be a positive integer.")
         self.kind, self.d_in, self.width = kind, d_in, width
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(seed)
 
         def uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
             bound = 1 / math.sqrt(fan_in)

@@ -35,7 +35,7 @@ from sae_lens_kl.lora import add_lora, merge_lora
 from sae_lens_kl.losses import Objective, objective_of
 from sae_lens_kl.multi import MultiKLFinetuneTrainer
 from sae_lens_kl.parallel import DataParallel
-from sae_lens_kl.plan import Plan, make_plan
+from sae_lens_kl.plan import Plan, make_plan, optimizer_state
 from sae_lens_kl.report import run_report, save_artifact
 from sae_lens_kl.runs import CleanRun, SpliceRunner, shared_clean_runs
 from sae_lens_kl.splice import CompiledBlocks
@@ -108,6 +108,10 @@ def kl_finetune(
     saes = [sae] if isinstance(sae, SAE) else list(sae)
     if not saes or not all(isinstance(one, SAE) for one in saes):
         raise TypeError("kl_finetune takes an SAE or a non-empty list of SAEs.")
+    if len(saes) > 1 and cfg.continue_optimizer_from is not None:
+        raise ValueError(
+            "continue_optimizer_from holds one SAE's Adam state; fine-tune the SAEs one at a time."
+        )
     starts = _start_sources(start_sae, len(saes))
     # several SAEs resume together from the newest checkpoint all of them reached
     resume_points: list[Any] = [resume_from] * len(saes)
@@ -318,7 +322,7 @@ def _starting_saes(
         else:
             training = to_training_sae(sae, plan.cfg.sparsity_coefficient).to(device)
             if plan.cfg.sae_lora_rank is not None:
-                add_lora(training, plan.cfg.sae_lora_rank, plan.cfg.sae_lora_alpha)
+                add_lora(training, plan.cfg.sae_lora_rank, plan.cfg.sae_lora_alpha, plan.cfg.init_seed)
         if not plan.cfg.trains_sae:  # an adapter or LoRA on the LM trains instead
             training.requires_grad_(False)
         trainings.append(training)
@@ -334,7 +338,7 @@ def _start_lm_lora(plan: Plan, model: HookedRootModule) -> LMLoRA | None:
     if plan.checkpoint is not None:
         return load_lm_lora(plan.checkpoint, model)
     targets = lm_lora_targets(model, plan.site.hook_name, plan.cfg.lm_lora_layers)
-    lora = LMLoRA(targets, plan.cfg.lm_lora_rank, model_name=model.cfg.model_name)
+    lora = LMLoRA(targets, plan.cfg.lm_lora_rank, model_name=model.cfg.model_name, seed=plan.cfg.init_seed)
     return lora.to(next(model.parameters()).device)
 
 
@@ -345,7 +349,7 @@ def _start_adapter(training: TrainingSAE[Any], plan: Plan, checkpoint: Path | No
         return None
     if checkpoint is not None:
         return load_adapter(checkpoint, training)
-    adapter = Adapter(cfg.adapter, training.cfg.d_in, cfg.adapter_width)
+    adapter = Adapter(cfg.adapter, training.cfg.d_in, cfg.adapter_width, seed=cfg.init_seed)
     return adapter.to(device=training.W_dec.device, dtype=training.W_dec.dtype).attach(training)
 
 
@@ -483,6 +487,10 @@ def _prepare(
     )
     if plan.checkpoint is not None:
         trainer.load_trainer_state(plan.checkpoint)
+    elif cfg.continue_optimizer_from is not None:
+        trainer.continue_optimizer(
+            optimizer_state(Path(cfg.continue_optimizer_from).expanduser(), training.device)
+        )
     adapter = next((module for module in modules if isinstance(module, Adapter)), None)
     return _Job(sae, plan, trainer, adapter, controller, before, trainer.n_training_samples, save_dir)
 

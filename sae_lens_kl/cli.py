@@ -208,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="A minutes-long size (MSE phase 16,384 tokens, 4 KL steps, 2,048 held-out tokens, "
         "d_sae 1152) instead of the demo's.",
     )
+    experiment.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="Run every arm this many times: seed s trains on the s-th block of KL-phase tokens with "
+        "init_seed s (arms from scratch also seed their MSE phase); tables give the mean and "
+        "intervals that draw seeds as well as held-out sequences (default: %(default)s).",
+    )
     _demo_sizes(experiment)
 
     sweep = sub.add_parser(
@@ -231,6 +239,39 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--overwrite", action="store_true", help="Replace an existing output folder's files.")
     sweep.add_argument("--quick", action="store_true", help="The experiments' minutes-long size.")
     _demo_sizes(sweep)
+
+    sparsity = sub.add_parser(
+        "sparsity",
+        help="The paper's Fig. 2 in miniature: a short KL+MSE phase vs MSE-only (vs end to end) per TopK k.",
+        description="For each k: the demo's MSE phase (cached), then KL+MSE and the MSE-only control on "
+        "the next --kl-share of the run's tokens (and, with --end-to-end, KL+MSE from SAELens's "
+        "initialisation on all the tokens), all evaluated on the same held-out sequences; writes "
+        "sparsity.json/.md/.png with paired 95 %% intervals and wall-clock.",
+    )
+    _common(sparsity)
+    sparsity.add_argument(
+        "--ks", type=_comma_list(int), default=[8, 16, 32, 64], help="Comma-separated TopK k values."
+    )
+    sparsity.add_argument(
+        "--kl-share",
+        type=float,
+        default=0.05,
+        help="The KL phase's share of the run's tokens (default: %(default)s, the paper's).",
+    )
+    sparsity.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="Also train end to end (KL+MSE on all the run's tokens, at the MSE phase's lr and "
+        "batches): per k about as long as the KL step on the whole MSE phase's tokens.",
+    )
+    sparsity.add_argument(
+        "--out", default="sae_lens_kl_sparsity", help="Output folder (default: %(default)s)."
+    )
+    sparsity.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing output folder's files."
+    )
+    sparsity.add_argument("--quick", action="store_true", help="The experiments' minutes-long size.")
+    _demo_sizes(sparsity)
 
     finetune = sub.add_parser(
         "finetune",
@@ -568,6 +609,7 @@ def _run(args: argparse.Namespace) -> None:
         "eval": commands.evaluate,
         "experiment": commands.experiment,
         "sweep": commands.sweep,
+        "sparsity": commands.sparsity,
         "circuits": commands.circuits,
         "saebench": commands.saebench,
     }[args.command]

@@ -7,7 +7,9 @@ import argparse
 import dataclasses
 import difflib
 import hashlib
+import itertools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from sae_lens_kl.api import kl_finetune
 from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME, FINETUNE_STATE_FILENAME
 from sae_lens_kl.config import LOSS_MODES, KLFinetuneConfig
 from sae_lens_kl.corpus import django_docs
+from sae_lens_kl.data import token_sequences
 from sae_lens_kl.evaluation import HeldOutEvaluator
 from sae_lens_kl.evaluation import evaluate as evaluate_sae
 from sae_lens_kl.intervals import format_interval, paired_intervals
@@ -150,26 +153,42 @@ class DemoSetup:
         return {"evaluator": self.evaluator} if self.evaluator is not None else {"eval_data": self.eval_data}
 
     def runner_config_for(
-        self, architecture: str, tokens: int | None = None
+        self, architecture: str, tokens: int | None = None, seed: int = 0, k: float | None = None
     ) -> LanguageModelSAERunnerConfig[Any]:
-        """The MSE phase's config for another architecture (same width, data, lr) or length."""
-        if architecture == self.runner_cfg.sae.architecture() and tokens is None:
-            return self.runner_cfg
+        """The MSE phase's config for another architecture (same width, data, lr), length, seed
+        (added to the demo's runner seed) or TopK k."""
         cfg = self.runner_cfg
+        k = getattr(cfg.sae, "k", 0) if k is None else k
+        if (architecture, tokens, seed, k) == (cfg.sae.architecture(), None, 0, getattr(cfg.sae, "k", 0)):
+            return cfg
         return runner_config(
             self.model,
             cfg.hook_name,
             architecture=architecture,
             d_sae=cfg.sae.d_sae,
-            k=getattr(cfg.sae, "k", 0),
+            k=k,
             tokens=tokens or cfg.training_tokens,
             context_size=cfg.context_size,
             lr=cfg.lr,
             batch_tokens=cfg.train_batch_size_tokens,
             sink_positions=self.sinks,
             dataset_name=cfg.dataset_path,
+            seed=cfg.seed + seed,
             lr_decay_fraction=MSE_LR_DECAY,
         )
+
+    def check_fits(self, tokens: int) -> None:
+        """Refuse, before any training, a run that reads more training tokens than the data holds
+        (as whole sequences of the run's context)."""
+        context = self.runner_cfg.context_size
+        needed = -(-tokens // context)
+        stream = token_sequences(self.train_data, self.model, context, self.runner_cfg.prepend_bos)
+        if next(itertools.islice(stream, needed - 1, None), None) is None:
+            raise SystemExit(
+                f"The training data ({self.train_data}) holds fewer than the {needed:,} sequences of "
+                f"{context} tokens ({tokens:,} tokens) this run reads; pass more --data, or fewer "
+                "--mse-tokens, --kl-steps, --steps or --seeds."
+            )
 
 
 # The demo's MSE phase decays its lr to 0 over the last 20 % of its steps. Measured with
@@ -239,6 +258,7 @@ def demo(args: argparse.Namespace) -> None:
     out = _check_out(args.out, args.overwrite)
     assert out is not None
     setup = demo_setup(args)
+    setup.check_fits(setup.runner_cfg.training_tokens + setup.kl_tokens)
     model, train_data, eval_data, runner_cfg = (
         setup.model,
         setup.train_data,
@@ -343,20 +363,24 @@ def _interval_notes(intervals: dict[str, Any] | None) -> list[str]:
 
 
 def experiment(args: argparse.Namespace) -> None:
-    from sae_lens_kl.experiments import run_experiment
+    from sae_lens_kl.experiments import run_experiment, tokens_needed
+
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds {args.seeds} must be at least 1.")
 
     out = _check_out(args.out or f"sae_lens_kl_experiment_{args.name}", args.overwrite)
     assert out is not None
     setup = demo_setup(args, quick=args.quick)
 
-    def mse_sae_for(architecture: str, tokens: int | None = None) -> TrainingSAE[Any]:
-        runner_cfg = setup.runner_config_for(architecture, tokens)
+    def mse_sae_for(architecture: str, tokens: int | None = None, seed: int = 0) -> TrainingSAE[Any]:
+        runner_cfg = setup.runner_config_for(architecture, tokens, seed)
         print(
             f"MSE phase: {architecture}, {runner_cfg.training_tokens:,} tokens (cached after the first run)"
         )
         return cached_mse_sae(runner_cfg, setup.model, setup.train_data)[0]
 
-    run_experiment(args.name, setup, mse_sae_for, out, overwrite=args.overwrite)
+    setup.check_fits(tokens_needed(setup, args.seeds))
+    run_experiment(args.name, setup, mse_sae_for, out, overwrite=args.overwrite, seeds=args.seeds)
     print((out / "experiment.md").read_text())
     print(f"wrote {out / 'experiment.json'}, {out / 'experiment.md'}, {out / 'experiment.png'}")
 
@@ -369,6 +393,8 @@ def sweep(args: argparse.Namespace) -> None:
     out = _check_out(args.out, args.overwrite)
     assert out is not None
     setup = demo_setup(args, quick=args.quick)
+    batch_tokens = setup.options["batch_size"] * setup.runner_cfg.context_size
+    setup.check_fits(setup.runner_cfg.training_tokens + max(args.steps) * batch_tokens)
     mse_sae, cached = cached_mse_sae(setup.runner_cfg, setup.model, setup.train_data)
     print(
         f"MSE phase {'read from cache' if cached else 'trained and cached'}; "
@@ -376,6 +402,37 @@ def sweep(args: argparse.Namespace) -> None:
     )
     run_sweep(setup, mse_sae, args.lrs, args.steps, out, overwrite=args.overwrite)
     print((out / "sweep.md").read_text())
+
+
+def sparsity(args: argparse.Namespace) -> None:
+    from sae_lens_kl.sparsity import kl_phase_tokens, run_sparsity_sweep
+
+    if any(k < 1 for k in args.ks) or not 0 < args.kl_share < 1:
+        raise SystemExit(f"--ks {args.ks} must be >= 1 and --kl-share {args.kl_share} in (0, 1).")
+    if args.d_sae is not None and max(args.ks) > args.d_sae:
+        raise SystemExit(f"--ks {args.ks}: each k must be at most --d-sae {args.d_sae}.")
+    out = _check_out(args.out, args.overwrite)
+    assert out is not None
+    setup = demo_setup(args, quick=args.quick)
+    if max(args.ks) > setup.runner_cfg.sae.d_sae:
+        raise SystemExit(f"--ks {args.ks}: each k must be at most d_sae {setup.runner_cfg.sae.d_sae}.")
+    setup.check_fits(setup.runner_cfg.training_tokens + kl_phase_tokens(setup, args.kl_share))
+
+    def mse_sae_for_k(k: int) -> tuple[TrainingSAE[Any], float | None]:
+        started = time.perf_counter()
+        sae, cached = cached_mse_sae(setup.runner_config_for("topk", k=k), setup.model, setup.train_data)
+        return sae, None if cached else time.perf_counter() - started
+
+    run_sparsity_sweep(
+        setup,
+        args.ks,
+        out,
+        overwrite=args.overwrite,
+        kl_share=args.kl_share,
+        end_to_end=args.end_to_end,
+        mse_sae_for_k=mse_sae_for_k,
+    )
+    print((out / "sparsity.md").read_text())
 
 
 def _text_or_corpus(data: str | None, eval_data: str | None) -> tuple[Any, Any]:

@@ -86,6 +86,11 @@ class KLFinetuneConfig:
     input, so the spliced pass runs from the embedding and the frozen SAE encodes the adapted
     activation)."""
 
+    init_seed: int = 0
+    """Seed of the random initialisation of what a method adds (the LoRA factor A on the SAE or the
+    LM, the adapter's down projection): runs with the same seed repeat; experiments' `--seeds`
+    vary it."""
+
     decoder_unit_norm: bool | None = None
     """Keep every decoder row (W_dec[i]) at unit norm: each step removes the gradient's component
     along the row before the optimizer step and renormalises the rows after it, as the paper's
@@ -103,6 +108,13 @@ class KLFinetuneConfig:
 
     lr_warm_up_steps: int = 0
     """Linear warm-up steps before the decay."""
+
+    continue_optimizer_from: str | None = None
+    """A SAELens trainer checkpoint folder (holding trainer_state.pt), e.g. the final checkpoint of
+    the MSE phase that trained this SAE: the fine-tune continues that Adam's moments and step
+    counts instead of starting a fresh Adam, as the paper's A.1 runs continue one optimizer from
+    the MSE phase into the KL phase (`train_with_kl_phase(continue_optimizer=True)` does this).
+    The lr is still `lr` and `lr_schedule`. For fine-tuning one SAE itself (no adapter, LoRA)."""
 
     batch_size: int = 2
     """Sequences per step."""
@@ -222,7 +234,13 @@ class KLFinetuneConfig:
                 raise ValueError(f"{name}={value!r} must be a finite number.")
         if self.sae_lora_alpha <= 0 or not math.isfinite(self.sae_lora_alpha):
             raise ValueError(f"sae_lora_alpha={self.sae_lora_alpha!r} must be a positive number.")
-        for name in ("kl_coefficient", "downstream_coefficient", "target_l0", "sparsity_coefficient"):
+        for name in (
+            "kl_coefficient",
+            "downstream_coefficient",
+            "target_l0",
+            "sparsity_coefficient",
+            "init_seed",
+        ):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0.")
         if self.lr_schedule not in get_args(LRSchedule):
@@ -290,6 +308,11 @@ class KLFinetuneConfig:
             raise ValueError(
                 f"{' and '.join(chosen)} both set: each trains one thing (an adapter or LoRA on the LM "
                 "with the SAE frozen, LoRA on the SAE); run them one after the other (two calls)."
+            )
+        if self.continue_optimizer_from is not None and chosen:
+            raise ValueError(
+                f"continue_optimizer_from with {chosen[0]}: it continues the SAE's own Adam state, "
+                f"but {chosen[0]} trains other parameters; fine-tune the SAE itself, or drop it."
             )
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints!r} must be a positive integer.")

@@ -19,7 +19,13 @@ from sae_lens_kl.adapters import attached
 from sae_lens_kl.architectures import flat_activations, to_inference_sae
 from sae_lens_kl.checkpoints import sae_fingerprint
 from sae_lens_kl.data import DataError, DataSource, take, token_sequences
-from sae_lens_kl.losses import cross_entropy_per_token, kl_per_token
+from sae_lens_kl.losses import (
+    CleanStatistics,
+    ce_and_kl_per_token,
+    clean_statistics_and_ce,
+    cross_entropy_per_token,
+    kl_per_token,
+)
 from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.runs import hooks_on, position_mask, recording
 from sae_lens_kl.splice import (
@@ -143,11 +149,18 @@ class _CleanPass:
     acts: torch.Tensor
     target: torch.Tensor
     later: dict[str, torch.Tensor]
+    statistics: CleanStatistics | None = None
+    """The clean distribution at every position (flat), for a linear float32 unembedding: then
+    the CE and KL of a spliced pass take one unembedding product (losses.ce_and_kl_per_token)."""
+    ce_clean: torch.Tensor | None = None
+    """With `statistics`: the clean CE at every position (flat; the last one's is meaningless)."""
 
     def nbytes(self) -> int:
         tensors = [self.output, self.acts, *self.later.values()]
         tensors += [] if self.target is self.acts else [self.target]
         tensors += [] if self.prefix is None else [self.prefix.residual]
+        if self.statistics is not None and self.ce_clean is not None:
+            tensors += [*vars(self.statistics).values(), self.ce_clean]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -242,8 +255,45 @@ class HeldOutEvaluator:
             parallel=parallel,
         )
 
+    def _ce_and_kl(
+        self,
+        output: torch.Tensor,
+        clean: _CleanPass,
+        tokens: torch.Tensor,
+        projection: VocabProjection,
+        ce_rows: torch.Tensor,
+        kept: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A run's next-token CE at the CE positions and KL(p_clean || p_run) at the kept ones, from
+        one unembedding product when the clean pass has statistics, else from the clean outputs."""
+        if clean.statistics is not None:
+            ce, kl = ce_and_kl_per_token(
+                output.flatten(0, 1), _next_tokens(tokens), clean.statistics, projection, self.chunk_tokens
+            )
+            return ce.view(tokens.shape)[:, :-1].flatten()[ce_rows], kl[kept]
+        ce = cross_entropy_per_token(
+            output[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), projection, self.chunk_tokens
+        )
+        kl = kl_per_token(clean.output.flatten(0, 1), output.flatten(0, 1), projection, self.chunk_tokens)
+        return ce[ce_rows], kl[kept]
+
+    def _ce_clean(
+        self, clean: _CleanPass, tokens: torch.Tensor, projection: VocabProjection, ce_rows: torch.Tensor
+    ) -> torch.Tensor:
+        if clean.ce_clean is not None:
+            return clean.ce_clean.view(tokens.shape)[:, :-1].flatten()[ce_rows]
+        return cross_entropy_per_token(
+            clean.output[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), projection, self.chunk_tokens
+        )[ce_rows]
+
     def _clean_pass(
-        self, index: int, tokens: torch.Tensor, site: HookSite, write: HookSite, reuse: bool
+        self,
+        index: int,
+        tokens: torch.Tensor,
+        site: HookSite,
+        write: HookSite,
+        reuse: bool,
+        projection: VocabProjection,
     ) -> _CleanPass:
         """Batch `index`'s clean pass at these sites: stored, or run (and stored while it fits)."""
         key = (site, write)
@@ -257,6 +307,10 @@ class HeldOutEvaluator:
             output, acts = run_to_output(model, tokens, prefix, site)
         target = acts if write == site else write.read(clean_later[write.hook_name])
         run = _CleanPass(prefix, output, acts, target, {hook: clean_later[hook] for hook in later})
+        if projection.supports_statistics:
+            run.statistics, run.ce_clean = clean_statistics_and_ce(
+                output.flatten(0, 1), _next_tokens(tokens), projection, self.chunk_tokens
+            )
         if key not in self._too_big and index == len(stored):
             used = sum(part.nbytes() for parts in self._clean.values() for part in parts)
             if used + run.nbytes() <= self.clean_cache_bytes:
@@ -324,27 +378,18 @@ class HeldOutEvaluator:
             rows_of = torch.arange(tokens.shape[0], device=device).repeat_interleave(tokens.shape[1] - 1)
             sequence_parts["ce_sequence"].append(rows_of[ce_rows])
             sequence_parts["batch_sequences"].append(torch.tensor([tokens.shape[0]]))
-            targets = tokens[:, 1:].flatten()
-            clean = self._clean_pass(index, tokens, site, write, reuse)
-            prefix, clean_out, acts, target = clean.prefix, clean.output, clean.acts, clean.target
-            clean_flat = clean_out.flatten(0, 1)
-
-            def ce(
-                output: torch.Tensor, rows: torch.Tensor = ce_rows, targets: torch.Tensor = targets
-            ) -> torch.Tensor:
-                per_token = cross_entropy_per_token(
-                    output[:, :-1].flatten(0, 1), targets, projection, self.chunk_tokens
-                )
-                return per_token[rows]
+            clean = self._clean_pass(index, tokens, site, write, reuse, projection)
+            prefix, acts, target = clean.prefix, clean.acts, clean.target
 
             if baseline is None:
                 ablated_out, _ = run_to_output(model, tokens, prefix, write, torch.zeros_like)
+                ce_ablated, kl_ablated = self._ce_and_kl(
+                    ablated_out, clean, tokens, projection, ce_rows, kept
+                )
                 batch_baseline = {
-                    "ce_clean": ce(clean_out),
-                    "ce_ablated": ce(ablated_out),
-                    "kl_ablated": kl_per_token(
-                        clean_flat, ablated_out.flatten(0, 1), projection, self.chunk_tokens
-                    )[kept],
+                    "ce_clean": self._ce_clean(clean, tokens, projection, ce_rows),
+                    "ce_ablated": ce_ablated,
+                    "kl_ablated": kl_ablated,
                 }
                 new_baseline.append(batch_baseline)
             else:
@@ -369,10 +414,9 @@ class HeldOutEvaluator:
                 error = (spliced_later[hook] - clean.later[hook])[keep]
                 error = error.to(kl_dtype(error.dtype))
                 parts[f"downstream:{hook}"].append(error.pow(2).sum(-1))
-            parts["ce_spliced"].append(ce(spliced_out))
-            parts["kl"].append(
-                kl_per_token(clean_flat, spliced_out.flatten(0, 1), projection, self.chunk_tokens)[kept]
-            )
+            ce_spliced, kl_spliced = self._ce_and_kl(spliced_out, clean, tokens, projection, ce_rows, kept)
+            parts["ce_spliced"].append(ce_spliced)
+            parts["kl"].append(kl_spliced)
 
             # float32 at least (float64 for a float64 model), as the losses
             x, x_hat = target[keep].to(kl_dtype(target.dtype)), recon[keep].to(kl_dtype(target.dtype))
@@ -423,6 +467,12 @@ class HeldOutEvaluator:
             self._results[result_key] = result.copy()
         self.last = result.copy()
         return result
+
+
+def _next_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Each position's next token, flat; the last position of a sequence, which has none, gets its
+    first token (any id: that row is dropped)."""
+    return torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).flatten()
 
 
 def _per_sequence_sums(

@@ -19,7 +19,12 @@ from matplotlib.figure import Figure
 
 from sae_lens_kl.api import kl_finetune
 from sae_lens_kl.evaluation import EvalResult
-from sae_lens_kl.intervals import format_interval, fraction_closed, paired_intervals
+from sae_lens_kl.intervals import (
+    format_interval,
+    fraction_closed,
+    mean_fraction_closed,
+    paired_intervals,
+)
 from sae_lens_kl.lm_lora import lm_lora_targets
 from sae_lens_kl.report import save_figure
 from sae_lens_kl.staging import write_file
@@ -115,19 +120,29 @@ EXPERIMENTS: dict[str, Experiment] = {
 }
 
 
-def run_experiment(name: str, setup: Any, mse_sae_for: Any, out: Path, *, overwrite: bool) -> dict[str, Any]:
-    """Run every arm of experiment `name` on the demo `setup` (commands.DemoSetup); `mse_sae_for`
-    maps an architecture to the cached MSE-phase SAE. Writes experiment.json/.md/.png in `out`."""
+def run_experiment(
+    name: str, setup: Any, mse_sae_for: Any, out: Path, *, overwrite: bool, seeds: int = 1
+) -> dict[str, Any]:
+    """Run every arm of experiment `name` on the demo `setup` (commands.DemoSetup), `seeds` times;
+    `mse_sae_for(architecture, tokens=None, seed=0)` gives the cached MSE-phase SAE. Seed s trains
+    every fine-tune arm on the s-th block of KL-phase tokens after the MSE phase's, with
+    `init_seed=s` (LoRA and adapter initialisation); arms trained from scratch also seed their MSE
+    phase's initialisation and shuffling with it. Writes experiment.json/.md/.png in `out`."""
     experiment = EXPERIMENTS[name]
     rows, reports, afters = [], {}, {}
     for arm in experiment.arms:
-        print(f"[{name}] {arm.name}")
-        started = time.perf_counter()
-        arm_reports = _run_arm(arm, setup, mse_sae_for, out / _slug(arm.name), overwrite)
-        reports[arm.name] = arm_reports
-        rows.append(_row(arm.name, arm_reports, time.perf_counter() - started))
-        # the arm's result as its last stage evaluated it (with LoRA on the LM or an adapter)
-        afters[arm.name] = None if setup.evaluator is None else setup.evaluator.last
+        seed_rows, afters[arm.name], reports[arm.name] = [], [], []
+        for seed in range(seeds):
+            print(f"[{name}] {arm.name}" + (f", seed {seed}" if seeds > 1 else ""))
+            folder = out / _slug(arm.name) / (f"seed_{seed}" if seeds > 1 else "")
+            started = time.perf_counter()
+            arm_reports = _run_arm(arm, setup, mse_sae_for, folder, overwrite, seed)
+            seed_rows.append(_row(arm.name, arm_reports, time.perf_counter() - started))
+            reports[arm.name].append(arm_reports)
+            # the arm's result as its last stage evaluated it (with LoRA on the LM or an adapter)
+            if setup.evaluator is not None:
+                afters[arm.name].append(setup.evaluator.last)
+        rows.append(_mean_row(seed_rows))
     if setup.evaluator is not None:
         _add_intervals(experiment, rows, afters, setup, mse_sae_for)
     result = {
@@ -140,9 +155,11 @@ def run_experiment(name: str, setup: Any, mse_sae_for: Any, out: Path, *, overwr
             "d_sae": setup.runner_cfg.sae.d_sae,
             "mse_phase_tokens": setup.runner_cfg.training_tokens,
             "kl_tokens": setup.kl_tokens,
+            "seeds": seeds,
             "options": setup.options,
         },
         "arms": rows,
+        # per arm: one list of stage reports per seed
         "reports": reports,
     }
     write_file(out / "experiment.json", json.dumps(result, indent=2))
@@ -151,39 +168,50 @@ def run_experiment(name: str, setup: Any, mse_sae_for: Any, out: Path, *, overwr
     return result
 
 
+def tokens_needed(setup: Any, seeds: int) -> int:
+    """Training tokens an experiment reads: the MSE phase's and, after them, one KL-phase block
+    per seed."""
+    return setup.runner_cfg.training_tokens + seeds * setup.kl_tokens
+
+
 def _add_intervals(
     experiment: Experiment,
     rows: list[dict[str, Any]],
-    afters: Mapping[str, EvalResult | None],
+    afters: Mapping[str, list[EvalResult]],
     setup: Any,
     mse_sae_for: Any,
 ) -> None:
     """Each arm's fraction of the CE gap closed against the MSE-phase SAE it starts from (for
     arms trained from scratch: the demo's MSE-phase SAE of their architecture, a common baseline),
     with its 95 % paired bootstrap interval, and each arm's paired difference from the first arm
-    of the same start (the paper's method), all on the same held-out sequences."""
+    of the same start (the paper's method), all on the same held-out sequences; with several
+    seeds, the mean over seeds and an interval that draws the seeds too (intervals.py)."""
     by_start: dict[str, list[str]] = {}
     for arm in experiment.arms:
         by_start.setdefault(arm.start, []).append(arm.name)
     row_of = {row["arm"]: row for row in rows}
     for start, names in by_start.items():
         before = setup.evaluator(mse_sae_for(start))
-        runs = {name: afters[name] for name in names if afters[name] is not None}
-        intervals = paired_intervals(before, runs, control=names[0] if len(runs) > 1 else None)  # type: ignore[arg-type]
-        for name, after in runs.items():
+        runs = {name: afters[name] for name in names}
+        intervals = paired_intervals(before, runs, control=names[0] if len(runs) > 1 else None)
+        for name, seeds in runs.items():
             row = row_of[name]
             row["ce_gap_before"] = before.ce_gap
-            row["fraction_of_ce_gap_closed"] = fraction_closed(before, after)  # type: ignore[arg-type]
+            row["fraction_of_ce_gap_closed"] = mean_fraction_closed(before, seeds)
+            row["fraction_per_seed"] = [fraction_closed(before, after) for after in seeds]
             row["fraction_interval"] = intervals["fraction_ce_gap_closed"][name]
             if name != names[0] and "difference_from_control" in intervals:
                 row["difference_from_first_arm"] = intervals["difference_from_control"][name]
 
 
-def _run_arm(arm: Arm, setup: Any, mse_sae_for: Any, folder: Path, overwrite: bool) -> list[dict[str, Any]]:
-    """The kl_finetune report of each stage."""
+def _run_arm(
+    arm: Arm, setup: Any, mse_sae_for: Any, folder: Path, overwrite: bool, seed: int = 0
+) -> list[dict[str, Any]]:
+    """The kl_finetune report of each stage, for seed `seed`."""
+    seeded = {"init_seed": seed}
     if arm.kl_fraction is not None:
         total = setup.runner_cfg.training_tokens + setup.kl_tokens
-        runner_cfg = setup.runner_config_for(arm.start, total)
+        runner_cfg = setup.runner_config_for(arm.start, total, seed=seed)
         # one lr and the same batches as the MSE phase for every arm (Braun et al.'s comparison)
         same_steps = {
             "lr": runner_cfg.lr,
@@ -199,21 +227,26 @@ def _run_arm(arm: Arm, setup: Any, mse_sae_for: Any, folder: Path, overwrite: bo
             setup.train_data,
             kl_fraction=fraction,
             save_dir=folder,
-            mse_sae=mse_sae_for(arm.start, mse_tokens) if mse_tokens else None,
+            mse_sae=mse_sae_for(arm.start, mse_tokens, seed=seed) if mse_tokens else None,
             overwrite=overwrite,
             **setup.held_out(),
-            **{**setup.options, **same_steps, **arm.stages[0]},
+            **{**setup.options, **same_steps, **seeded, **arm.stages[0]},
         )
         return [result.sae.cfg.metadata.kl_finetune]
     sae = mse_sae_for(arm.start)
     runner_cfg = setup.runner_config_for(arm.start)
+    # seed s reads the s-th block of tokens after the MSE phase's
     kl_data, _ = kl_phase_sequences(
-        runner_cfg, setup.model, setup.train_data, runner_cfg.training_tokens, setup.kl_tokens
+        runner_cfg,
+        setup.model,
+        setup.train_data,
+        runner_cfg.training_tokens + seed * setup.kl_tokens,
+        setup.kl_tokens,
     )
     reports = []
     parts = kl_data.chunk(len(arm.stages)) if arm.split_budget else [kl_data] * len(arm.stages)
     for index, (stage, stage_data) in enumerate(zip(arm.stages, parts, strict=True)):
-        options = _fitted({**setup.options, **stage}, sae, setup.model)
+        options = _fitted({**setup.options, **seeded, **stage}, sae, setup.model)
         sae = kl_finetune(
             sae,
             setup.model,
@@ -269,6 +302,22 @@ def _row(name: str, reports: list[dict[str, Any]], seconds: float) -> dict[str, 
     }
 
 
+def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One seed's row, or the mean over seeds of every number in the rows (seconds summed)."""
+    if len(rows) == 1:
+        return rows[0]
+    mean: dict[str, Any] = {}
+    for key, value in rows[0].items():
+        values = [row[key] for row in rows]
+        if key.endswith("seconds"):
+            mean[key] = sum(values)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and None not in values:
+            mean[key] = sum(values) / len(values)
+        else:
+            mean[key] = value
+    return mean
+
+
 COLUMNS = (
     ("ce_gap_before", "CE gap before"),
     ("ce_gap", "CE gap after"),
@@ -308,6 +357,14 @@ def _markdown(result: Mapping[str, Any]) -> str:
         "the SAE at the start of the KL phase).",
         "",
     ]
+    if settings.get("seeds", 1) > 1:
+        lines += [
+            f"Each arm ran {settings['seeds']} seeds (seed s: the s-th block of KL-phase tokens and "
+            "init_seed s; arms from scratch also seed their MSE phase): every number is the mean over "
+            "seeds, 'train s' their sum, and the intervals draw seeds as well as held-out sequences "
+            "(paired by seed).",
+            "",
+        ]
     return "\n".join(lines)
 
 

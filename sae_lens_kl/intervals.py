@@ -9,7 +9,7 @@ all of them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ def undefined_reason(before: EvalResult) -> str | None:
 
 def paired_intervals(
     before: EvalResult,
-    afters: Mapping[str, EvalResult],
+    afters: Mapping[str, EvalResult | Sequence[EvalResult]],
     *,
     control: str | None = None,
     n_resamples: int = N_RESAMPLES,
@@ -49,43 +49,63 @@ def paired_intervals(
     """95 % percentile intervals of each run's fraction of the CE gap closed, and, with `control`
     (a key of `afters`), of each other run's difference from it, from one set of paired resamples
     of the held-out sequences. Resamples whose starting gap is ≤ 0 count as undefined and are
-    reported (`undefined_resamples`); the interval is over the rest."""
+    reported (`undefined_resamples`); the interval is over the rest.
+
+    A run given as a sequence of results is one result per seed (runs of the same seed index paired:
+    the same training tokens and initialisation): its fraction is the mean over the seeds, and every
+    resample also draws the seeds with replacement (one draw shared by all runs), so the interval
+    covers the spread over seeds as well as over held-out sequences. With few seeds that bootstrap
+    understates the spread over seeds (its variance by a factor (N − 1) / N)."""
     sequences = _per_sequence(before)
     if len(sequences["n_tokens"]) < 2:
         raise ValueError(
             f"A bootstrap over held-out sequences needs at least 2 of them; this evaluation has "
             f"{len(sequences['n_tokens'])}. Evaluate on more tokens (eval_tokens)."
         )
-    runs = {name: _per_sequence(after) for name, after in afters.items()}
-    for name, after in runs.items():
-        if not (
-            torch.equal(after["n_tokens"], sequences["n_tokens"])
-            and torch.equal(after["ce_clean"], sequences["ce_clean"])
-        ):
-            raise ValueError(
-                f"{name!r} was evaluated on other sequences than the starting SAE; evaluate every run "
-                "with one HeldOutEvaluator so that they are paired."
-            )
+    runs = {
+        name: [_per_sequence(one) for one in ([after] if isinstance(after, EvalResult) else after)]
+        for name, after in afters.items()
+    }
+    for name, seeds in runs.items():
+        for after in seeds:
+            if not (
+                torch.equal(after["n_tokens"], sequences["n_tokens"])
+                and torch.equal(after["ce_clean"], sequences["ce_clean"])
+            ):
+                raise ValueError(
+                    f"{name!r} was evaluated on other sequences than the starting SAE; evaluate every "
+                    "run with one HeldOutEvaluator so that they are paired."
+                )
+    seed_counts = {name: len(seeds) for name, seeds in runs.items()}
+    n_seeds = max(seed_counts.values(), default=1)
+    if any(count == 0 or count not in (1, n_seeds) for count in seed_counts.values()):
+        raise ValueError(
+            f"Runs with different numbers of seeds ({seed_counts}) cannot be paired by seed; give "
+            "every run one result per seed (or one result)."
+        )
     if control is not None and control not in runs:
         raise ValueError(f"control={control!r} is not one of the runs {sorted(runs)}.")
     generator = torch.Generator().manual_seed(seed)
     n = len(sequences["n_tokens"])
     # counts[b, i]: how often resample b drew sequence i; sums over a draw are counts @ values
-    draws = torch.randint(0, n, (n_resamples, n), generator=generator)
-    counts = torch.zeros(n_resamples, n, dtype=torch.float64).scatter_add_(
-        1, draws, torch.ones(n_resamples, n, dtype=torch.float64)
-    )
+    counts = _draw_counts(n_resamples, n, generator)
+    # seed_weights[b, s]: the share of seed s in resample b's mean over seeds
+    seed_weights = _draw_counts(n_resamples, n_seeds, generator) / n_seeds
 
     def gap(values: dict[str, torch.Tensor]) -> torch.Tensor:
         return counts @ (values["ce_spliced"] - values["ce_clean"]) / (counts @ values["n_tokens"])
 
     gap_before = gap(sequences)
     defined = gap_before > 0
-    fractions = {name: (gap_before - gap(values)) / gap_before for name, values in runs.items()}
+    fractions = {}
+    for name, seeds in runs.items():
+        per_seed = torch.stack([(gap_before - gap(values)) / gap_before for values in seeds], dim=1)
+        fractions[name] = (per_seed * seed_weights).sum(1) if len(seeds) > 1 else per_seed[:, 0]
     result: dict[str, Any] = {
         "level": LEVEL,
         "n_resamples": n_resamples,
         "n_sequences": n,
+        "n_seeds": n_seeds,
         "undefined_resamples": int((~defined).sum()),
         "fraction_ce_gap_closed": {name: _interval(f[defined]) for name, f in fractions.items()},
     }
@@ -97,6 +117,20 @@ def paired_intervals(
             if name != control
         }
     return result
+
+
+def _draw_counts(n_resamples: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """[n_resamples, n]: how often each resample (n draws with replacement) drew each item."""
+    draws = torch.randint(0, n, (n_resamples, n), generator=generator)
+    return torch.zeros(n_resamples, n, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(n_resamples, n, dtype=torch.float64)
+    )
+
+
+def mean_fraction_closed(before: EvalResult, afters: Sequence[EvalResult]) -> float | None:
+    """The mean over seeds of the fraction of the CE gap closed (None when it is undefined)."""
+    values = [fraction_closed(before, after) for after in afters]
+    return None if None in values else sum(values) / len(values)  # type: ignore[arg-type]
 
 
 def format_interval(interval: list[float] | None) -> str:

@@ -96,16 +96,16 @@ def lm_lora_targets(model: HookedTransformer, sae_hook: str, layers: str = "afte
 class LMLoRA(nn.Module):
     """Low-rank updates B A (A [rank, in], B [out, rank]) of the target weights. B starts at zero,
     so the adapted model equals the base model before training; A as in LoRA (Kaiming-uniform),
-    from a fixed seed so that runs repeat."""
+    from a fixed seed (`seed`) so that runs repeat."""
 
     filename = LM_LORA_FILENAME
 
-    def __init__(self, targets: list[LoRATarget], rank: int, *, model_name: str = "") -> None:
+    def __init__(self, targets: list[LoRATarget], rank: int, *, model_name: str = "", seed: int = 0) -> None:
         super().__init__()
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"lm_lora_rank={rank!r} must be a positive integer.")
         self.targets, self.rank, self.model_name = list(targets), rank, model_name
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(seed)
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
         for target in self.targets:

@@ -49,13 +49,13 @@ def check_rank(rank: int, d_in: int, d_sae: int) -> None:
         )
 
 
-def add_lora(sae: TrainingSAE[Any], rank: int, alpha: float = 32.0) -> None:
+def add_lora(sae: TrainingSAE[Any], rank: int, alpha: float = 32.0, seed: int = 0) -> None:
     """Freeze every parameter of `sae` and train a rank-`rank` update of W_enc and W_dec, scaled
     by alpha / rank."""
     check_rank(rank, sae.cfg.d_in, sae.cfg.d_sae)
     for parameter in sae.parameters():
         parameter.requires_grad_(False)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     for name in LORA_WEIGHTS:
         update = LowRankUpdate(getattr(sae, name), rank, alpha, generator)
         parametrize.register_parametrization(sae, name, update)

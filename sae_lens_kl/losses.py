@@ -66,24 +66,62 @@ def _chunks(
 @torch.no_grad()
 def clean_statistics(clean: torch.Tensor, projection: VocabProjection, chunk_tokens: int) -> CleanStatistics:
     """CleanStatistics of clean run outputs [..., d_model] (unembedding inputs), chunked over tokens."""
+    return clean_statistics_and_ce(clean, None, projection, chunk_tokens)[0]
+
+
+@torch.no_grad()
+def clean_statistics_and_ce(
+    clean: torch.Tensor, targets: torch.Tensor | None, projection: VocabProjection, chunk_tokens: int
+) -> tuple[CleanStatistics, torch.Tensor | None]:
+    """CleanStatistics of clean run outputs [..., d_model], and, with `targets` (next-token ids of
+    the flattened outputs, any id where there is none), the cross-entropy [n] from the same logits."""
     if not projection.supports_statistics:
         raise ValueError("Clean statistics need a float32/float64 linear unembedding without softcap.")
     assert projection.W_U is not None and projection.b_U is not None
     flat = clean.flatten(0, -2)
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    cross_entropy: list[torch.Tensor] = []
     for rows, buffers in _chunks(flat, projection, chunk_tokens, 1):
         logits = projection.logits(flat[rows], out=buffers[0])
         neg_entropy = logits.new_empty(logits.shape[0])
         for group in _row_groups(logits):
             log_p = F.log_softmax(logits[group], dim=-1)
+            if targets is not None:
+                chosen = targets[rows][group, None]
+                cross_entropy.append(-log_p.gather(-1, chosen).squeeze(-1))
             p = torch.exp(log_p, out=logits[group])  # p takes the logits' place
             neg_entropy[group] = torch.sum(p * log_p, dim=-1)
         parts.append((projection.unembed_transposed(logits), logits @ projection.b_U, neg_entropy))
     unembed_mean, bias_mean, neg_entropy = (torch.cat(part) for part in zip(*parts, strict=True))
     leading = clean.shape[:-1]
-    return CleanStatistics(
+    statistics = CleanStatistics(
         unembed_mean.view(*leading, -1), bias_mean.view(leading), neg_entropy.view(leading)
     )
+    return statistics, torch.cat(cross_entropy) if targets is not None else None
+
+
+@torch.no_grad()
+def ce_and_kl_per_token(
+    output: torch.Tensor,
+    targets: torch.Tensor,
+    clean: CleanStatistics,
+    projection: VocabProjection,
+    chunk_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy against `targets` and KL(p_clean || p_output) [n] (float32) of run outputs
+    [n, d_model], from one unembedding product per chunk: the clean side is its CleanStatistics
+    (flat, [n]); where there is no next token any target id will do (drop that row)."""
+    ce_parts, kl_parts = [], []
+    for rows, buffers in _chunks(output, projection, chunk_tokens, 1):
+        logits = projection.logits(output[rows], out=buffers[0])
+        for group in _row_groups(logits):
+            log_normaliser = torch.logsumexp(logits[group], dim=-1)
+            chosen = logits[group].gather(-1, targets[rows][group, None]).squeeze(-1)
+            ce_parts.append(log_normaliser - chosen)
+            outputs = output[rows][group].to(clean.unembed_mean.dtype)
+            cross = (clean.unembed_mean[rows][group] * outputs).sum(-1) + clean.bias_mean[rows][group]
+            kl_parts.append(clean.neg_entropy[rows][group] - cross + log_normaliser)
+    return torch.cat(ce_parts), torch.cat(kl_parts)
 
 
 class _ChunkedKL(torch.autograd.Function):

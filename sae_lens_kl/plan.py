@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from sae_lens import SAE
+from sae_lens.constants import TRAINER_STATE_FILENAME
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule
 
@@ -222,6 +223,8 @@ def make_plan(
         raise ValueError(
             f"context_size={context_size} exceeds the model's n_ctx={n_ctx}; pass context_size<={n_ctx}."
         )
+    if cfg.continue_optimizer_from is not None and resume_from is None:
+        check_optimizer_state(Path(cfg.continue_optimizer_from).expanduser(), sae)
     if cfg.sparsity_controller == "on" and sae.cfg.architecture() not in SPARSITY_COEFFICIENT:
         raise ValueError(
             f"sparsity_controller='on' needs an L1 or L0 penalised SAE "
@@ -325,6 +328,29 @@ def _check_transcoder_options(cfg: KLFinetuneConfig, data: DataSource | None) ->
         raise ValueError(
             f"Transcoders are fine-tuned without {', '.join(refused)} (not supported for transcoders "
             "yet); fine-tune the transcoder itself from token data."
+        )
+
+
+def optimizer_state(folder: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The Adam state dict in a SAELens trainer checkpoint folder."""
+    path = folder / TRAINER_STATE_FILENAME
+    if not path.is_file():
+        raise ValueError(
+            f"continue_optimizer_from={str(folder)!r} holds no {TRAINER_STATE_FILENAME}; pass a SAELens "
+            "trainer checkpoint folder (e.g. the MSE phase's final checkpoint)."
+        )
+    return torch.load(path, map_location=device, weights_only=True)["optimizer"]
+
+
+def check_optimizer_state(folder: Path, sae: SAE[Any]) -> None:
+    """The checkpoint's Adam moments must be those of this SAE's parameters, in order."""
+    state = optimizer_state(folder)
+    saved = [tuple(state["state"][i]["exp_avg"].shape) for i in sorted(state["state"])]
+    ours = [tuple(parameter.shape) for parameter in sae.parameters()]
+    if saved != ours:
+        raise ValueError(
+            f"continue_optimizer_from={str(folder)!r}: its Adam state is for parameters of shapes "
+            f"{saved}, this SAE's are {ours}; pass the checkpoint of the run that trained this SAE."
         )
 
 

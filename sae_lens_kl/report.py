@@ -180,6 +180,8 @@ def save_artifact(
             raise RuntimeError(f"save_artifact wrote {sorted(unexpected)}, which it does not list as ours.")
         (staging / MANIFEST_FILENAME).write_text(owned.manifest_text(save_dir, writing, stale))
     owned.finish(save_dir)
+
+
 def write_report(
     out_dir: Path,
     title: str,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from sae_lens import (
     LoggingConfig,
     TrainingSAE,
 )
+from sae_lens.constants import TRAINER_STATE_FILENAME
 from sae_lens.registry import get_sae_training_class
 from transformer_lens import HookedTransformer
 
@@ -57,11 +59,22 @@ def mse_phase(
     model: HookedTransformer,
     data: DataSource,
     mse_tokens: int,
+    checkpoint_dir: Path | None = None,
 ) -> TrainingSAE[Any]:
-    """SAELens's own runner: MSE on shuffled activations for `mse_tokens` tokens."""
+    """SAELens's own runner: MSE on shuffled activations for `mse_tokens` tokens. With
+    `checkpoint_dir`, the runner also writes its final checkpoint (Adam state included) under it
+    (`final_checkpoint` finds it)."""
     dataset = as_hf_dataset(data)
+    checkpoints = (
+        {}
+        if checkpoint_dir is None
+        else {"checkpoint_path": str(checkpoint_dir), "save_final_checkpoint": True}
+    )
     cfg = dataclasses.replace(
-        runner_cfg, training_tokens=mse_tokens, is_dataset_tokenized="tokens" in (dataset.column_names or [])
+        runner_cfg,
+        training_tokens=mse_tokens,
+        is_dataset_tokenized="tokens" in (dataset.column_names or []),
+        **checkpoints,
     )
     # The runner's SAE initialisation and activation shuffling draw from torch's global generator:
     # seed it for them, and leave the caller's state as it was.
@@ -69,6 +82,13 @@ def mse_phase(
         torch.manual_seed(cfg.seed)
         runner = LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model)
         return runner.run()
+
+
+def final_checkpoint(checkpoint_dir: Path) -> Path:
+    """The folder of the final checkpoint `mse_phase` wrote under `checkpoint_dir` (SAELens adds a
+    run id and names it final_<tokens>)."""
+    (state,) = checkpoint_dir.rglob(f"final_*/{TRAINER_STATE_FILENAME}")
+    return state.parent
 
 
 def fresh_sae(
@@ -96,6 +116,7 @@ def train_with_kl_phase(
     eval_data: DataSource | None = None,
     save_dir: Path | None = None,
     mse_sae: TrainingSAE[Any] | None = None,
+    continue_optimizer: bool = False,
     callbacks: Sequence[StepCallback] = (),
     **kl_options: Any,
 ) -> TrainResult:
@@ -104,12 +125,74 @@ def train_with_kl_phase(
 
     kl_fraction=1.0 trains end to end (KL+MSE from SAELens's initialisation). Pass `mse_sae` to
     reuse a cached MSE phase. `kl_options` go to `kl_finetune` (loss, lr, batch_size, ...).
+
+    `continue_optimizer=True` is the paper's A.1 recipe: one Adam and one constant lr for both
+    phases (the KL phase continues the MSE phase's Adam state, at `runner_cfg.lr` unless `lr` is
+    given), where the default starts the KL phase with a fresh Adam and its own decaying lr (the
+    paper's recipe for fine-tuning a pretrained SAE). It needs the MSE phase trained here at a
+    constant lr (no `mse_sae`, no lr warm-up or decay in `runner_cfg`).
     """
     if not 0 < kl_fraction <= 1:
         raise ValueError(f"kl_fraction={kl_fraction} must lie in (0, 1].")
     total = runner_cfg.training_tokens
     kl_tokens = round(total * kl_fraction)
     mse_tokens = total - kl_tokens
+    if continue_optimizer:
+        _check_continuable(runner_cfg, mse_sae, mse_tokens)
+    with tempfile.TemporaryDirectory(prefix="mse-phase-") as checkpoint_dir:
+        if continue_optimizer:
+            mse_sae = mse_phase(runner_cfg, model, data, mse_tokens, Path(checkpoint_dir))
+            kl_options = {
+                "lr": runner_cfg.lr,
+                "lr_schedule": "constant",
+                **kl_options,
+                "continue_optimizer_from": str(final_checkpoint(Path(checkpoint_dir))),
+            }
+        return _kl_phase(
+            runner_cfg,
+            model,
+            data,
+            mse_tokens,
+            kl_tokens,
+            mse_sae,
+            eval_data,
+            save_dir,
+            callbacks,
+            kl_options,
+        )
+
+
+def _check_continuable(
+    runner_cfg: LanguageModelSAERunnerConfig[Any], mse_sae: TrainingSAE[Any] | None, mse_tokens: int
+) -> None:
+    if mse_sae is not None:
+        raise ValueError(
+            "continue_optimizer=True continues the optimizer of the MSE phase it trains, but mse_sae "
+            "was given (its optimizer is gone); pass no mse_sae."
+        )
+    if mse_tokens == 0:
+        raise ValueError("continue_optimizer=True needs an MSE phase (kl_fraction < 1).")
+    if runner_cfg.lr_decay_steps or runner_cfg.lr_warm_up_steps:
+        raise ValueError(
+            f"continue_optimizer=True runs both phases at one constant lr (the paper's A.1), but the "
+            f"runner config warms up for {runner_cfg.lr_warm_up_steps} steps and decays over "
+            f"{runner_cfg.lr_decay_steps}; set lr_warm_up_steps=0 and lr_decay_steps=0."
+        )
+
+
+def _kl_phase(
+    runner_cfg: LanguageModelSAERunnerConfig[Any],
+    model: HookedTransformer,
+    data: DataSource,
+    mse_tokens: int,
+    kl_tokens: int,
+    mse_sae: TrainingSAE[Any] | None,
+    eval_data: DataSource | None,
+    save_dir: Path | None,
+    callbacks: Sequence[StepCallback],
+    kl_options: dict[str, Any],
+) -> TrainResult:
+    """`kl_finetune` from `mse_sae` (or SAELens's initialisation) on the KL phase's tokens."""
     if mse_sae is None:
         mse_sae = mse_phase(runner_cfg, model, data, mse_tokens) if mse_tokens > 0 else None
     start = mse_sae if mse_sae is not None else fresh_sae(runner_cfg, model, data)

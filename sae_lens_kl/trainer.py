@@ -268,6 +268,20 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         """Every parameter the optimizer updates: the SAE's and those of the trained modules."""
         return [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
 
+    def continue_optimizer(self, state: dict[str, Any]) -> None:
+        """Continue another run's Adam (`state`: its state dict over this SAE's parameters, e.g.
+        the MSE phase's): its moments and step counts; this fine-tune's lr, schedule and betas."""
+        own_settings = [
+            {k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups
+        ]
+        self.optimizer.load_state_dict(state)
+        for group, settings in zip(self.optimizer.param_groups, own_settings, strict=True):
+            group.update(settings)
+            for parameter in group["params"]:
+                step = self.optimizer.state[parameter].get("step")
+                if group["fused"] and step is not None:  # fused Adam keeps its step on the device
+                    self.optimizer.state[parameter]["step"] = step.to(dtype=torch.float32, device=parameter.device)
+
     def _train_modules_too(self) -> None:
         """Put the modules' parameters into SAELens's Adam (one more param group, same lr and
         betas) and rebuild its LR schedule over both groups, as SAETrainer builds it (sae-lens 6.54

@@ -134,7 +134,7 @@ def test_each_experiment_at_a_tiny_size(
     assert [row["arm"] for row in result["arms"]] == [arm.name for arm in arms]
     assert (tmp_path / "out" / "experiment.png").is_file() and (tmp_path / "out" / "experiment.md").is_file()
     for arm, row in zip(arms, result["arms"], strict=True):
-        reports = result["reports"][arm.name]
+        (reports,) = result["reports"][arm.name]  # one seed
         assert len(reports) == len(arm.stages) and row["train_seconds"] > 0
         if arm.kl_fraction is None:  # every arm from the same MSE-phase SAE of its architecture
             share = len(arm.stages) if arm.split_budget else 1  # a two-stage arm splits the budget
@@ -145,11 +145,35 @@ def test_each_experiment_at_a_tiny_size(
         else:
             assert row["ce_gap_before"] <= 0
     befores = {
-        json.dumps(result["reports"][a.name][0]["before"])
+        json.dumps(result["reports"][a.name][0][0]["before"])
         for a in arms
         if a.kl_fraction is None and a.start == "topk"
     }
     assert len(befores) <= 1
+
+
+def test_an_experiment_over_seeds(tiny_lm_folder: Path, text_folders: tuple[Path, Path], tmp_path) -> None:
+    train_text, eval_text = text_folders
+    args = ["experiment", "C", "--model", str(tiny_lm_folder), "--hook", "blocks.1.hook_resid_pre"]
+    args += ["--d-sae", "64", "--k", "4", "--context-size", "32", "--mse-tokens", "2048", "--kl-steps", "2"]
+    args += ["--eval-tokens", "256", "--data", str(train_text), "--eval-data", str(eval_text), "--quick"]
+    # more seeds than the training text has KL-phase blocks: refused before any training
+    code = main([*args, "--seeds", "10000", "--out", str(tmp_path / "too_many")])
+    assert code == 2 and not (tmp_path / "too_many").exists()
+    assert main([*args, "--seeds", "2", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "experiment.json").read_text())
+    assert result["settings"]["seeds"] == 2
+    for row in result["arms"]:
+        seeds = result["reports"][row["arm"]]
+        assert len(seeds) == 2
+        # seed s trained on the s-th block of KL-phase tokens, from init_seed s
+        assert [stages[0]["config"]["init_seed"] for stages in seeds] == [0, 1]
+        fractions = row["fraction_per_seed"]
+        if None not in fractions:
+            assert row["fraction_of_ce_gap_closed"] == pytest.approx(sum(fractions) / 2, rel=1e-12)
+    for slug in ("full_fine_tune", "lora_on_the_sae_rank_2"):
+        weights = [tmp_path / "out" / slug / f"seed_{s}" / "sae_weights.safetensors" for s in (0, 1)]
+        assert weights[0].read_bytes() != weights[1].read_bytes()
 
 
 def test_the_sweep_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path, Path], tmp_path) -> None:
@@ -167,3 +191,31 @@ def test_the_sweep_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path
     assert (tmp_path / "out" / "sweep.md").is_file() and (tmp_path / "out" / "sweep.png").is_file()
     code = main([*args, "--lrs", "0", "--out", str(tmp_path / "bad")])
     assert code == 2 and not (tmp_path / "bad").exists()
+
+
+def test_the_sparsity_sweep_at_a_tiny_size(
+    tiny_lm_folder: Path, text_folders: tuple[Path, Path], tmp_path
+) -> None:
+    train_text, eval_text = text_folders
+    args = ["sparsity", "--model", str(tiny_lm_folder), "--hook", "blocks.1.hook_resid_pre", "--quick"]
+    args += ["--d-sae", "64", "--context-size", "32", "--mse-tokens", "2048", "--kl-share", "0.2"]
+    args += ["--eval-tokens", "256", "--data", str(train_text), "--eval-data", str(eval_text)]
+    assert main([*args, "--ks", "2,4", "--end-to-end", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "sparsity.json").read_text())
+    # 20 % of the run: 2048 * 0.2 / 0.8 = 512 tokens, two batches of 8 x 32
+    assert result["settings"]["kl_tokens"] == 512
+    assert [row["k"] for row in result["rows"]] == [2, 4]
+    for row in result["rows"]:
+        assert set(row["arms"]) == {"KL+MSE", "MSE-only", "end to end"}
+        assert row["seconds"]["end to end"] > 0
+        for values in row["arms"].values():
+            if values["fraction_ce_gap_closed"] is not None:
+                low, high = values["interval"]
+                assert low <= values["fraction_ce_gap_closed"] <= high
+        # each k's own MSE-phase SAE, fine-tuned at its k
+        cfg = json.loads((tmp_path / "out" / f"k{row['k']}" / "kl_mse" / "cfg.json").read_text())
+        assert cfg["k"] == row["k"]
+    assert (tmp_path / "out" / "sparsity.png").is_file() and (tmp_path / "out" / "sparsity.md").is_file()
+    for bad in (["--ks", "0"], ["--ks", "65"], ["--kl-share", "1"]):
+        code = main([*args, *bad, "--out", str(tmp_path / "bad")])
+        assert code == 2 and not (tmp_path / "bad").exists()

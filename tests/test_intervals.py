@@ -80,3 +80,36 @@ def test_the_fraction_closed_is_undefined_when_there_is_no_gap(evaluated) -> Non
     assert fraction_closed(no_gap, tuned) is None
     report = {"fraction_ce_gap_closed": None, "fraction_ce_gap_closed_note": "undefined: ..."}
     assert _fraction_cell(report) == "undefined (starting gap ≤ 0)"
+
+
+def test_seeds_add_their_spread_to_the_interval(evaluated) -> None:
+    before, tuned, control = evaluated
+    single = paired_intervals(before, {"kl+mse": tuned, "mse": control}, control="mse")
+    # three identical seeds: seed weights sum to 1, so every resample equals the single run's
+    # (to the rounding of a weighted sum of three float64 terms)
+    copies = paired_intervals(before, {"kl+mse": [tuned] * 3, "mse": [control] * 3}, control="mse")
+    assert copies["n_seeds"] == 3
+    for key in ("fraction_ce_gap_closed", "difference_from_control"):
+        assert copies[key]["kl+mse"] == pytest.approx(single[key]["kl+mse"], rel=1e-12, abs=1e-12)
+    # two different seeds: their mean (the run whose per-sequence CE is the seeds' average, since
+    # clean CE and token counts are shared) has a sequence-only interval; drawing the seeds too
+    # widens it
+    averaged = dataclasses.replace(
+        tuned,
+        per_sequence={
+            **tuned.per_sequence,
+            "ce_spliced": [
+                (a + b) / 2
+                for a, b in zip(
+                    tuned.per_sequence["ce_spliced"], control.per_sequence["ce_spliced"], strict=True
+                )
+            ],
+        },
+    )
+    mean_only = paired_intervals(before, {"mean": averaged})["fraction_ce_gap_closed"]["mean"]
+    over_seeds = paired_intervals(before, {"mean": [tuned, control]})["fraction_ce_gap_closed"]["mean"]
+    assert over_seeds[1] - over_seeds[0] > mean_only[1] - mean_only[0]
+    with pytest.raises(ValueError, match="different numbers of seeds"):
+        paired_intervals(before, {"a": [tuned, control], "b": [tuned] * 3})
+    with pytest.raises(ValueError, match="different numbers of seeds"):
+        paired_intervals(before, {"a": []})

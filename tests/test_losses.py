@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from sae_lens_kl.losses import (
     CPU_ROW_GROUP_BYTES,
+    ce_and_kl_per_token,
     clean_statistics,
+    clean_statistics_and_ce,
     combine_losses,
     cross_entropy_per_token,
     kl_divergence,
@@ -182,6 +184,25 @@ def test_cross_entropy_matches_torch() -> None:
     targets = torch.randint(0, 50, (12,))
     expected = F.cross_entropy(h @ proj.W_U + proj.b_U, targets, reduction="none")
     torch.testing.assert_close(cross_entropy_per_token(h, targets, proj, 5), expected)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_the_evaluations_one_product_ce_and_kl_equal_the_two_product_ones(chunk: int) -> None:
+    # in float64: the identities are exact, so only float64 rounding of terms ~ log(vocab) is left
+    proj = projection(dtype=torch.float64)
+    generator = torch.Generator().manual_seed(5)
+    clean = torch.randn(40, 16, generator=generator, dtype=torch.float64)
+    spliced = clean + 0.5 * torch.randn(40, 16, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 50, (40,), generator=generator)
+    statistics, ce_clean = clean_statistics_and_ce(clean, targets, proj, chunk)
+    assert ce_clean is not None
+    torch.testing.assert_close(
+        ce_clean, cross_entropy_per_token(clean, targets, proj, chunk), rtol=0, atol=1e-12
+    )
+    ce, kl = ce_and_kl_per_token(spliced, targets, statistics, proj, chunk)
+    torch.testing.assert_close(ce, cross_entropy_per_token(spliced, targets, proj, chunk), rtol=0, atol=1e-12)
+    torch.testing.assert_close(kl, kl_per_token(clean, spliced, proj, chunk), rtol=0, atol=1e-12)
+    assert kl.min() > 0
 
 
 def test_alpha_makes_the_loss_equal_the_mse() -> None:

@@ -1,0 +1,102 @@
+"""train_with_kl_phase's two ways into the KL phase: a fresh Adam with its own decaying lr (the
+default, the paper's recipe for a pretrained SAE) or the MSE phase's Adam continued at one constant
+lr (the paper's A.1 runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_sae, random_tokens, tiny_model
+from sae_lens.constants import TRAINER_STATE_FILENAME
+
+from sae_lens_kl import kl_finetune
+from sae_lens_kl.train import runner_config, train_with_kl_phase
+
+SEQ, BATCH_TOKENS, MSE_STEPS, KL_STEPS, KL_BATCH = 16, 64, 12, 3, 4
+KL_TOKENS = KL_STEPS * KL_BATCH * SEQ
+DATA = random_tokens(160, seq=SEQ)
+
+
+def _runner_cfg(model, lr_decay_fraction: float = 0.0):
+    return runner_config(
+        model,
+        "blocks.1.hook_resid_pre",
+        architecture="topk",
+        d_sae=64,
+        k=4,
+        tokens=MSE_STEPS * BATCH_TOKENS + KL_TOKENS,
+        context_size=SEQ,
+        lr=1e-3,
+        batch_tokens=BATCH_TOKENS,
+        sink_positions=0,
+        dataset_name="tokens",
+        lr_decay_fraction=lr_decay_fraction,
+    )
+
+
+def _adam_steps(save_dir: Path) -> set[float]:
+    (state_file,) = (save_dir / "checkpoints").rglob(TRAINER_STATE_FILENAME)
+    state = torch.load(state_file, weights_only=True)["optimizer"]["state"]
+    return {float(parameter["step"]) for parameter in state.values()}
+
+
+def test_the_a1_recipe_continues_the_mse_phase_adam(tmp_path) -> None:
+    model = tiny_model()
+    cfg = _runner_cfg(model)
+    options = {"kl_fraction": KL_TOKENS / cfg.training_tokens, "batch_size": KL_BATCH, "eval_tokens": 0}
+    continued = train_with_kl_phase(
+        cfg, model, DATA, continue_optimizer=True, save_dir=tmp_path / "a1", **options
+    )
+    report = continued.sae.cfg.metadata.kl_finetune
+    # one constant lr for both phases: the MSE phase's
+    assert (report["config"]["lr"], report["config"]["lr_schedule"]) == (cfg.lr, "constant")
+    assert report["steps"] == KL_STEPS and continued.mse_tokens == MSE_STEPS * BATCH_TOKENS
+    # Adam's step count runs on from the MSE phase's (its bias correction too); a fresh Adam's does not
+    assert _adam_steps(tmp_path / "a1") == {MSE_STEPS + KL_STEPS}
+    fresh = train_with_kl_phase(cfg, model, DATA, save_dir=tmp_path / "fresh", lr=cfg.lr, **options)
+    assert _adam_steps(tmp_path / "fresh") == {KL_STEPS}
+    # the same MSE phase (seeded) and the same KL tokens: only the optimizer differs
+    assert torch.equal(continued.mse_sae.W_dec, fresh.mse_sae.W_dec)
+    assert not torch.equal(continued.sae.W_dec, fresh.sae.W_dec)
+
+
+def test_the_a1_recipe_refuses_what_it_cannot_continue(tmp_path) -> None:
+    model = tiny_model()
+    cfg = _runner_cfg(model)
+    fraction = KL_TOKENS / cfg.training_tokens
+    with pytest.raises(ValueError, match="mse_sae was given"):
+        train_with_kl_phase(
+            cfg, model, DATA, kl_fraction=fraction, continue_optimizer=True, mse_sae=make_sae("topk")
+        )
+    with pytest.raises(ValueError, match="decays over"):
+        train_with_kl_phase(
+            _runner_cfg(model, 0.2), model, DATA, kl_fraction=fraction, continue_optimizer=True
+        )
+    with pytest.raises(ValueError, match="needs an MSE phase"):
+        train_with_kl_phase(cfg, model, DATA, kl_fraction=1.0, continue_optimizer=True)
+    # kl_finetune's own option: a folder without SAELens's trainer state, or another SAE's state
+    sae = make_sae("topk")
+    with pytest.raises(ValueError, match=f"holds no {TRAINER_STATE_FILENAME}"):
+        kl_finetune(
+            sae, model, DATA, tokens=KL_TOKENS, batch_size=KL_BATCH, continue_optimizer_from=str(tmp_path)
+        )
+    train_with_kl_phase(
+        cfg, model, DATA, kl_fraction=fraction, save_dir=tmp_path / "run", batch_size=KL_BATCH, eval_tokens=0
+    )
+    (state_file,) = (tmp_path / "run" / "checkpoints").rglob(TRAINER_STATE_FILENAME)
+    wider = make_sae("topk", d_sae=32)
+    with pytest.raises(ValueError, match="Adam state is for parameters of shapes"):
+        kl_finetune(
+            wider,
+            model,
+            DATA,
+            tokens=KL_TOKENS,
+            batch_size=KL_BATCH,
+            continue_optimizer_from=str(state_file.parent),
+        )
+    with pytest.raises(ValueError, match="continue_optimizer_from with adapter"):
+        kl_finetune(
+            sae, model, DATA, tokens=KL_TOKENS, adapter="linear", continue_optimizer_from=str(tmp_path)
+        )
