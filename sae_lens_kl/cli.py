@@ -359,8 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", required=False, help="Output folder.")
     train.add_argument("--overwrite", action="store_true", help="Replace an existing output folder's files.")
-    # The budget of both phases is --training-tokens; --kl-fraction says how much is KL.
-    add_config_flags(train, exclude=("tokens",))
+    train.add_argument(
+        "--continue-optimizer",
+        action="store_true",
+        help="The paper's A.1 recipe: the KL phase continues the MSE phase's Adam at --mse-lr, "
+        "constant (one optimizer and one lr for both phases; --lr and --lr-schedule do not apply). "
+        "Default: a fresh Adam at --lr, decayed to 0.",
+    )
+    # The budget of both phases is --training-tokens; --kl-fraction says how much is KL;
+    # --continue-optimizer names the MSE phase's optimizer state itself.
+    add_config_flags(train, exclude=("tokens", "continue_optimizer_from"))
 
     cache = sub.add_parser(
         "cache",

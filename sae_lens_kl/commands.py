@@ -505,6 +505,8 @@ def _run_folder(resume: Path) -> Path:
 def train(args: argparse.Namespace) -> None:
     out = _check_out(args.out, args.overwrite)
     options = KLFinetuneConfig.options_in(args, drop=("context_size",))
+    if args.continue_optimizer:  # one Adam and one constant lr for both phases
+        options.update(lr=args.mse_lr, lr_schedule="constant")
     KLFinetuneConfig(tokens=args.training_tokens, **options)  # validate before loading anything
     model = load_model(args.model, device=args.device or "cpu")
     data, eval_data = _text_or_corpus(args.data, args.eval_data)
@@ -530,6 +532,7 @@ def train(args: argparse.Namespace) -> None:
         kl_fraction=args.kl_fraction,
         eval_data=eval_data,
         save_dir=out,
+        continue_optimizer=args.continue_optimizer,
         callbacks=[history],
         overwrite=args.overwrite,
         **options,

@@ -308,7 +308,13 @@ def evaluate_saebench(
                 "core needs text to evaluate on: pass data= (a local folder, texts, a dataset)."
             )
         core_data = core_dataset(data)
-        overrides["core"].setdefault("dataset", describe(data))  # recorded in SAEBench's result file
+        # SAEBench's result file records this as the text evaluated, which is `data`
+        label = describe(data)
+        if overrides["core"].setdefault("dataset", label) != label:
+            raise SAEBenchError(
+                f"core's dataset option {overrides['core']['dataset']!r} would be recorded as the text "
+                f"evaluated, but core evaluates data= ({label}); pass that text as data instead."
+            )
     sae_bench_module("sae_bench.evals.core.main")  # the extra is installed
     device = device or (str(next(iter(saes.values())).W_dec.device) if model is None else model.cfg.device)
 
@@ -630,6 +636,8 @@ def _run_core(
             "compute_variance_metrics": True,
             "compute_featurewise_density_statistics": True,
             "compute_featurewise_weight_based_metrics": True,
+            # as SAEBench's runner for custom SAEs (custom_saes/run_all_evals_custom_saes.py)
+            "exclude_special_tokens_from_reconstruction": True,
             **overrides,
         }
     )

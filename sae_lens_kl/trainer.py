@@ -280,7 +280,9 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
             for parameter in group["params"]:
                 step = self.optimizer.state[parameter].get("step")
                 if group["fused"] and step is not None:  # fused Adam keeps its step on the device
-                    self.optimizer.state[parameter]["step"] = step.to(dtype=torch.float32, device=parameter.device)
+                    self.optimizer.state[parameter]["step"] = step.to(
+                        dtype=torch.float32, device=parameter.device
+                    )
 
     def _train_modules_too(self) -> None:
         """Put the modules' parameters into SAELens's Adam (one more param group, same lr and

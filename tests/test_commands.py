@@ -112,6 +112,17 @@ def test_train_seed_reaches_the_mse_phase(
     assert not torch.equal(one.W_enc, two.W_enc)
 
 
+def test_train_continue_optimizer_runs_the_a1_recipe(
+    tiny_lm_folder: Path, text_folders: tuple[Path, Path], tmp_path
+) -> None:
+    data = ["--data", str(text_folders[0]), "--eval-data", str(text_folders[1])]
+    args = ["train", "--model", str(tiny_lm_folder), *TRAIN_SIZES, *data, "--continue-optimizer"]
+    assert main([*args, "--mse-lr", "3e-3", "--out", str(tmp_path / "a1")]) == 0
+    config = json.loads((tmp_path / "a1" / "report.json").read_text())["runs"]["KL+MSE"]["config"]
+    assert (config["lr"], config["lr_schedule"]) == (3e-3, "constant")
+    assert config["continue_optimizer_from"] is not None
+
+
 def test_train_has_no_tokens_flag_to_drop() -> None:
     # Its budget is --training-tokens; a --tokens flag would be accepted and ignored.
     with pytest.raises(SystemExit):

@@ -192,3 +192,57 @@ def test_quick_results_are_marked_as_such(tmp_path) -> None:
     assert (
         "(--quick: a smoke test, not a measurement)" in (tmp_path / "saebench.md").read_text().splitlines()[0]
     )
+
+
+def test_core_equals_saebenchs_own_multiple_evals(tmp_path) -> None:
+    """Our core run (the model and text given, nothing by name) against SAEBench's multiple_evals
+    (its model loader served our model) on the same local text: the same numbers. Both call
+    SAEBench's run_evals, so what this checks is the setup around it: the activation store, token
+    order, special tokens, decoder fold and config."""
+    import datasets
+    from sae_bench.evals.core import main
+
+    from sae_lens_kl.saebench import _serving
+
+    model = tiny_text_model()
+    sae = tiny_saes(model.cfg.model_name, "blocks.1.hook_resid_pre")["before"]
+    # unit decoder rows (SAEBench folds the norms only of SAEs it loads by name; ours folds a copy)
+    sae.fold_W_dec_norm()
+    folder = tmp_path / "text"
+    folder.mkdir()
+    (folder / "data.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in sentences(60)))
+    sizes = {"context_size": 16, "n_eval_reconstruction_batches": 2, "n_eval_sparsity_variance_batches": 2}
+    with _serving(model, main):
+        main.multiple_evals(
+            [("before", copy.deepcopy(sae))],
+            eval_batch_size_prompts=4,
+            compute_featurewise_density_statistics=True,
+            compute_featurewise_weight_based_metrics=True,
+            exclude_special_tokens_from_reconstruction=True,  # as its runner for custom SAEs
+            dataset=str(folder),
+            output_folder=str(tmp_path / "theirs"),
+            device="cpu",
+            force_rerun=True,
+            **sizes,
+        )
+    (theirs_file,) = (tmp_path / "theirs").glob("*.json")
+    text = datasets.load_dataset(str(folder), split="train", streaming=True)
+    evaluate_saebench(
+        {"before": sae},
+        model,
+        ["core"],
+        tmp_path / "ours",
+        data=text,
+        configs={"core": {**sizes, "batch_size_prompts": 4}},
+    )
+    theirs = json.loads(theirs_file.read_text())["eval_result_metrics"]
+    ours = json.loads((tmp_path / "ours" / "core" / f"before{RESULT_SUFFIX}").read_text())[
+        "eval_result_metrics"
+    ]
+    assert ours.keys() == theirs.keys()
+    for category, metrics in theirs.items():
+        assert ours[category].keys() == metrics.keys(), category
+        for metric, value in metrics.items():
+            # the fold divides rows of norm 1 (to float32 rounding) by their norms: a few ulp
+            # (2^-23 relative) per weight, summed through the eval's float32 reductions
+            assert ours[category][metric] == pytest.approx(value, rel=1e-5, abs=1e-7), f"{category}.{metric}"
