@@ -68,6 +68,9 @@ class Headline:
     category: str
     metric: str
     better: int
+    spread: str | None = None
+    """The metric (same category) holding SAEBench's standard deviation of this mean over its
+    units (absorption: letters); the table shows its standard error."""
 
     @property
     def label(self) -> str:
@@ -105,9 +108,9 @@ OFFLINE_EVALS: dict[str, OfflineEval] = {
         "sae_bench.evals.absorption.eval_config",
         "AbsorptionEvalConfig",
         (
-            Headline("mean", "mean_absorption_fraction_score", -1),
-            Headline("mean", "mean_full_absorption_score", -1),
-            Headline("mean", "mean_num_split_features", -1),
+            Headline("mean", "mean_absorption_fraction_score", -1, "std_dev_absorption_fraction_score"),
+            Headline("mean", "mean_full_absorption_score", -1, "std_dev_full_absorption_score"),
+            Headline("mean", "mean_num_split_features", -1, "std_dev_num_split_features"),
         ),
         needs_model=True,
     ),
@@ -326,6 +329,9 @@ def evaluate_saebench(
         "evals": {},
         "settings": {},
         "wall_seconds": {},
+        # SAEBench's own spread where it reports one (absorption, over letters); core and
+        # meta_structure report means only
+        "standard_errors": {},
         "sae_bench_version": _version("sae-bench"),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -346,6 +352,7 @@ def evaluate_saebench(
         table["settings"][name] = settings
         table["wall_seconds"][name] = time.perf_counter() - started
         table["evals"][name] = read_headlines(OFFLINE_EVALS[name], eval_dir, list(saes))
+        table["standard_errors"][name] = read_standard_errors(OFFLINE_EVALS[name], eval_dir, list(saes))
         write_table(table, out)
     return table
 
@@ -692,6 +699,26 @@ def read_headlines(spec: OfflineEval, eval_dir: Path, names: list[str]) -> dict[
     return rows
 
 
+def read_standard_errors(
+    spec: OfflineEval, eval_dir: Path, names: list[str]
+) -> dict[str, dict[str, float | None]]:
+    """{metric label: {sae name: standard error}} for the headlines whose spread SAEBench reports:
+    its standard deviation over the units of the mean (absorption's letters, one result detail
+    each) over the square root of their count."""
+    results = {name: json.loads((eval_dir / f"{name}{RESULT_SUFFIX}").read_text()) for name in names}
+    errors: dict[str, dict[str, float | None]] = {}
+    for headline in spec.headlines:
+        if headline.spread is None:
+            continue
+        row: dict[str, float | None] = {}
+        for name, result in results.items():
+            deviation = result["eval_result_metrics"].get(headline.category, {}).get(headline.spread)
+            units = len(result.get("eval_result_details") or [])
+            row[name] = None if deviation is None or deviation < 0 or units < 2 else deviation / units**0.5
+        errors[headline.label] = row
+    return errors
+
+
 def markdown(table: Mapping[str, Any]) -> str:
     names = table["saes"]
     first = names[0]
@@ -701,7 +728,9 @@ def markdown(table: Mapping[str, Any]) -> str:
         + (" (--quick: a smoke test, not a measurement)" if table.get("quick") else ""),
         "",
         f"Model {table['model_name']}, hook {table['hook_name']}, sae-bench {table['sae_bench_version']}. "
-        "Arrows: which way SAEBench counts as better (↑ higher, ↓ lower, · neither).",
+        "Arrows: which way SAEBench counts as better (↑ higher, ↓ lower, · neither). ± : SAEBench's "
+        "standard error where it reports a spread (absorption: over letters); core and meta_structure "
+        "report means only, so a difference there has no interval from SAEBench.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -709,8 +738,9 @@ def markdown(table: Mapping[str, Any]) -> str:
     arrows = {1: "↑", -1: "↓", 0: "·"}
     for eval_name, rows in table["evals"].items():
         better = {h.label: h.better for h in OFFLINE_EVALS[eval_name].headlines}
+        errors = table.get("standard_errors", {}).get(eval_name, {})
         for label, row in rows.items():
-            cells = [_fmt(row[n]) for n in names]
+            cells = [_fmt(row[n]) + _plus_minus(errors.get(label, {}).get(n)) for n in names]
             diffs = [
                 _fmt(None if row[n] is None or row[first] is None else row[n] - row[first], signed=True)
                 for n in names[1:]
@@ -720,6 +750,10 @@ def markdown(table: Mapping[str, Any]) -> str:
             )
     lines += ["", "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in table["wall_seconds"].items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _plus_minus(error: float | None) -> str:
+    return "" if error is None else f" ± {error:.2g}"
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
@@ -745,18 +779,29 @@ def write_table(table: Mapping[str, Any], out: Path) -> None:
     for axis, (eval_name, label, row) in zip(axes, panels, strict=False):
         shown = [n for n in names if row[n] is not None]
         values = [row[n] for n in shown]
-        bars = axis.bar(shown, values, color=[f"C{names.index(n)}" for n in shown])
+        errors = table.get("standard_errors", {}).get(eval_name, {}).get(label, {})
+        spread = [errors.get(n) or 0.0 for n in shown]
+        bars = axis.bar(
+            shown,
+            values,
+            yerr=spread if any(spread) else None,
+            capsize=3,
+            color=[f"C{names.index(n)}" for n in shown],
+        )
         axis.bar_label(bars, labels=[f"{v:.4g}" for v in values], fontsize=7)
         # from 0 (or the values' sign): a zoomed axis made a change of 0.0006 look like a collapse
-        low, high = min(0.0, *values), max(0.0, *values)
+        low = min(0.0, *(v - e for v, e in zip(values, spread, strict=True)))
+        high = max(0.0, *(v + e for v, e in zip(values, spread, strict=True)))
         pad = (high - low) * 0.15 or 1.0
         axis.set_ylim(low - (pad if low < 0 else 0), high + (pad if high > 0 else 0))
         axis.set_title(f"{eval_name}\n{label.split('.', 1)[1]}", fontsize=9)
         axis.tick_params(axis="x", labelrotation=20, labelsize=8)
     for axis in axes[len(panels) :]:
         axis.set_visible(False)
+    title = "error bars: SAEBench's standard error where it reports a spread (absorption, over letters)"
     if table.get("quick"):
-        figure.suptitle("--quick: a smoke test at small sizes, not a measurement", fontsize=10)
+        title = "--quick: a smoke test at small sizes, not a measurement; " + title
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     with staged_files(out) as staging:
         figure.savefig(staging / "saebench.png", dpi=90)

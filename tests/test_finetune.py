@@ -218,3 +218,41 @@ def test_checkpointed_suffix_trains_the_same_weights() -> None:
         assert torch.equal(recomputed.state_dict()[name], tensor), name
     with pytest.raises(ValueError, match="checkpoint_suffix=True .* needs prefix_reuse=True"):
         kl_finetune(sae, model, DATA, checkpoint_suffix=True, prefix_reuse=False, **options)
+
+
+def test_kl_only_keeps_the_aux_loss_on_the_kls_scale_over_a_long_run() -> None:
+    # aux-k active throughout (a latent is dead after one step without firing); the step's loss is
+    # kl * (1 + aux / sae_mse): aux keeps its share of the fitted term at every step instead of
+    # SAELens's MSE-scale weight, and the KL still falls over the run
+    model = tiny_model()
+    sae = make_sae("topk")
+    steps: list[dict[str, float]] = []
+
+    def record(_trainer: Any, output: Any) -> None:
+        losses = {name: value.item() for name, value in output.losses.items()}
+        aux = sum(value for name, value in losses.items() if name not in ("mse_loss", "kl_loss"))
+        steps.append(
+            {"loss": output.loss.item(), "kl": losses["kl_loss"], "aux": aux, "mse": losses["mse_loss"]}
+        )
+
+    tuned = kl_finetune(
+        sae,
+        model,
+        random_tokens(800, seq=SEQ),
+        tokens=200 * 4 * SEQ,
+        loss="kl",
+        lr=1e-3,
+        dead_feature_window=1,
+        callbacks=[record],
+        **{**FAST, "eval_tokens": 0},
+    )
+    assert len(steps) == 200 and sum(step["aux"] > 0 for step in steps) > 100  # aux-k was on
+    for step in steps:
+        # float32 terms of ~1: a few ulp
+        assert step["loss"] == pytest.approx(step["kl"] * (1 + step["aux"] / step["mse"]), rel=1e-5)
+    first, last = (sum(s["kl"] for s in part) / 20 for part in (steps[:20], steps[-20:]))
+    assert last < 0.8 * first
+    assert (
+        evaluate(tuned, model, DATA[:32], n_tokens=32 * SEQ).kl
+        < evaluate(sae, model, DATA[:32], n_tokens=32 * SEQ).kl
+    )

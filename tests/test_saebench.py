@@ -142,6 +142,13 @@ def test_absorption_on_the_real_model(tmp_path) -> None:
     assert all(0 <= value <= 1 for value in fractions.values())
     assert rows["mean.mean_num_split_features"]["before"] >= 1
     assert any(rows[label]["before"] != rows[label]["after"] for label in rows)
+    # SAEBench's own spread: its standard deviation over letters / sqrt(letters), shown as ±
+    written = json.loads((tmp_path / "absorption" / f"before{RESULT_SUFFIX}").read_text())
+    letters = len(written["eval_result_details"])
+    deviation = written["eval_result_metrics"]["mean"]["std_dev_absorption_fraction_score"]
+    error = table["standard_errors"]["absorption"]["mean.mean_absorption_fraction_score"]["before"]
+    assert letters >= 2 and error == deviation / letters**0.5
+    assert f"± {error:.2g}" in (tmp_path / "saebench.md").read_text()
     # SAEBench's probe was trained and tested on the sampled words only
     # keyed by the eval's settings: another run with other settings cannot read these probes
     (settings_folder,) = (tmp_path / "absorption" / "artifacts").iterdir()
