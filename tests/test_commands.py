@@ -200,8 +200,9 @@ def test_the_sweep_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path
         for arm in ("KL+MSE", "MSE-only"):
             assert cell[arm]["dead_latents"] >= 0 and cell[arm]["wall_seconds"] > 0
     assert (tmp_path / "out" / "sweep.md").is_file() and (tmp_path / "out" / "sweep.png").is_file()
-    code = main([*args, "--lrs", "0", "--out", str(tmp_path / "bad")])
-    assert code == 2 and not (tmp_path / "bad").exists()
+    for bad in (["--lrs", "0"], ["--steps", "100000"]):  # a step count the text cannot hold
+        code = main([*args, *bad, "--out", str(tmp_path / "bad")])
+        assert code == 2 and not (tmp_path / "bad").exists()
 
 
 def test_the_sparsity_sweep_at_a_tiny_size(
