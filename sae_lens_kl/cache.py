@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from sae_lens_kl.config import FALLBACK_CONTEXT_SIZE, KL_CHUNK_TOKENS
 from sae_lens_kl.data import DataSource, take, token_sequences
 from sae_lens_kl.losses import CleanStatistics, clean_statistics
 from sae_lens_kl.runs import CleanRun, SpliceRunner
@@ -72,12 +73,12 @@ def build_cache(
     out_dir: str | os.PathLike[str],
     *,
     tokens: int,
-    context_size: int = 1024,
+    context_size: int = FALLBACK_CONTEXT_SIZE,
     prepend_bos: bool = True,
     hook_head_index: int | None = None,
     batch_size: int = 8,
     shard_sequences: int = 256,
-    chunk_tokens: int = 256,
+    chunk_tokens: int = KL_CHUNK_TOKENS,
     overwrite: bool = False,
 ) -> CleanPassCache:
     """Run `model` once over the first `tokens` tokens of `data` and store the clean pass

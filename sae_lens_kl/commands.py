@@ -19,7 +19,7 @@ from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_direc
 
 from sae_lens_kl.api import kl_finetune
 from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME, FINETUNE_STATE_FILENAME
-from sae_lens_kl.config import LOSS_MODES, KLFinetuneConfig
+from sae_lens_kl.config import KL_CHUNK_TOKENS, LOSS_MODES, KLFinetuneConfig
 from sae_lens_kl.corpus import django_docs
 from sae_lens_kl.data import token_sequences
 from sae_lens_kl.evaluation import HeldOutEvaluator
@@ -231,7 +231,7 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
         "eval_tokens": args.eval_tokens,
         "eval_batch_size": 8,
         "exclude_first_positions": sinks,
-        "kl_chunk_tokens": 256,
+        "kl_chunk_tokens": KL_CHUNK_TOKENS,
     }
     kl_tokens = args.kl_steps * batch_size * context_size
     evaluator = (

@@ -23,6 +23,14 @@ TrainingArchitecture = Literal[
 ]
 TRAINING_ARCHITECTURES: tuple[str, ...] = get_args(TrainingArchitecture)
 
+# Defaults that other modules share with the config (the evaluator, the clean-pass cache, the demo).
+KL_CHUNK_TOKENS = 256
+"""Tokens per chunk of the vocabulary projection (memory: chunk x vocab floats)."""
+FALLBACK_CONTEXT_SIZE = 1024
+"""Tokens per sequence when neither an option nor the SAE's metadata gives one."""
+EVAL_TOKENS = 65_536
+"""Held-out tokens evaluated by default."""
+
 
 @dataclass
 class KLFinetuneConfig:
@@ -120,19 +128,19 @@ class KLFinetuneConfig:
     """Sequences per step."""
 
     context_size: int | None = None
-    """Tokens per sequence; default: the SAE metadata's context_size, else 1024."""
+    """Tokens per sequence; default: the SAE metadata's context_size, else FALLBACK_CONTEXT_SIZE (1024)."""
 
     prepend_bos: bool | None = None
     """Put BOS at the start of every sequence; default: the SAE metadata's prepend_bos, else True."""
 
-    eval_tokens: int = 65_536
+    eval_tokens: int = EVAL_TOKENS
     """Held-out tokens for the before/after evaluation, taken from the start of the data stream and
     never trained on (or from `eval_data`). 0 disables evaluation."""
 
     eval_batch_size: int = 4
     """Sequences per evaluation batch."""
 
-    kl_chunk_tokens: int = 256
+    kl_chunk_tokens: int = KL_CHUNK_TOKENS
     """Tokens per chunk of the vocabulary projection; memory of the KL is chunk x vocab floats."""
 
     exclude_special_tokens: bool = True

@@ -18,6 +18,7 @@ from transformer_lens.hook_points import HookedRootModule
 from sae_lens_kl.adapters import attached
 from sae_lens_kl.architectures import flat_activations, to_inference_sae
 from sae_lens_kl.checkpoints import sae_fingerprint
+from sae_lens_kl.config import EVAL_TOKENS, FALLBACK_CONTEXT_SIZE, KL_CHUNK_TOKENS
 from sae_lens_kl.data import DataError, DataSource, take, token_sequences
 from sae_lens_kl.losses import (
     CleanStatistics,
@@ -109,13 +110,13 @@ def evaluate(
     model: HookedRootModule,
     data: DataSource,
     *,
-    n_tokens: int = 65_536,
+    n_tokens: int = EVAL_TOKENS,
     batch_size: int = 4,
     context_size: int | None = None,
     prepend_bos: bool | None = None,
     exclude_special_tokens: bool = True,
     exclude_first_positions: int = 0,
-    chunk_tokens: int = 256,
+    chunk_tokens: int = KL_CHUNK_TOKENS,
     prefix_reuse: bool = True,
 ) -> EvalResult:
     """Evaluate `sae` spliced into `model` on the first `n_tokens` tokens of `data` (rounded up to
@@ -129,7 +130,7 @@ def evaluate(
         data,
         n_tokens=n_tokens,
         batch_size=batch_size,
-        context_size=context_size or metadata.context_size or 1024,
+        context_size=context_size or metadata.context_size or FALLBACK_CONTEXT_SIZE,
         prepend_bos=prepend_bos if prepend_bos is not None else metadata.prepend_bos is not False,
         exclude_special_tokens=exclude_special_tokens,
         exclude_first_positions=exclude_first_positions,
@@ -217,7 +218,7 @@ class HeldOutEvaluator:
         batch_size: int = 4,
         exclude_special_tokens: bool = True,
         exclude_first_positions: int = 0,
-        chunk_tokens: int = 256,
+        chunk_tokens: int = KL_CHUNK_TOKENS,
         prefix_reuse: bool = True,
         clean_cache_bytes: int = 2**31,
         parallel: DataParallel | None = None,

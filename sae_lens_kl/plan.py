@@ -29,7 +29,7 @@ from sae_lens_kl.checkpoints import (
     find_checkpoint,
     sae_fingerprint,
 )
-from sae_lens_kl.config import KLFinetuneConfig
+from sae_lens_kl.config import FALLBACK_CONTEXT_SIZE, KLFinetuneConfig
 from sae_lens_kl.data import DataError, DataSource, check_data_kind
 from sae_lens_kl.lm_lora import lm_lora_targets
 from sae_lens_kl.lora import check_rank
@@ -217,7 +217,7 @@ def make_plan(
             "checkpoint_suffix=True with lm_lora_rank: LoRA acts through hooks, which are gone when "
             "backward recomputes the blocks; leave checkpoint_suffix off for LoRA on the LM."
         )
-    context_size = cfg.context_size or metadata.context_size or 1024
+    context_size = cfg.context_size or metadata.context_size or FALLBACK_CONTEXT_SIZE
     n_ctx = getattr(model_cfg, "n_ctx", None)
     if n_ctx is not None and context_size > n_ctx:
         raise ValueError(

@@ -17,6 +17,7 @@ import torch
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
+from sae_lens_kl.config import KL_CHUNK_TOKENS
 from sae_lens_kl.losses import CleanStatistics, clean_statistics
 from sae_lens_kl.splice import (
     CompiledBlocks,
@@ -196,7 +197,7 @@ def shared_clean_runs(
     model: HookedTransformer,
     batches: Iterator[torch.Tensor],
     runners: Mapping[str, SpliceRunner],
-    chunk_tokens: int = 256,
+    chunk_tokens: int = KL_CHUNK_TOKENS,
 ) -> Iterator[dict[str, CleanRun]]:
     """For each token batch, every SAE's clean run from one prefix and one clean suffix: the layers
     before the earliest SAE run once, and one suffix from there records, for each SAE, the residual

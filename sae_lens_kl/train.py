@@ -25,6 +25,7 @@ from sae_lens.registry import get_sae_training_class
 from transformer_lens import HookedTransformer
 
 from sae_lens_kl.api import kl_finetune
+from sae_lens_kl.config import EVAL_TOKENS
 from sae_lens_kl.data import DataError, DataSource, documents, take, token_sequences
 from sae_lens_kl.trainer import StepCallback
 
@@ -201,7 +202,7 @@ def _kl_phase(
     n_seq = len(kl_sequences)
     if eval_data is None and kl_options.get("evaluator") is None:
         # Held out: the sequences after the KL phase's, never trained on by either phase.
-        eval_tokens = kl_options.get("eval_tokens", 65_536)
+        eval_tokens = kl_options.get("eval_tokens", EVAL_TOKENS)
         eval_data = take(stream, -(-eval_tokens // context_size)) if eval_tokens else None
         if eval_tokens and eval_data is None:
             raise DataError(
