@@ -13,10 +13,10 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from sae_lens_kl.api import kl_finetune
 from sae_lens_kl.intervals import format_interval, fraction_closed, paired_intervals
 from sae_lens_kl.report import save_figure
 from sae_lens_kl.staging import write_file
+from sae_lens_kl.sweep import kl_and_control
 from sae_lens_kl.train import kl_phase_sequences, train_with_kl_phase
 
 ARMS = ("KL+MSE", "MSE-only", "end to end")
@@ -56,23 +56,9 @@ def run_sparsity_sweep(
         kl_data, _ = kl_phase_sequences(
             runner_cfg, setup.model, setup.train_data, runner_cfg.training_tokens, kl_tokens
         )
-        afters, seconds = {}, {"MSE phase": mse_seconds}
-        for arm, loss in (("KL+MSE", "kl+mse"), ("MSE-only", "mse")):
-            print(f"k={k}: {arm}")
-            started = time.perf_counter()
-            kl_finetune(
-                mse_sae,
-                setup.model,
-                kl_data,
-                tokens=kl_tokens,
-                loss=loss,
-                save_dir=out / f"k{k}" / loss.replace("+", "_"),
-                overwrite=overwrite,
-                evaluator=setup.evaluator,
-                **setup.options,
-            )
-            seconds[arm] = time.perf_counter() - started
-            afters[arm] = setup.evaluator.last
+        print(f"k={k}: KL+MSE and the MSE-only control")
+        afters, arm_seconds = kl_and_control(setup, mse_sae, kl_data, out / f"k{k}", overwrite=overwrite)
+        seconds = {"MSE phase": mse_seconds, **arm_seconds}
         if end_to_end:
             print(f"k={k}: end to end on {runner_cfg.training_tokens + kl_tokens:,} tokens")
             started = time.perf_counter()

@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from matplotlib.figure import Figure
 from sae_lens import SAE
 
 from sae_lens_kl.api import kl_finetune
+from sae_lens_kl.evaluation import EvalResult
 from sae_lens_kl.intervals import format_interval, fraction_closed, paired_intervals
 from sae_lens_kl.report import save_figure
 from sae_lens_kl.staging import write_file
@@ -46,22 +48,14 @@ def run_sweep(
     for lr in lrs:
         for n_steps in steps:
             tokens = n_steps * batch_size * context_size
-            afters, seconds = {}, {}
-            for arm, loss in ARMS.items():
-                started = time.perf_counter()
-                kl_finetune(
-                    mse_sae,
-                    setup.model,
-                    kl_data[: n_steps * batch_size],
-                    tokens=tokens,
-                    loss=loss,
-                    save_dir=out / f"lr{lr:g}_steps{n_steps}" / loss.replace("+", "_"),
-                    overwrite=overwrite,
-                    evaluator=setup.evaluator,
-                    **{**setup.options, "lr": lr},
-                )
-                seconds[arm] = time.perf_counter() - started
-                afters[arm] = setup.evaluator.last
+            afters, seconds = kl_and_control(
+                setup,
+                mse_sae,
+                kl_data[: n_steps * batch_size],
+                out / f"lr{lr:g}_steps{n_steps}",
+                overwrite=overwrite,
+                lr=lr,
+            )
             intervals = paired_intervals(before, afters, control="MSE-only")
             cells.append(
                 {
@@ -101,6 +95,31 @@ def run_sweep(
     write_file(out / "sweep.md", _markdown(result))
     _figure(result, out / "sweep.png")
     return result
+
+
+def kl_and_control(
+    setup: Any, mse_sae: SAE[Any], kl_data: torch.Tensor, folder: Path, *, overwrite: bool, **options: Any
+) -> tuple[dict[str, EvalResult], dict[str, float]]:
+    """KL+MSE and its MSE-only control from `mse_sae` on the sequences `kl_data`, saved under
+    `folder`, with the demo setup's options (`options` override them): each arm's held-out result
+    from the shared evaluator, and its wall seconds."""
+    afters, seconds = {}, {}
+    for arm, loss in ARMS.items():
+        started = time.perf_counter()
+        kl_finetune(
+            mse_sae,
+            setup.model,
+            kl_data,
+            tokens=kl_data.numel(),
+            loss=loss,
+            save_dir=folder / loss.replace("+", "_"),
+            overwrite=overwrite,
+            evaluator=setup.evaluator,
+            **{**setup.options, **options},
+        )
+        seconds[arm] = time.perf_counter() - started
+        afters[arm] = setup.evaluator.last
+    return afters, seconds
 
 
 def _cell_line(cell: dict[str, Any]) -> str:
