@@ -409,8 +409,6 @@ def sparsity(args: argparse.Namespace) -> None:
 
     if any(k < 1 for k in args.ks) or not 0 < args.kl_share < 1:
         raise SystemExit(f"--ks {args.ks} must be >= 1 and --kl-share {args.kl_share} in (0, 1).")
-    if args.d_sae is not None and max(args.ks) > args.d_sae:
-        raise SystemExit(f"--ks {args.ks}: each k must be at most --d-sae {args.d_sae}.")
     out = _check_out(args.out, args.overwrite)
     assert out is not None
     setup = demo_setup(args, quick=args.quick)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import make_sae, sentences, tiny_text_model
 
-from sae_lens_kl.saebench import INSTALL, OFFLINE_EVALS, RESULT_SUFFIX, evaluate_saebench
+from sae_lens_kl.saebench import INSTALL, OFFLINE_EVALS, RESULT_SUFFIX, SAEBenchError, evaluate_saebench
 
 pytest.importorskip("sae_bench", reason=f"the [saebench] extra is not installed ({INSTALL})")
 
@@ -253,3 +253,20 @@ def test_core_equals_saebenchs_own_multiple_evals(tmp_path) -> None:
             # the fold divides rows of norm 1 (to float32 rounding) by their norms: a few ulp
             # (2^-23 relative) per weight, summed through the eval's float32 reductions
             assert ours[category][metric] == pytest.approx(value, rel=1e-5, abs=1e-7), f"{category}.{metric}"
+
+
+def test_core_refuses_a_dataset_label_other_than_the_text_it_evaluates(tmp_path) -> None:
+    # SAEBench's result file records core's `dataset` as the text evaluated, which is `data`
+    sae = make_sae("standard")
+    model = tiny_text_model()
+    sae.cfg.metadata.model_name = model.cfg.model_name
+    with pytest.raises(SAEBenchError, match="would be recorded as the text evaluated"):
+        evaluate_saebench(
+            {"before": sae},
+            model,
+            ["core"],
+            tmp_path / "out",
+            data=sentences(10),
+            configs={"core": {"dataset": "Skylion007/openwebtext"}},
+        )
+    assert not (tmp_path / "out").exists()
