@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import sentences, tiny_text_model
 
+from sae_lens_kl.checkpoints import data_fingerprint
 from sae_lens_kl.data import DataError, batched, take, token_sequences
 
 CTX = 16
@@ -67,3 +68,23 @@ def test_bad_sources_say_what_to_do(model, tmp_path) -> None:
         first("no-such-user/no-such-dataset-xyz", model)
     with pytest.raises(DataError, match="strings"):
         first(["fine", 3], model)
+
+
+def test_data_fingerprint_names_the_content() -> None:
+    # The resume check compares data fingerprints; for a Dataset it rests on datasets' private
+    # `_fingerprint` (a hash of its content): if that goes or stops naming the content, two
+    # different texts of one length would pass for the same data.
+    texts = ["the first text", "the second text"]
+    same = datasets.Dataset.from_dict({"text": list(texts)})
+    assert isinstance(same._fingerprint, str)
+    prints = {
+        data_fingerprint(datasets.Dataset.from_dict({"text": texts})),
+        data_fingerprint(same),
+    }
+    assert len(prints) == 1
+    other = datasets.Dataset.from_dict({"text": ["the first text", "another text"]})
+    assert data_fingerprint(other) not in prints
+    # lists of texts: by content, the boundaries between items included
+    assert data_fingerprint(["ab", "c"]) != data_fingerprint(["a", "bc"])
+    assert data_fingerprint(list(texts)) == data_fingerprint(list(texts))
+    assert data_fingerprint(texts) != data_fingerprint(["the first text", "another text"])

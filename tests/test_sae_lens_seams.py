@@ -3,12 +3,18 @@ Each test fails loudly if a SAELens release changes it; the code that relies on 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from typing import Any
 
+import sae_lens
+import torch
 from conftest import make_sae, random_tokens, tiny_model
-from sae_lens import LanguageModelSAERunnerConfig
+from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
+from sae_lens.config import SAETrainerConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainStepOutput
+from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_kl.architectures import to_training_sae
 from sae_lens_kl.config import TRAINING_ARCHITECTURES, KLFinetuneConfig
@@ -17,7 +23,7 @@ from sae_lens_kl.multi import MultiKLFinetuneTrainer
 from sae_lens_kl.runs import SpliceRunner, shared_clean_runs
 from sae_lens_kl.splice import HookSite
 from sae_lens_kl.train import fresh_sae, runner_config
-from sae_lens_kl.trainer import KLFinetuneTrainer
+from sae_lens_kl.trainer import KLFinetuneTrainer, _firing_counts
 
 SEQ, BATCH, STEPS = 16, 4, 3
 
@@ -115,3 +121,48 @@ def test_fresh_sae_has_the_metadata_the_runner_would_record() -> None:
 
 def test_trainable_architectures_are_in_sae_lens_training_registry() -> None:
     assert set(TRAINING_ARCHITECTURES) <= set(SAE_TRAINING_CLASS_REGISTRY)
+
+
+def test_record_firing_keeps_sae_lens_own_counters() -> None:
+    # KLFinetuneTrainer._record_firing replaces the counter updates inside SAETrainer._train_step
+    # (dead latents, firing frequencies; no seam of their own): the same feature activations must
+    # leave every counter where SAELens's own step leaves it.
+    sae = to_training_sae(make_sae("topk"))
+    rows = 24
+    acts = torch.randn(2, rows, sae.cfg.d_in, generator=torch.Generator().manual_seed(3)) * 4
+    theirs = SAETrainer(
+        SAETrainerConfig(
+            total_training_samples=2 * rows,
+            train_batch_size_samples=rows,
+            lr_end=3e-4,
+            logger=LoggingConfig(log_to_wandb=False),
+        ),
+        sae,
+        data_provider=iter(()),
+    )
+    model = tiny_model()
+    ours = recording_trainer(model, sae.cfg.metadata.hook_name, lambda _: iter(()))
+    for batch in acts:
+        feature_acts = theirs._train_step(sae, batch).feature_acts.detach()
+        ours._record_firing(_firing_counts(feature_acts), rows)
+    assert ours.n_frac_active_samples == theirs.n_frac_active_samples
+    torch.testing.assert_close(ours.act_freq_scores.float(), theirs.act_freq_scores, rtol=0, atol=0)
+    torch.testing.assert_close(
+        ours.n_forward_passes_since_fired.float(), theirs.n_forward_passes_since_fired, rtol=0, atol=0
+    )
+    assert 0 < int((theirs.n_forward_passes_since_fired == 0).sum()) < sae.cfg.d_sae  # some fired
+
+
+# The source of SAETrainer._train_step in the SAELens release KLFinetuneTrainer._train_step mirrors
+# (its order: training forward pass, firing counters, backward, clipping, optimizer, schedulers).
+MIRRORED_TRAIN_STEP = ("6.54.12", "f609adeefc260444")
+
+
+def test_train_step_override_mirrors_this_sae_lens_release() -> None:
+    digest = hashlib.sha256(inspect.getsource(SAETrainer._train_step).encode()).hexdigest()[:16]
+    version, expected = MIRRORED_TRAIN_STEP
+    assert digest == expected, (
+        f"SAETrainer._train_step differs from sae-lens {version}'s (installed: {sae_lens.__version__}); "
+        "review KLFinetuneTrainer._train_step and _record_firing against it, then update "
+        "MIRRORED_TRAIN_STEP."
+    )
