@@ -167,8 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="Offline end-to-end demo on SmolLM2-135M and Django's docs (~13 min on 2 CPU cores, "
-        "~9 once its MSE phase is cached).",
+        help="Offline end-to-end demo on SmolLM2-135M and Django's docs (wall times: docs/demo.md).",
         description="Trains a TopK SAE with SAELens's runner (MSE phase, cached after the first run), "
         "then runs the KL+MSE phase and an MSE-only control of the same length, evaluates all on "
         "held-out text, and writes report.json, report.md and PNG plots. Needs no hub access.",

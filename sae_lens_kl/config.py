@@ -108,7 +108,7 @@ class KLFinetuneConfig:
 
     lr: float = 5e-5
     """Adam learning rate, decayed linearly to 0 over the fine-tune. 5e-5 is the paper's value for
-    ~12k steps; short runs need a larger one (see README)."""
+    ~12k steps; short runs need a larger one (see docs/demo.md)."""
 
     lr_schedule: LRSchedule = "linear"
     """'linear': decayed linearly to 0 over the fine-tune (the paper's §3.3); 'constant': held at lr
@@ -181,7 +181,7 @@ class KLFinetuneConfig:
     latents: the encoder's backward reads only the nonzero entries of its gradient, and TopK's
     latents are SAELens's sparse activations (COO, a sparse decode and decoder gradient). The
     same outputs and gradients to float rounding. None: on for CPU, where it measured faster
-    (GPT-2-small shape, k=64 of 12288 latents, 2 threads: see README "Performance"); off on GPU,
+    (GPT-2-small shape, k=64 of 12288 latents, 2 threads: see docs/performance.md); off on GPU,
     where it has not been measured."""
 
     prefix_reuse: bool = True

@@ -450,10 +450,11 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         if not self.parallel.is_main:
             pbar.disable = True
         pbar.update(self.tokens_per_step)
+        # only the numbers this objective has (no kl for "mse", no alpha beside a fixed weight)
+        shown = {name: metrics[name] for name in ("kl", "alpha") if not math.isnan(metrics[name])}
         pbar.set_postfix(
-            kl=f"{metrics['kl']:.4g}",
+            **{name: f"{value:.4g}" for name, value in shown.items()},
             mse=f"{step_output.losses['mse_loss'].item():.4g}",
-            alpha=f"{metrics['alpha']:.3g}",
             l0=f"{metrics['l0']:.1f}",
             lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
             refresh=False,

@@ -34,6 +34,7 @@ class RecordingTrainer(KLFinetuneTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.events: list[tuple[str, int]] = []
+        self.postfixes: list[str] = []
 
     def step(self, batch: Any) -> TrainStepOutput:
         self.events.append(("step", self.n_training_steps))
@@ -46,11 +47,12 @@ class RecordingTrainer(KLFinetuneTrainer):
     def _update_pbar(self, step_output: TrainStepOutput, pbar: Any, update_interval: int = 1) -> None:
         self.events.append(("progress", self.n_training_steps))
         super()._update_pbar(step_output, pbar, update_interval)
+        self.postfixes.append(str(pbar.postfix))
 
 
-def recording_trainer(model: Any, hook_name: str, runs: Any) -> RecordingTrainer:
+def recording_trainer(model: Any, hook_name: str, runs: Any, **options: Any) -> RecordingTrainer:
     sae = to_training_sae(make_sae("topk", hook_name=hook_name))
-    cfg = KLFinetuneConfig(tokens=STEPS * BATCH * SEQ, batch_size=BATCH, context_size=SEQ)
+    cfg = KLFinetuneConfig(tokens=STEPS * BATCH * SEQ, batch_size=BATCH, context_size=SEQ, **options)
     runner = SpliceRunner(model, HookSite.for_model(model, hook_name, None))
     return RecordingTrainer(sae, runner, runs(runner), cfg, context_size=SEQ)
 
@@ -72,6 +74,22 @@ def test_sae_trainer_fit_calls_step_checkpoint_then_progress() -> None:
     trainer = recording_trainer(model, "blocks.1.hook_resid_pre", lambda runner: runner.clean_runs(batches))
     trainer.fit()
     assert trainer.events == expected_events()
+
+
+def test_progress_bar_shows_only_the_numbers_the_objective_has() -> None:
+    model = tiny_model()
+    shown = {}
+    for loss in ("kl+mse", "kl+mse-fixed", "mse"):
+        batches = batched(random_tokens(STEPS * BATCH, seq=SEQ), BATCH)
+        trainer = recording_trainer(
+            model, "blocks.1.hook_resid_pre", lambda runner, b=batches: runner.clean_runs(b), loss=loss
+        )
+        trainer.fit()
+        shown[loss] = trainer.postfixes[-1]
+    assert "alpha=" in shown["kl+mse"] and "kl=" in shown["kl+mse"]
+    assert "alpha=" not in shown["kl+mse-fixed"] and "kl=" in shown["kl+mse-fixed"]
+    assert "alpha=" not in shown["mse"] and "kl=" not in shown["mse"] and "mse=" in shown["mse"]
+    assert not any("nan" in postfix for postfix in shown.values())
 
 
 def test_multi_sae_trainer_drives_the_trainers_put_in_its_place() -> None:
