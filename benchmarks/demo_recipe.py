@@ -21,53 +21,51 @@ import torch
 from sae_lens_kl.corpus import django_docs
 from sae_lens_kl.evaluation import evaluate
 from sae_lens_kl.models import load_model
-from sae_lens_kl.train import mse_phase, runner_config
+from sae_lens_kl.recipes import DEMO_HOOK, DEMO_MSE_RECIPE, DEMO_SIZES
+from sae_lens_kl.train import mse_phase
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    recipe = DEMO_MSE_RECIPE  # every default is the demo's
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--hook", default="blocks.15.hook_resid_post")
-    parser.add_argument("--d-sae", type=int, default=4608)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=184_320)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--batch-tokens", type=int, default=512)
+    parser.add_argument("--hook", default=DEMO_HOOK)
+    parser.add_argument("--d-sae", type=int, default=recipe.d_sae)
+    parser.add_argument("--k", type=int, default=int(recipe.k))
+    parser.add_argument("--tokens", type=int, default=recipe.tokens)
+    parser.add_argument("--lr", type=float, default=recipe.lr)
+    parser.add_argument("--batch-tokens", type=int, default=recipe.batch_tokens)
     parser.add_argument(
-        "--lr-decay", type=float, default=0.0, help="Fraction of steps decayed to 0 at the end."
+        "--lr-decay",
+        type=float,
+        default=recipe.lr_decay_fraction,
+        help="Fraction of steps decayed to 0 at the end.",
     )
     parser.add_argument("--warm-up", type=float, default=0.0, help="Fraction of steps of linear warm-up.")
     parser.add_argument("--dead-window", type=int, default=None, help="Steps (default: 5 %% of the run).")
-    parser.add_argument("--eval-tokens", type=int, default=20_480)
+    parser.add_argument("--eval-tokens", type=int, default=DEMO_SIZES["eval_tokens"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model = load_model("smollm2")
     corpus = django_docs()
-    cfg = runner_config(
-        model,
-        args.hook,
-        architecture="topk",
+    recipe = dataclasses.replace(
+        recipe,
         d_sae=args.d_sae,
         k=args.k,
         tokens=args.tokens,
-        context_size=128,
         lr=args.lr,
         batch_tokens=args.batch_tokens,
-        sink_positions=2,
-        dataset_name=str(corpus.train),
+        lr_decay_fraction=args.lr_decay,
         dead_feature_window=args.dead_window,
     )
+    cfg = recipe.runner_config(model, args.hook, dataset_name=str(corpus.train))
     steps = args.tokens // args.batch_tokens
-    cfg = dataclasses.replace(
-        cfg,
-        lr_decay_steps=round(steps * args.lr_decay),
-        lr_warm_up_steps=round(steps * args.warm_up),
-        lr_end=0.0 if args.lr_decay else None,
-    )
+    # SAELens's warm-up is in steps; the recipe has none
+    cfg = dataclasses.replace(cfg, lr_warm_up_steps=round(steps * args.warm_up))
     start = time.perf_counter()
     sae = mse_phase(cfg, model, corpus.train, args.tokens)
     train_s = time.perf_counter() - start
@@ -77,8 +75,8 @@ def main() -> None:
         corpus.eval,
         n_tokens=args.eval_tokens,
         batch_size=8,
-        context_size=128,
-        exclude_first_positions=2,
+        context_size=recipe.context_size,
+        exclude_first_positions=recipe.sink_positions,
     )
     print(
         json.dumps(

@@ -21,6 +21,7 @@ from typing import Any
 from simple_parsing.docstring import get_attribute_docstring
 
 from sae_lens_kl.config import LOSS_MODES, TRAINING_ARCHITECTURES, KLFinetuneConfig
+from sae_lens_kl.recipes import DEMO_HOOK, DEMO_KL_LR, DEMO_MSE_RECIPE, DEMO_SIZES, KL_BATCH_SEQUENCES
 
 # This module only parses: torch, SAELens and TransformerLens load when a command runs.
 
@@ -44,9 +45,12 @@ def _flag_type(annotation: Any) -> tuple[type, list[str] | None, str | None]:
     return annotation, None, None
 
 
-def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (), helps: dict[str, str] | None = None
+) -> None:
     """One flag per KLFinetuneConfig field (except `exclude`), with its docstring and default as
-    help; the type and choices come from the field's annotation."""
+    help (or `helps`' text, where a command gives the field another meaning); the type and
+    choices come from the field's annotation."""
     docs = field_docs(KLFinetuneConfig)
     hints = typing.get_type_hints(KLFinetuneConfig)
     group = parser.add_argument_group("fine-tune options (KLFinetuneConfig)")
@@ -56,7 +60,7 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
         kind, choices, nargs = _flag_type(hints[field.name])
         flag = "--" + field.name.replace("_", "-")
         default = None if field.default is MISSING else field.default
-        help_text = f"{docs[field.name]} (default: {default})"
+        help_text = (helps or {}).get(field.name, f"{docs[field.name]} (default: {default})")
         if kind is bool:
             # --wandb is the short spelling users expect for --log-to-wandb.
             flags = [flag, "--wandb"] if field.name == "log_to_wandb" else [flag]
@@ -133,26 +137,37 @@ def _demo_sizes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lr",
         type=float,
-        default=2e-4,
+        default=DEMO_KL_LR,
         help="KL-phase learning rate (default: %(default)s, chosen with `sae-lens-kl sweep`; the "
         "paper's 5e-5 is for ~12k steps).",
     )
-    parser.add_argument("--kl-steps", type=int, help="KL-phase steps of 8 x 128 tokens (default: 48).")
-    parser.add_argument("--mse-tokens", type=int, help="MSE-phase training tokens (default: 184,320).")
-    parser.add_argument("--eval-tokens", type=int, help="Held-out evaluation tokens (default: 20,480).")
+    parser.add_argument(
+        "--kl-steps",
+        type=int,
+        help=f"KL-phase steps of {KL_BATCH_SEQUENCES} sequences (default: {DEMO_SIZES['kl_steps']}).",
+    )
+    parser.add_argument(
+        "--mse-tokens", type=int, help=f"MSE-phase training tokens (default: {DEMO_SIZES['mse_tokens']:,})."
+    )
+    parser.add_argument(
+        "--eval-tokens",
+        type=int,
+        help=f"Held-out evaluation tokens (default: {DEMO_SIZES['eval_tokens']:,}).",
+    )
     sizes = parser.add_argument_group(
         "model, data and SAE (defaults: the offline demo; smaller for a quick run)"
     )
     sizes.add_argument(
         "--model", default="smollm2", help="Model (default: %(default)s, the offline SmolLM2)."
     )
+    sizes.add_argument("--hook", default=DEMO_HOOK, help="Hook point (default: %(default)s).")
+    sizes.add_argument("--d-sae", type=int, help=f"TopK SAE latents (default: {DEMO_SIZES['d_sae']}).")
+    sizes.add_argument("--k", type=int, default=int(DEMO_MSE_RECIPE.k), help="TopK k (default: %(default)s).")
     sizes.add_argument(
-        "--hook", default="blocks.15.hook_resid_post", help="Hook point (default: %(default)s)."
-    )
-    sizes.add_argument("--d-sae", type=int, help="TopK SAE latents (default: 4608).")
-    sizes.add_argument("--k", type=int, default=64, help="TopK k (default: %(default)s).")
-    sizes.add_argument(
-        "--context-size", type=int, default=128, help="Tokens per sequence (default: %(default)s)."
+        "--context-size",
+        type=int,
+        default=DEMO_MSE_RECIPE.context_size,
+        help="Tokens per sequence (default: %(default)s).",
     )
     sizes.add_argument("--data", default=None, help="Training text (default: Django's docs, from PyPI).")
     sizes.add_argument("--eval-data", default=None, help="Held-out text (default: Django's held-out files).")
@@ -317,9 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--model", default="smollm2", help="Model (default: %(default)s, the offline SmolLM2)."
     )
-    train.add_argument(
-        "--hook", default="blocks.15.hook_resid_post", help="Hook point (default: %(default)s)."
-    )
+    train.add_argument("--hook", default=DEMO_HOOK, help="Hook point (default: %(default)s).")
     train.add_argument(
         "--architecture",
         default="topk",
@@ -327,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="SAE architecture (default: %(default)s).",
     )
     train.add_argument("--k", type=float, default=32, help="TopK/BatchTopK k (default: %(default)s).")
-    train.add_argument("--d-sae", type=int, default=4608, help="Latents (default: %(default)s).")
+    train.add_argument(
+        "--d-sae", type=int, default=DEMO_MSE_RECIPE.d_sae, help="Latents (default: %(default)s)."
+    )
     train.add_argument(
         "--training-tokens",
         type=int,
@@ -341,10 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="Share of tokens in the KL+MSE phase (default: %(default)s).",
     )
     train.add_argument(
-        "--mse-lr", type=float, default=2e-3, help="MSE-phase learning rate (default: %(default)s)."
+        "--mse-lr",
+        type=float,
+        default=DEMO_MSE_RECIPE.lr,
+        help="MSE-phase learning rate (default: %(default)s).",
     )
     train.add_argument(
-        "--train-batch-size-tokens", type=int, default=512, help="MSE-phase batch (default: %(default)s)."
+        "--train-batch-size-tokens",
+        type=int,
+        default=DEMO_MSE_RECIPE.batch_tokens,
+        help="MSE-phase batch (default: %(default)s).",
     )
     train.add_argument(
         "--seed",
@@ -367,7 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # The budget of both phases is --training-tokens; --kl-fraction says how much is KL;
     # --continue-optimizer names the MSE phase's optimizer state itself.
-    add_config_flags(train, exclude=("tokens", "continue_optimizer_from"))
+    add_config_flags(
+        train,
+        exclude=("tokens", "continue_optimizer_from"),
+        helps={
+            "context_size": f"Tokens per sequence, both phases (default: {DEMO_MSE_RECIPE.context_size})."
+        },
+    )
 
     cache = sub.add_parser(
         "cache",

@@ -27,6 +27,7 @@ from sae_lens_kl.evaluation import evaluate as evaluate_sae
 from sae_lens_kl.intervals import format_interval, paired_intervals
 from sae_lens_kl.models import cache_root, load_model
 from sae_lens_kl.parallel import init_process_group, launched_processes
+from sae_lens_kl.recipes import DEMO_MSE_RECIPE, DEMO_SIZES, KL_BATCH_SEQUENCES, QUICK_SIZES, MSERecipe
 from sae_lens_kl.report import METRICS_FILENAME, History, write_report
 from sae_lens_kl.save_dir import exclusive, holds_nothing
 from sae_lens_kl.staging import staged_folder, write_file
@@ -142,11 +143,15 @@ class DemoSetup:
     model: Any
     train_data: Any
     eval_data: Any
+    recipe: MSERecipe
     runner_cfg: LanguageModelSAERunnerConfig[Any]
     kl_tokens: int
     options: dict[str, Any]
-    sinks: int
     evaluator: HeldOutEvaluator | None
+
+    @property
+    def sinks(self) -> int:
+        return self.recipe.sink_positions
 
     def held_out(self) -> dict[str, Any]:
         """The keyword that gives a fine-tune its held-out evaluation: the shared evaluator."""
@@ -157,25 +162,17 @@ class DemoSetup:
     ) -> LanguageModelSAERunnerConfig[Any]:
         """The MSE phase's config for another architecture (same width, data, lr), length, seed
         (added to the demo's runner seed) or TopK k."""
-        cfg = self.runner_cfg
-        k = getattr(cfg.sae, "k", 0) if k is None else k
-        if (architecture, tokens, seed, k) == (cfg.sae.architecture(), None, 0, getattr(cfg.sae, "k", 0)):
-            return cfg
-        return runner_config(
-            self.model,
-            cfg.hook_name,
+        recipe = self.recipe
+        if (architecture, tokens, seed, k) == (recipe.architecture, None, 0, None):
+            return self.runner_cfg
+        recipe = dataclasses.replace(
+            recipe,
             architecture=architecture,
-            d_sae=cfg.sae.d_sae,
-            k=k,
-            tokens=tokens or cfg.training_tokens,
-            context_size=cfg.context_size,
-            lr=cfg.lr,
-            batch_tokens=cfg.train_batch_size_tokens,
-            sink_positions=self.sinks,
-            dataset_name=cfg.dataset_path,
-            seed=cfg.seed + seed,
-            lr_decay_fraction=MSE_LR_DECAY,
+            tokens=tokens or recipe.tokens,
+            seed=recipe.seed + seed,
+            k=recipe.k if k is None else k,
         )
+        return recipe.runner_config(self.model, self.runner_cfg.hook_name, self.runner_cfg.dataset_path)
 
     def check_fits(self, tokens: int) -> None:
         """Refuse, before any training, a run that reads more training tokens than the data holds
@@ -191,15 +188,6 @@ class DemoSetup:
             )
 
 
-# The demo's MSE phase decays its lr to 0 over the last 20 % of its steps. Measured with
-# benchmarks/demo_recipe.py (held-out explained variance, dead latents of 4608): k=32 without decay
-# 0.754 / 159, k=32 0.772 / 287, k=64 (the demo's) 0.822 / 25, k=128 0.869 / 24.
-MSE_LR_DECAY = 0.2
-# The demo's run lengths, and the minutes-long ones of `experiment --quick`.
-DEMO_SIZES = {"mse_tokens": 184_320, "kl_steps": 48, "eval_tokens": 20_480, "d_sae": 4608}
-QUICK_SIZES = {"mse_tokens": 16_384, "kl_steps": 4, "eval_tokens": 2_048, "d_sae": 1152}
-
-
 def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
     """The demo's setup; sizes not given on the command line take the demo's (or quick) values."""
     for name, value in (QUICK_SIZES if quick else DEMO_SIZES).items():
@@ -207,24 +195,12 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
             setattr(args, name, value)
     model = load_model(args.model)
     train_data, eval_data = _text_or_corpus(args.data, args.eval_data)
-    context_size, batch_size, sinks = args.context_size, 8, 2
-    runner_cfg = runner_config(
-        model,
-        args.hook,
-        architecture="topk",
-        d_sae=args.d_sae,
-        k=args.k,
-        tokens=args.mse_tokens,
-        context_size=context_size,
-        # lr 2e-3 with 512-token batches (at k=32, lr 4e-4 with 1024-token batches reached an
-        # explained variance of ~0.54 instead of ~0.76)
-        lr=2e-3,
-        batch_tokens=512,
-        sink_positions=sinks,
-        # the SAE metadata's dataset_path: a local folder that `finetune` can read again
-        dataset_name=str(train_data),
-        lr_decay_fraction=MSE_LR_DECAY,
+    recipe = dataclasses.replace(
+        DEMO_MSE_RECIPE, d_sae=args.d_sae, k=args.k, tokens=args.mse_tokens, context_size=args.context_size
     )
+    context_size, batch_size, sinks = recipe.context_size, KL_BATCH_SEQUENCES, recipe.sink_positions
+    # the SAE metadata's dataset_path: a local folder that `finetune` can read again
+    runner_cfg = recipe.runner_config(model, args.hook, dataset_name=str(train_data))
     options = {
         "batch_size": batch_size,
         "lr": args.lr,
@@ -248,7 +224,7 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
         if args.eval_tokens
         else None
     )
-    return DemoSetup(model, train_data, eval_data, runner_cfg, kl_tokens, options, sinks, evaluator)
+    return DemoSetup(model, train_data, eval_data, recipe, runner_cfg, kl_tokens, options, evaluator)
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -515,7 +491,7 @@ def train(args: argparse.Namespace) -> None:
         d_sae=args.d_sae,
         k=args.k,
         tokens=args.training_tokens,
-        context_size=args.context_size or 128,
+        context_size=args.context_size or DEMO_MSE_RECIPE.context_size,
         lr=args.mse_lr,
         batch_tokens=args.train_batch_size_tokens,
         sink_positions=args.exclude_first_positions,

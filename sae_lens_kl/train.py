@@ -277,7 +277,7 @@ def runner_config(
     `dead_feature_window`: steps without firing after which a latent counts as dead (and TopK's
     aux-k loss revives it); default 5 % of the run's steps, since SAELens's 1,000 steps exceed a
     short run and leave the aux-k loss at 0 throughout. `lr_decay_fraction`: the last fraction of
-    the steps decays the lr linearly to 0 (SAELens's lr_decay_steps)."""
+    the steps decays the lr linearly to SAELens's default lr_end, lr / 10 (its lr_decay_steps)."""
     steps = tokens // batch_tokens
     _, sae_cfg_cls = get_sae_training_class(architecture)
     sae_fields = {"d_in": model.cfg.d_model, "d_sae": d_sae}

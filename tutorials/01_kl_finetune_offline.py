@@ -12,6 +12,7 @@ With the hub, replace steps 1-2 by `HookedTransformer.from_pretrained("gpt2")` a
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 from sae_lens import SAE, HookedSAETransformer
@@ -19,10 +20,11 @@ from sae_lens import SAE, HookedSAETransformer
 from sae_lens_kl import evaluate, kl_finetune
 from sae_lens_kl.corpus import django_docs
 from sae_lens_kl.models import load_model
-from sae_lens_kl.train import mse_phase, runner_config
+from sae_lens_kl.recipes import DEMO_HOOK, DEMO_MSE_RECIPE
+from sae_lens_kl.train import mse_phase
 
-HOOK = "blocks.15.hook_resid_post"
-CONTEXT = 128
+HOOK = DEMO_HOOK
+CONTEXT = DEMO_MSE_RECIPE.context_size
 # The full run takes ~4 minutes on 2 CPU cores; SAE_LENS_KL_QUICK=1 runs the same steps at a
 # seconds-long size, which is how the test suite runs this file (tests/test_tutorials.py).
 QUICK = os.environ.get("SAE_LENS_KL_QUICK") == "1"
@@ -36,19 +38,9 @@ corpus = django_docs()
 # 2. An SAE to start from. Offline there is no pretrained one, so train a small TopK SAE with
 #    SAELens's own runner (MSE on shuffled activations). The first 2 positions of each sequence are
 #    an attention sink (residual norms ~100x the rest) and are left out, here and below.
-cfg = runner_config(
-    model,
-    HOOK,
-    architecture="topk",
-    d_sae=2304,
-    k=32,
-    tokens=MSE_TOKENS,
-    context_size=CONTEXT,
-    lr=2e-3,
-    batch_tokens=512,
-    sink_positions=2,
-    dataset_name="django-docs",
-)
+# The demo's MSE recipe (sae_lens_kl.recipes), smaller and without its final lr decay.
+recipe = replace(DEMO_MSE_RECIPE, d_sae=2304, k=32, tokens=MSE_TOKENS, lr_decay_fraction=0.0)
+cfg = recipe.runner_config(model, HOOK, dataset_name="django-docs")
 sae = mse_phase(cfg, model, corpus.train, cfg.training_tokens)
 
 # 3. The KL+MSE fine-tune: 0.5 * (MSE + alpha * KL), alpha = MSE / KL each batch. Held-out text for

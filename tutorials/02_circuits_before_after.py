@@ -13,16 +13,18 @@ metric on the logits.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from sae_lens_kl import kl_finetune
 from sae_lens_kl.circuits import circuits_markdown, compare_circuits, induction_task
 from sae_lens_kl.corpus import django_docs
 from sae_lens_kl.data import take, token_sequences
 from sae_lens_kl.models import load_model
-from sae_lens_kl.train import mse_phase, runner_config
+from sae_lens_kl.recipes import DEMO_HOOK, DEMO_MSE_RECIPE
+from sae_lens_kl.train import mse_phase
 
-HOOK = "blocks.15.hook_resid_post"
-CONTEXT = 128
+HOOK = DEMO_HOOK
+CONTEXT = DEMO_MSE_RECIPE.context_size
 # SAE_LENS_KL_QUICK=1: the same steps at a seconds-long size (how tests/test_tutorials.py runs it).
 QUICK = os.environ.get("SAE_LENS_KL_QUICK") == "1"
 MSE_TOKENS, KL_STEPS, PROMPTS = (4_096, 2, 4) if QUICK else (60_000, 12, 16)
@@ -30,19 +32,9 @@ MSE_TOKENS, KL_STEPS, PROMPTS = (4_096, 2, 4) if QUICK else (60_000, 12, 16)
 # 1. The offline model and text, and an SAE trained with SAELens's runner (as in tutorial 01).
 model = load_model("smollm2")
 corpus = django_docs()
-cfg = runner_config(
-    model,
-    HOOK,
-    architecture="topk",
-    d_sae=2304,
-    k=64,
-    tokens=MSE_TOKENS,
-    context_size=CONTEXT,
-    lr=2e-3,
-    batch_tokens=512,
-    sink_positions=2,
-    dataset_name="django-docs",
-)
+# The demo's MSE recipe (sae_lens_kl.recipes), smaller and without its final lr decay.
+recipe = replace(DEMO_MSE_RECIPE, d_sae=2304, k=64, tokens=MSE_TOKENS, lr_decay_fraction=0.0)
+cfg = recipe.runner_config(model, HOOK, dataset_name="django-docs")
 before = mse_phase(cfg, model, corpus.train, cfg.training_tokens)
 
 # 2. The KL+MSE fine-tune.

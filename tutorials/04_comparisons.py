@@ -13,15 +13,17 @@ the full recipes (with JSON, Markdown and a figure); this file shows what they a
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from sae_lens_kl import HeldOutEvaluator, kl_finetune
 from sae_lens_kl.corpus import django_docs
 from sae_lens_kl.models import load_model
-from sae_lens_kl.train import kl_phase_sequences, mse_phase, runner_config
+from sae_lens_kl.recipes import DEMO_HOOK, DEMO_MSE_RECIPE
+from sae_lens_kl.train import kl_phase_sequences, mse_phase
 
-HOOK = "blocks.15.hook_resid_post"
-CONTEXT = 128
+HOOK = DEMO_HOOK
+CONTEXT = DEMO_MSE_RECIPE.context_size
 # The full size trains six 12-step fine-tunes after a 60k-token MSE phase (minutes per method on
 # 2 CPU cores); SAE_LENS_KL_QUICK=1 runs the same steps at a seconds-long size, which is how the
 # test suite runs this file (tests/test_tutorials.py).
@@ -31,19 +33,9 @@ MSE_TOKENS, KL_STEPS, EVAL_TOKENS = (4_096, 2, 512) if QUICK else (60_000, 12, 8
 # 1. The offline model and text, and an SAE trained with MSE by SAELens's runner (as tutorial 1).
 model = load_model("smollm2")
 corpus = django_docs()
-runner_cfg = runner_config(
-    model,
-    HOOK,
-    architecture="topk",
-    d_sae=2304,
-    k=32,
-    tokens=MSE_TOKENS,
-    context_size=CONTEXT,
-    lr=2e-3,
-    batch_tokens=512,
-    sink_positions=2,
-    dataset_name="django-docs",
-)
+# The demo's MSE recipe (sae_lens_kl.recipes), smaller and without its final lr decay.
+recipe = replace(DEMO_MSE_RECIPE, d_sae=2304, k=32, tokens=MSE_TOKENS, lr_decay_fraction=0.0)
+runner_cfg = recipe.runner_config(model, HOOK, dataset_name="django-docs")
 sae = mse_phase(runner_cfg, model, corpus.train, MSE_TOKENS)
 
 # 2. The fine-tune's tokens: the text right after what the MSE phase read (the paper's recipe is a
