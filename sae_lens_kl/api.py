@@ -32,7 +32,7 @@ from sae_lens_kl.data import DataSource, batched, budgeted, held_out_and_trainin
 from sae_lens_kl.evaluation import EvalResult, HeldOutEvaluator, special_token_ids, weight_stability
 from sae_lens_kl.lm_lora import LMLoRA, lm_lora_targets, load_lm_lora
 from sae_lens_kl.lora import add_lora, merge_lora
-from sae_lens_kl.losses import Objective, objective_of
+from sae_lens_kl.losses import Objective, needs_spliced_run, objective_of, recorded_hooks
 from sae_lens_kl.multi import MultiKLFinetuneTrainer
 from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.plan import Plan, make_plan, optimizer_state
@@ -43,8 +43,6 @@ from sae_lens_kl.trainer import (
     KLFinetuneTrainer,
     NonFiniteLossError,
     StepCallback,
-    needs_spliced_run,
-    recorded_hooks,
 )
 
 

@@ -301,10 +301,11 @@ class KLFinetuneConfig:
             raise ValueError(f"lm_lora_layers={self.lm_lora_layers!r} is not one of {LM_LORA_LAYERS}.")
         if self.lm_lora_layers != "after" and self.lm_lora_rank is None:
             raise ValueError(f"lm_lora_layers={self.lm_lora_layers!r} needs lm_lora_rank (LoRA on the LM).")
-        if self.lm_lora_rank is not None and self.loss == "mse":
+        if self.lm_lora_rank is not None and not _reads_the_spliced_model(self):
             raise ValueError(
-                "lm_lora_rank with loss='mse': the MSE at the SAE's hook does not depend on the later "
-                "blocks LoRA adapts, so nothing would train; use loss='kl' (Chen et al.) or 'kl+mse'."
+                f"lm_lora_rank with loss={self.loss!r}: it does not read the spliced model's later "
+                "blocks, which LoRA adapts, so nothing would train; use loss='kl' (Chen et al.) or "
+                "'kl+mse'."
             )
         methods = {
             "adapter": self.adapter,
@@ -389,3 +390,10 @@ def _describe(hint: Any, plural: bool = False) -> str:
         return {int: "integers", float: "numbers", str: "strings"}.get(hint, hint.__name__)
     names = {int: "an integer", float: "a number", bool: "True or False", str: "a string", type(None): "None"}
     return names.get(hint, hint.__name__)
+
+
+def _reads_the_spliced_model(cfg: KLFinetuneConfig) -> bool:
+    # imported here: losses imports torch, and this module stays light for the CLI's --help
+    from sae_lens_kl.losses import needs_spliced_run, objective_of
+
+    return needs_spliced_run(objective_of(cfg))

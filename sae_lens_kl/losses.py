@@ -3,7 +3,7 @@ float32 (float64 for a float64 model) and chunked."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -437,52 +437,60 @@ class WeightedSum:
         return loss, None
 
 
-def objective_for(
-    loss: str,
-    kl_coefficient: float = 1.0,
-    downstream_hooks: Sequence[str] = (),
-    downstream_coefficient: float = 2.5,
-) -> Objective:
-    """The objective of a `KLFinetuneConfig.loss` name:
+def needs_spliced_run(objective: Objective) -> bool:
+    """Whether the objective's terms need the spliced suffix, and so the clean distribution."""
+    return any(term.needs_spliced_run for term in objective.terms)
 
-    kl+mse:        0.5 * (mse + alpha * kl) + aux, alpha = (mse / (kl + 1e-8)).detach()
-    kl:            kl + aux'
-    mse:           mse + aux
-    kl+mse-fixed:  mse + kl_coefficient * kl + aux
-    e2e:           kl_coefficient * kl + aux'
-    e2e+ds:        kl_coefficient * kl + downstream_coefficient * downstream_mse + aux'
-    `aux` is the architecture's own sparsity/auxiliary loss as SAELens computes it, on the MSE's
-    scale; aux' = aux * (kl / sae_mse).detach() puts it on the KL's where no MSE term is minimised.
-    """
-    objectives: dict[str, Callable[[], Objective]] = {
-        "kl+mse": BalancedKLMSE,
-        "kl": lambda: WeightedSum(((KLTerm(), 1.0),), aux_on_kl_scale=True),
-        "mse": lambda: WeightedSum(((HookMSETerm(), 1.0),)),
-        "kl+mse-fixed": lambda: WeightedSum(((HookMSETerm(), 1.0), (KLTerm(), kl_coefficient))),
-        "e2e": lambda: WeightedSum(((KLTerm(), kl_coefficient),), aux_on_kl_scale=True),
-        "e2e+ds": lambda: WeightedSum(
+
+def recorded_hooks(objective: Objective) -> tuple[str, ...]:
+    """The hooks whose clean and spliced activations the objective's terms read."""
+    return tuple(dict.fromkeys(hook for term in objective.terms for hook in term.hooks))
+
+
+@dataclass(frozen=True)
+class ObjectiveEntry:
+    """What a `loss=` name stands for: its objective, built from a `KLFinetuneConfig` (its
+    coefficients; its downstream hooks once plan.py has resolved them), and what the run must
+    prepare for it."""
+
+    build: Callable[[Any], Objective]
+    formula: str
+    takes_downstream_hooks: bool = False
+    """It compares activations at hooks after the SAE's (`downstream_hooks`): plan.py resolves
+    them, and a clean-pass cache, which does not store them, is refused."""
+
+
+# `aux` is the architecture's own sparsity/auxiliary loss as SAELens computes it, on the MSE's
+# scale; aux' = aux * (kl / sae_mse).detach() puts it on the KL's where no MSE term is minimised.
+# The keys are config.LossMode's choices (tests/test_losses.py checks they agree).
+OBJECTIVES: dict[str, ObjectiveEntry] = {
+    "kl+mse": ObjectiveEntry(
+        lambda _: BalancedKLMSE(), "0.5 * (mse + alpha * kl) + aux, alpha = (mse / (kl + 1e-8)).detach()"
+    ),
+    "kl": ObjectiveEntry(lambda _: WeightedSum(((KLTerm(), 1.0),), aux_on_kl_scale=True), "kl + aux'"),
+    "mse": ObjectiveEntry(lambda _: WeightedSum(((HookMSETerm(), 1.0),)), "mse + aux"),
+    "kl+mse-fixed": ObjectiveEntry(
+        lambda cfg: WeightedSum(((HookMSETerm(), 1.0), (KLTerm(), cfg.kl_coefficient))),
+        "mse + kl_coefficient * kl + aux",
+    ),
+    "e2e": ObjectiveEntry(
+        lambda cfg: WeightedSum(((KLTerm(), cfg.kl_coefficient),), aux_on_kl_scale=True),
+        "kl_coefficient * kl + aux'",
+    ),
+    "e2e+ds": ObjectiveEntry(
+        lambda cfg: WeightedSum(
             (
-                (KLTerm(), kl_coefficient),
-                (DownstreamMSETerm(tuple(downstream_hooks)), downstream_coefficient),
+                (KLTerm(), cfg.kl_coefficient),
+                (DownstreamMSETerm(tuple(cfg.downstream_hooks or ())), cfg.downstream_coefficient),
             ),
             aux_on_kl_scale=True,
         ),
-    }
-    return objectives[loss]()
+        "kl_coefficient * kl + downstream_coefficient * downstream_mse + aux'",
+        takes_downstream_hooks=True,
+    ),
+}
 
 
 def objective_of(cfg: Any) -> Objective:
     """The objective a `KLFinetuneConfig` names (its downstream hooks already resolved)."""
-    return objective_for(cfg.loss, cfg.kl_coefficient, cfg.downstream_hooks or (), cfg.downstream_coefficient)
-
-
-def combine_losses(
-    mode: str,
-    mse: torch.Tensor,
-    kl: torch.Tensor | None,
-    aux: torch.Tensor,
-    kl_coefficient: float,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The objective `mode` (see `objective_for`) of given MSE and KL values, and its alpha."""
-    values = {"mse": mse} if kl is None else {"mse": mse, "kl": kl}
-    return objective_for(mode, kl_coefficient).combine(values, aux, mse)
+    return OBJECTIVES[cfg.loss].build(cfg)

@@ -33,6 +33,7 @@ from sae_lens_kl.config import FALLBACK_CONTEXT_SIZE, KLFinetuneConfig
 from sae_lens_kl.data import DataError, DataSource, check_data_kind
 from sae_lens_kl.lm_lora import lm_lora_targets
 from sae_lens_kl.lora import check_rank
+from sae_lens_kl.losses import OBJECTIVES
 from sae_lens_kl.save_dir import check_can_overwrite, holds_nothing
 from sae_lens_kl.splice import (
     HookSite,
@@ -189,10 +190,10 @@ def make_plan(
             )
         cfg = dataclasses.replace(cfg, context_size=data.context_size)
         cache_bos = data.meta["prepend_bos"]
-    if isinstance(data, CleanPassCache) and cfg.loss == "e2e+ds":
+    if isinstance(data, CleanPassCache) and OBJECTIVES[cfg.loss].takes_downstream_hooks:
         raise ValueError(
-            "loss='e2e+ds' compares activations after the SAE's hook, which a clean-pass cache does "
-            "not store; fine-tune e2e+ds from token data."
+            f"loss={cfg.loss!r} compares activations after the SAE's hook, which a clean-pass cache "
+            "does not store; fine-tune it from token data."
         )
     cfg = dataclasses.replace(cfg, downstream_hooks=_downstream_hooks(cfg, model, write_site))
     if cfg.compile_blocks and not (
@@ -373,9 +374,12 @@ def _check_model_name(sae_model: str, model_name: str) -> None:
 def _downstream_hooks(cfg: KLFinetuneConfig, model: HookedRootModule, site: HookSite) -> list[str] | None:
     """The hooks of loss 'e2e+ds', checked to exist and to come after the SAE's hook; default:
     hook_resid_post of every block from the SAE's on that comes after it (Braun et al. 2024)."""
-    if cfg.loss != "e2e+ds":
+    if not OBJECTIVES[cfg.loss].takes_downstream_hooks:
         if cfg.downstream_hooks:
-            raise ValueError(f"downstream_hooks apply to loss='e2e+ds' only, not loss={cfg.loss!r}.")
+            takers = [repr(name) for name, entry in OBJECTIVES.items() if entry.takes_downstream_hooks]
+            raise ValueError(
+                f"downstream_hooks apply to loss={' or '.join(takers)} only, not loss={cfg.loss!r}."
+            )
         return None
     if cfg.downstream_hooks is None:
         hooks = later_residual_hooks(model, site.hook_name)

@@ -25,7 +25,7 @@ from sae_lens_kl.checkpoints import FINETUNE_STATE_FILENAME, prune
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.evaluation import latent_cosine_percentiles
-from sae_lens_kl.losses import Objective, StepTensors, objective_of
+from sae_lens_kl.losses import Objective, StepTensors, needs_spliced_run, objective_of, recorded_hooks
 from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.runs import CleanRun, SpliceRunner, position_mask
 from sae_lens_kl.sparse_topk import use_sparse_topk
@@ -95,16 +95,6 @@ def sae_reconstruction(sae: TrainingSAE[Any], step_input: TrainStepInput) -> Tra
     """The SAE's own training forward pass: its reconstruction, with its aux-k, L1, L0, gated or
     Matryoshka losses as SAELens computes them."""
     return sae.training_forward_pass(step_input)
-
-
-def needs_spliced_run(objective: Objective) -> bool:
-    """Whether the objective's terms need the spliced suffix, and so the clean distribution."""
-    return any(term.needs_spliced_run for term in objective.terms)
-
-
-def recorded_hooks(objective: Objective) -> tuple[str, ...]:
-    """The hooks whose clean and spliced activations the objective's terms read."""
-    return tuple(dict.fromkeys(hook for term in objective.terms for hook in term.hooks))
 
 
 @torch.no_grad()

@@ -6,15 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sae_lens_kl.config import LOSS_MODES, KLFinetuneConfig
 from sae_lens_kl.losses import (
     CPU_ROW_GROUP_BYTES,
+    OBJECTIVES,
     ce_and_kl_per_token,
     clean_statistics,
     clean_statistics_and_ce,
-    combine_losses,
     cross_entropy_per_token,
     kl_divergence,
     kl_per_token,
+    objective_of,
+    recorded_hooks,
 )
 from sae_lens_kl.splice import CPU_VOCAB_BLOCK, VocabProjection, kl_dtype, onednn_linear_available
 
@@ -220,6 +223,27 @@ def test_the_evaluations_one_product_ce_and_kl_equal_the_two_product_ones(chunk:
     torch.testing.assert_close(ce, cross_entropy_per_token(spliced, targets, proj, chunk), rtol=0, atol=1e-12)
     torch.testing.assert_close(kl, kl_per_token(clean, spliced, proj, chunk), rtol=0, atol=1e-12)
     assert kl.min() > 0
+
+
+def combine_losses(
+    loss: str, mse: torch.Tensor, kl: torch.Tensor | None, aux: torch.Tensor, kl_coefficient: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The objective a `loss=` name stands for, on given MSE and KL values, as the step combines."""
+    values = {"mse": mse} if kl is None else {"mse": mse, "kl": kl}
+    objective = objective_of(KLFinetuneConfig(tokens=1, loss=loss, kl_coefficient=kl_coefficient))
+    return objective.combine(values, aux, mse)
+
+
+def test_every_loss_name_has_an_objective_and_every_objective_a_name() -> None:
+    # the registry's keys are the config's (and so the CLI's) choices
+    assert set(OBJECTIVES) == set(LOSS_MODES)
+    takers = {name for name, entry in OBJECTIVES.items() if entry.takes_downstream_hooks}
+    built = {
+        name
+        for name in OBJECTIVES
+        if recorded_hooks(objective_of(KLFinetuneConfig(tokens=1, loss=name, downstream_hooks=["h"])))
+    }
+    assert takers == built == {"e2e+ds"}
 
 
 def test_alpha_makes_the_loss_equal_the_mse() -> None:

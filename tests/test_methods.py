@@ -18,8 +18,9 @@ from sae_lens.saes.sae import TrainStepOutput
 
 from sae_lens_kl import KLFinetuneTrainer, kl_finetune
 from sae_lens_kl.cache import build_cache
+from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.evaluation import weight_stability
-from sae_lens_kl.losses import DownstreamMSETerm, KLTerm, StepTensors, objective_for
+from sae_lens_kl.losses import DownstreamMSETerm, KLTerm, StepTensors, objective_of
 from sae_lens_kl.splice import VocabProjection
 
 SEQ = 16
@@ -73,7 +74,10 @@ def test_kl_and_downstream_terms_equal_braun_et_al(braun_losses) -> None:
     torch.testing.assert_close(ours_ds, theirs_ds, rtol=1e-12, atol=0)
 
     # the whole objective: 0.5 * KL + in_to_orig, as Braun et al. sum them (aux = 0 here)
-    loss, _ = objective_for("e2e+ds", 0.5, hooks, 2.5).combine(
+    cfg = KLFinetuneConfig(
+        tokens=1, loss="e2e+ds", kl_coefficient=0.5, downstream_hooks=list(hooks), downstream_coefficient=2.5
+    )
+    loss, _ = objective_of(cfg).combine(
         {"kl": KLTerm()(tensors), "downstream_mse": DownstreamMSETerm(hooks)(tensors)},
         torch.zeros((), dtype=torch.float64),
         sae_mse=torch.ones((), dtype=torch.float64),
