@@ -17,8 +17,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl import save_dir as owned
-from sae_lens_kl.adapters import Adapter, load_adapter
-from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, to_inference_sae, to_training_sae
+from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, to_training_sae
 from sae_lens_kl.cache import CleanPassCache
 from sae_lens_kl.checkpoints import (
     CHECKPOINTS_DIRNAME,
@@ -30,9 +29,8 @@ from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataSource, batched, budgeted, held_out_and_training
 from sae_lens_kl.evaluation import EvalResult, HeldOutEvaluator, special_token_ids, weight_stability
-from sae_lens_kl.lm_lora import LMLoRA, lm_lora_targets, load_lm_lora
-from sae_lens_kl.lora import add_lora, merge_lora
 from sae_lens_kl.losses import Objective, needs_spliced_run, objective_of, recorded_hooks
+from sae_lens_kl.methods import Method, method_of
 from sae_lens_kl.multi import MultiKLFinetuneTrainer
 from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.plan import Plan, make_plan, optimizer_state
@@ -43,6 +41,7 @@ from sae_lens_kl.trainer import (
     KLFinetuneTrainer,
     NonFiniteLossError,
     StepCallback,
+    TrainedModule,
 )
 
 
@@ -208,7 +207,7 @@ class _Job:
     start: SAE[Any]
     plan: Plan
     trainer: KLFinetuneTrainer
-    adapter: Adapter | None
+    method: Method
     controller: SparsityController | None
     before: EvalResult | None
     resumed_tokens: int
@@ -230,8 +229,12 @@ def _run(
     started = time.perf_counter()
     first = plans[0]
     cfg = first.cfg
-    trainings, adapters, consumed = _starting_saes(saes, plans, model)
-    lm_lora = _start_lm_lora(first, model)
+    trainings, consumed = _starting_saes(saes, plans, model)
+    methods = [method_of(plan.cfg, model, plan.site.hook_name) for plan in plans]
+    modules = [
+        method.start(training, plan.checkpoint)
+        for method, training, plan in zip(methods, trainings, plans, strict=True)
+    ]
     objective = objective_of(cfg)
     # one compiled set of blocks serves every SAE (make_plan checked that compiling applies)
     blocks = CompiledBlocks(model) if cfg.compile_blocks else None  # type: ignore[arg-type]
@@ -243,12 +246,11 @@ def _run(
             write_site=plan.write_site,
             prefix_reuse=plan.prefix_reuse,
             blocks=blocks,
-            spliced_hooks=lm_lora.hooks() if lm_lora is not None else (),
-            # LoRA before the SAE changes its input: the spliced pass runs from the embedding
-            spliced_from_start=plan.cfg.lm_lora_layers == "all",
+            spliced_hooks=method.spliced_hooks(),
+            spliced_from_start=method.spliced_from_start,
             checkpoint_suffix=plan.cfg.checkpoint_suffix,
         )
-        for index, plan in enumerate(plans)
+        for index, (plan, method) in enumerate(zip(plans, methods, strict=True))
     }
     eval_sequences, clean_runs = _data_streams(
         first, model, runners, eval_data, consumed, objective, parallel, held_out=shared_evaluator is not None
@@ -267,7 +269,8 @@ def _run(
             sae,
             plan,
             training,
-            [module for module in (adapter, lm_lora) if module is not None],
+            method,
+            trained_modules,
             runner,
             clean_runs if single else iter(()),
             objective,
@@ -276,8 +279,8 @@ def _run(
             save_dir,
             parallel,
         )
-        for sae, plan, training, adapter, runner, save_dir in zip(
-            saes, plans, trainings, adapters, runners.values(), save_dirs, strict=True
+        for sae, plan, training, method, trained_modules, runner, save_dir in zip(
+            saes, plans, trainings, methods, modules, runners.values(), save_dirs, strict=True
         )
     ]
     fitter: KLFinetuneTrainer | MultiKLFinetuneTrainer = (
@@ -301,11 +304,11 @@ def _run(
 
 def _starting_saes(
     saes: Sequence[SAE[Any]], plans: Sequence[Plan], model: HookedRootModule
-) -> tuple[list[TrainingSAE[Any]], list[Adapter | None], int]:
-    """The training SAEs to start from (a resumed run's checkpoints), their adapters when one is
-    trained after them (the SAEs then frozen), and the training sequences already consumed."""
+) -> tuple[list[TrainingSAE[Any]], int]:
+    """The training SAEs to start from (a resumed run's checkpoints) and the training sequences
+    already consumed."""
     device = torch.device(plans[0].cfg.device) if plans[0].cfg.device else next(model.parameters()).device
-    trainings, adapters, consumed = [], [], 0
+    trainings, consumed = [], 0
     for sae, plan in zip(saes, plans, strict=True):
         if plan.checkpoint is not None:
             state = json.loads((plan.checkpoint / FINETUNE_STATE_FILENAME).read_text())
@@ -319,36 +322,8 @@ def _starting_saes(
                     tensor.data = tensor.data.clone()
         else:
             training = to_training_sae(sae, plan.cfg.sparsity_coefficient).to(device)
-            if plan.cfg.sae_lora_rank is not None:
-                add_lora(training, plan.cfg.sae_lora_rank, plan.cfg.sae_lora_alpha, plan.cfg.init_seed)
-        if not plan.cfg.trains_sae:  # an adapter or LoRA on the LM trains instead
-            training.requires_grad_(False)
         trainings.append(training)
-        adapters.append(_start_adapter(training, plan, plan.checkpoint))
-    return trainings, adapters, consumed
-
-
-def _start_lm_lora(plan: Plan, model: HookedRootModule) -> LMLoRA | None:
-    """LoRA on the LM's blocks after the SAE (new, or from the checkpoint resumed)."""
-    if plan.cfg.lm_lora_rank is None:
-        return None
-    assert isinstance(model, HookedTransformer)  # make_plan checked
-    if plan.checkpoint is not None:
-        return load_lm_lora(plan.checkpoint, model)
-    targets = lm_lora_targets(model, plan.site.hook_name, plan.cfg.lm_lora_layers)
-    lora = LMLoRA(targets, plan.cfg.lm_lora_rank, model_name=model.cfg.model_name, seed=plan.cfg.init_seed)
-    return lora.to(next(model.parameters()).device)
-
-
-def _start_adapter(training: TrainingSAE[Any], plan: Plan, checkpoint: Path | None) -> Adapter | None:
-    """The adapter trained after `training` (which is frozen), new or from a checkpoint."""
-    cfg = plan.cfg
-    if cfg.adapter is None:
-        return None
-    if checkpoint is not None:
-        return load_adapter(checkpoint, training)
-    adapter = Adapter(cfg.adapter, training.cfg.d_in, cfg.adapter_width, seed=cfg.init_seed)
-    return adapter.to(device=training.W_dec.device, dtype=training.W_dec.dtype).attach(training)
+    return trainings, consumed
 
 
 def _data_streams(
@@ -446,7 +421,8 @@ def _prepare(
     sae: SAE[Any],
     plan: Plan,
     training: TrainingSAE[Any],
-    modules: list[Adapter | LMLoRA],
+    method: Method,
+    modules: list[TrainedModule],
     runner: SpliceRunner,
     clean_runs: Iterator[CleanRun],
     objective: Objective,
@@ -462,7 +438,7 @@ def _prepare(
     coefficient = SPARSITY_COEFFICIENT.get(training.cfg.architecture())
     controller = None
     if (
-        cfg.trains_sae
+        method.trains_sae
         and coefficient is not None
         and (cfg.sparsity_controller == "on" or (cfg.sparsity_controller == "auto" and coefficient == "l1"))
     ):
@@ -489,8 +465,7 @@ def _prepare(
         trainer.continue_optimizer(
             optimizer_state(Path(cfg.continue_optimizer_from).expanduser(), training.device)
         )
-    adapter = next((module for module in modules if isinstance(module, Adapter)), None)
-    return _Job(sae, plan, trainer, adapter, controller, before, trainer.n_training_samples, save_dir)
+    return _Job(sae, plan, trainer, method, controller, before, trainer.n_training_samples, save_dir)
 
 
 def _finish(
@@ -507,11 +482,7 @@ def _finish(
         final_coefficient = trainer.coefficient_schedulers[controller.coefficient_name].final_value
         setattr(trainer.sae.cfg, f"{controller.coefficient_name}_coefficient", final_coefficient)
         trainer.sae.cfg.add_training_info_to_metadata()
-    merge_lora(trainer.sae)
-    tuned = to_inference_sae(trainer.sae)
-    if job.adapter is not None:  # the returned SAE carries the adapter, as the trained one did
-        job.adapter.detach(trainer.sae)
-        job.adapter.attach(tuned)
+    tuned = job.method.result(trainer.sae)
     trained = dict(tuned.state_dict())
     for module in trainer.modules:
         trained.update({f"{module.filename}:{name}": p for name, p in module.state_dict().items()})

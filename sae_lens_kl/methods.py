@@ -1,0 +1,161 @@
+"""What trains in a fine-tune, as one object the run composes: the SAE itself (default), LoRA on
+the SAE, an adapter after the frozen SAE, or LoRA on the LM's blocks (paper App. C, D; Chen et
+al. 2025). A method prepares the training SAE and names the modules that train beside it (new,
+or from the checkpoint a run resumes), the hooks its spliced pass adds, whether that pass runs
+from the embedding, and how the trained SAE becomes the returned inference SAE. `api.py` asks
+it; nothing else branches on which method runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from sae_lens import SAE, TrainingSAE
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookedRootModule
+
+from sae_lens_kl.adapters import Adapter, load_adapter
+from sae_lens_kl.architectures import to_inference_sae
+from sae_lens_kl.config import KLFinetuneConfig
+from sae_lens_kl.lm_lora import Hook, LMLoRA, lm_lora_targets, load_lm_lora
+from sae_lens_kl.lora import add_lora, merge_lora
+from sae_lens_kl.trainer import TrainedModule
+
+
+class Method(Protocol):
+    """A way of training what replaces the activation."""
+
+    trains_sae: bool
+    """Whether the SAE's own weights train (an L0 controller then drives its coefficient)."""
+    spliced_from_start: bool
+    """The spliced pass runs from the embedding (the method changes the SAE's input)."""
+
+    def start(self, sae: TrainingSAE[Any], checkpoint: Path | None) -> list[TrainedModule]:
+        """Prepare `sae` for training (freeze it, parametrize it) and return the modules that
+        train beside it: new, or as saved in `checkpoint` when resuming."""
+        ...
+
+    def spliced_hooks(self) -> list[Hook]:
+        """Hooks the spliced pass (training and evaluation) adds to the model's."""
+        ...
+
+    def result(self, sae: TrainingSAE[Any]) -> SAE[Any]:
+        """The inference SAE of the trained `sae`, carrying whatever the method trained."""
+        ...
+
+
+@dataclass
+class SAEFinetune:
+    """The paper's method: every SAE parameter trains."""
+
+    trains_sae: bool = True
+    spliced_from_start: bool = False
+
+    def start(self, sae: TrainingSAE[Any], checkpoint: Path | None) -> list[TrainedModule]:  # noqa: ARG002
+        return []
+
+    def spliced_hooks(self) -> list[Hook]:
+        return []
+
+    def result(self, sae: TrainingSAE[Any]) -> SAE[Any]:
+        return to_inference_sae(sae)
+
+
+@dataclass
+class SAELoRA(SAEFinetune):
+    """A rank-r update of the encoder and decoder (App. D), merged into the weights at the end:
+    the result is a plain SAE of the same architecture. (Resume is refused for it in plan.py.)"""
+
+    rank: int = 1
+    alpha: float = 32.0
+    seed: int = 0
+
+    def start(self, sae: TrainingSAE[Any], checkpoint: Path | None) -> list[TrainedModule]:  # noqa: ARG002
+        add_lora(sae, self.rank, self.alpha, self.seed)
+        return []
+
+    def result(self, sae: TrainingSAE[Any]) -> SAE[Any]:
+        merge_lora(sae)
+        return to_inference_sae(sae)
+
+
+@dataclass
+class AdapterAfterSAE:
+    """An adapter on the frozen SAE's reconstruction (App. C); the returned SAE carries it as a
+    permanent hook, and it is saved beside the SAE."""
+
+    kind: str
+    width: int
+    seed: int = 0
+    trains_sae: bool = False
+    spliced_from_start: bool = False
+    adapter: Adapter | None = field(default=None, init=False)
+
+    def start(self, sae: TrainingSAE[Any], checkpoint: Path | None) -> list[TrainedModule]:
+        sae.requires_grad_(False)
+        if checkpoint is not None:
+            self.adapter = load_adapter(checkpoint, sae)
+        else:
+            adapter = Adapter(self.kind, sae.cfg.d_in, self.width, seed=self.seed)
+            self.adapter = adapter.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype).attach(sae)
+        return [self.adapter]
+
+    def spliced_hooks(self) -> list[Hook]:
+        return []
+
+    def result(self, sae: TrainingSAE[Any]) -> SAE[Any]:
+        assert self.adapter is not None
+        tuned = to_inference_sae(sae)
+        self.adapter.detach(sae)  # the returned SAE carries the adapter, as the trained one did
+        self.adapter.attach(tuned)
+        return tuned
+
+
+@dataclass
+class LMLoRAAfterSAE:
+    """LoRA on the LM's blocks (after the SAE's hook, or all), the SAE frozen: the updates act
+    through hook points of the spliced pass only, and are saved as their own artifact."""
+
+    model: HookedRootModule
+    hook_name: str
+    rank: int
+    layers: str = "after"
+    seed: int = 0
+    trains_sae: bool = False
+    lora: LMLoRA | None = field(default=None, init=False)
+
+    @property
+    def spliced_from_start(self) -> bool:
+        # LoRA before the SAE changes its input: the spliced pass runs from the embedding
+        return self.layers == "all"
+
+    def start(self, sae: TrainingSAE[Any], checkpoint: Path | None) -> list[TrainedModule]:
+        sae.requires_grad_(False)
+        model = self.model
+        assert isinstance(model, HookedTransformer)  # make_plan checked
+        if checkpoint is not None:
+            self.lora = load_lm_lora(checkpoint, model)
+        else:
+            targets = lm_lora_targets(model, self.hook_name, self.layers)
+            lora = LMLoRA(targets, self.rank, model_name=model.cfg.model_name, seed=self.seed)
+            self.lora = lora.to(next(model.parameters()).device)
+        return [self.lora]
+
+    def spliced_hooks(self) -> list[Hook]:
+        assert self.lora is not None
+        return self.lora.hooks()
+
+    def result(self, sae: TrainingSAE[Any]) -> SAE[Any]:
+        return to_inference_sae(sae)
+
+
+def method_of(cfg: KLFinetuneConfig, model: HookedRootModule, hook_name: str) -> Method:
+    """The method a config names (config.py allows one at a time)."""
+    if cfg.sae_lora_rank is not None:
+        return SAELoRA(rank=cfg.sae_lora_rank, alpha=cfg.sae_lora_alpha, seed=cfg.init_seed)
+    if cfg.adapter is not None:
+        return AdapterAfterSAE(cfg.adapter, cfg.adapter_width, seed=cfg.init_seed)
+    if cfg.lm_lora_rank is not None:
+        return LMLoRAAfterSAE(model, hook_name, cfg.lm_lora_rank, cfg.lm_lora_layers, seed=cfg.init_seed)
+    return SAEFinetune()
