@@ -7,6 +7,7 @@ sparsity statistics, checkpoint layout and wandb logging are SAELens's.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -198,61 +199,68 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         keep = position_mask(run.tokens, self.special_token_ids, cfg.exclude_first_positions)
         rows = keep.flatten().nonzero().squeeze(1)  # positions the reconstruction replaces
 
-        # The replacement (the SAE) on the clean activations at those rows.
+        # The replacement (the SAE) on the clean activations at those rows, then the loss terms
+        # (the spliced suffix runs from the clean run's prefix when a term reads it).
         sae.train()
         with self.autocast_if_enabled:
-            target = None if run.target is None else run.target.flatten(0, 1)[rows]
-            out = self.replacement(sae, self._step_input(run.acts.flatten(0, 1)[rows], target))
-
-        # Spliced suffix from the clean run's prefix, when a loss term reads it.
-        clean, spliced, spliced_at = None, None, {}
-        if needs_spliced_run(self.objective):
-
-            def splice(acts: torch.Tensor) -> torch.Tensor:
-                sae_out = out.sae_out
-                if self.runner.spliced_from_start:  # the spliced model changed the SAE's input
-                    sae_out = self.replacement(
-                        sae, self._step_input(acts.flatten(0, 1)[rows], target)
-                    ).sae_out
-                flat = acts.flatten(0, 1).index_put((rows,), sae_out.to(acts.dtype))
-                return flat.view_as(acts)
-
-            clean = run.clean_rows(rows)
-            spliced, spliced_at = self.runner.spliced_output(run, splice, recorded_hooks(self.objective))
-            spliced = spliced.flatten(0, 1)[rows]
-
-        tensors = StepTensors(
-            out,
-            clean,
-            spliced,
-            self.runner.projection,
-            cfg.kl_chunk_tokens,
-            clean_at=_at_rows(run.recorded, rows),
-            spliced_at=_at_rows(spliced_at, rows),
-        )
-        values = {term.name: term(tensors) for term in self.objective.terms}
+            out = self.replacement(sae, self._step_input(run.acts, run, rows))
+        tensors = self._step_tensors(run, rows, out)
+        local = {term.name: term(tensors) for term in self.objective.terms}
         firing = _firing_counts(out.feature_acts)
         sae_mse = out.losses["mse_loss"]
-        local = {**values, "aux": out.loss - sae_mse, "sae_mse": sae_mse, "l0": firing.sum() / len(rows)}
+        statistics = {"aux": out.loss - sae_mse, "sae_mse": sae_mse, "l0": firing.sum() / len(rows)}
         # means over every rank's rows (a single process: unchanged)
-        means = self.parallel.global_means(local, len(rows))
-        values = {name: means[name] for name in values}
+        means = self.parallel.global_means({**local, **statistics}, len(rows))
+        values = {name: means[name] for name in local}
         loss, alpha = self.objective.combine(values, means["aux"], means["sae_mse"])
         numbers = self._checked_numbers(loss=loss, kl=values.get("kl"), alpha=alpha, l0=means["l0"])
 
         self._record_firing(firing, len(rows))
+        self._update(sae, loss)
+        self._advance_schedules(numbers["l0"])
+        return self._step_output(out, loss, values, numbers)
+
+    def _step_tensors(self, run: CleanRun, rows: torch.Tensor, out: TrainStepOutput) -> StepTensors:
+        """What the loss terms read; the spliced suffix runs only when one of them needs it."""
+        clean, spliced, spliced_at = None, None, {}
+        if needs_spliced_run(self.objective):
+            splice = functools.partial(self._spliced_rows, run=run, rows=rows, sae_out=out.sae_out)
+            output, spliced_at = self.runner.spliced_output(run, splice, recorded_hooks(self.objective))
+            clean, spliced = run.clean_rows(rows), output.flatten(0, 1)[rows]
+        return StepTensors(
+            out,
+            clean,
+            spliced,
+            self.runner.projection,
+            self.ft_cfg.kl_chunk_tokens,
+            clean_at=_at_rows(run.recorded, rows),
+            spliced_at=_at_rows(spliced_at, rows),
+        )
+
+    def _spliced_rows(
+        self, acts: torch.Tensor, *, run: CleanRun, rows: torch.Tensor, sae_out: torch.Tensor
+    ) -> torch.Tensor:
+        """`acts` [batch, pos, d] with the replacement's output at `rows`. When the spliced pass
+        runs from the embedding, the method changed the SAE's input (LoRA before it), so the
+        replacement is recomputed on the activations that pass brings."""
+        if self.runner.spliced_from_start:
+            sae_out = self.replacement(self.sae, self._step_input(acts, run, rows)).sae_out
+        flat = acts.flatten(0, 1).index_put((rows,), sae_out.to(acts.dtype))
+        return flat.view_as(acts)
+
+    def _update(self, sae: TrainingSAE[Any], loss: torch.Tensor) -> None:
+        """Backward, gradients summed over ranks, clipped to norm 1, one Adam step; decoder rows
+        kept at unit norm when asked (their gradient along the row removed, then renormalised)."""
         loss.backward()
         self.parallel.sum_gradients(self.trained_parameters())
-        if cfg.decoder_unit_norm:
+        if self.ft_cfg.decoder_unit_norm:
             remove_gradient_along_rows(sae.W_dec)
         torch.nn.utils.clip_grad_norm_(self.trained_parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad()
-        if cfg.decoder_unit_norm:
+        if self.ft_cfg.decoder_unit_norm:
             normalise_rows(sae.W_dec)
         self.parallel.broadcast_buffers(sae)
-        self._advance_schedules(numbers["l0"])
-        return self._step_output(out, loss, values, numbers)
 
     def trained_parameters(self) -> list[torch.Tensor]:
         """Every parameter the optimizer updates: the SAE's and those of the trained modules."""
@@ -290,11 +298,13 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
             num_cycles=self.cfg.n_restart_cycles,
         )
 
-    def _step_input(self, sae_in: torch.Tensor, target: torch.Tensor | None = None) -> TrainStepInput:
-        """SAELens's step input; with a transcoder's `target` (its output hook's clean rows), the
-        TranscoderStepInput its training class reads the MSE target from."""
+    def _step_input(self, acts: torch.Tensor, run: CleanRun, rows: torch.Tensor) -> TrainStepInput:
+        """SAELens's step input on `acts` [batch, pos, d] at `rows`; for a transcoder (the run
+        carries its output hook's clean activations as `target`), the TranscoderStepInput its
+        training class reads the MSE target from."""
+        target = None if run.target is None else run.target.flatten(0, 1)[rows]
         step = {
-            "sae_in": sae_in,
+            "sae_in": acts.flatten(0, 1)[rows],
             "dead_neuron_mask": self.dead_neurons,
             "coefficients": self.get_coefficients(),
             "n_training_steps": self.n_training_steps,
