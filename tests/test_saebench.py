@@ -209,7 +209,7 @@ def test_core_equals_saebenchs_own_multiple_evals(tmp_path) -> None:
     import datasets
     from sae_bench.evals.core import main
 
-    from sae_lens_kl.saebench import _serving
+    from sae_lens_kl.saebench.sae_bench_0_6_0 import serving
 
     model = tiny_text_model()
     sae = tiny_saes(model.cfg.model_name, "blocks.1.hook_resid_pre")["before"]
@@ -219,7 +219,7 @@ def test_core_equals_saebenchs_own_multiple_evals(tmp_path) -> None:
     folder.mkdir()
     (folder / "data.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in sentences(60)))
     sizes = {"context_size": 16, "n_eval_reconstruction_batches": 2, "n_eval_sparsity_variance_batches": 2}
-    with _serving(model, main):
+    with serving(model, main):
         main.multiple_evals(
             [("before", copy.deepcopy(sae))],
             eval_batch_size_prompts=4,
