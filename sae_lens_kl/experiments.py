@@ -123,7 +123,7 @@ EXPERIMENTS: dict[str, Experiment] = {
 def run_experiment(
     name: str, setup: Any, mse_sae_for: Any, out: Path, *, overwrite: bool, seeds: int = 1
 ) -> dict[str, Any]:
-    """Run every arm of experiment `name` on the demo `setup` (commands.DemoSetup), `seeds` times;
+    """Run every arm of experiment `name` on the demo `setup` (commands.demo.DemoSetup), `seeds` times;
     `mse_sae_for(architecture, tokens=None, seed=0)` gives the cached MSE-phase SAE. Seed s trains
     every fine-tune arm on the s-th block of KL-phase tokens after the MSE phase's, with
     `init_seed=s` (LoRA and adapter initialisation); arms trained from scratch also seed their MSE

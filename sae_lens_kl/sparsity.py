@@ -43,7 +43,7 @@ def run_sparsity_sweep(
     end_to_end: bool = False,
     mse_sae_for_k: Any,
 ) -> dict[str, Any]:
-    """Every k on the demo `setup` (commands.DemoSetup); `mse_sae_for_k(k)` gives (the cached
+    """Every k on the demo `setup` (commands.demo.DemoSetup); `mse_sae_for_k(k)` gives (the cached
     MSE-phase SAE, seconds it took to train or None when read from the cache). Writes
     sparsity.json, sparsity.md and sparsity.png in `out`."""
     if setup.evaluator is None:

@@ -27,7 +27,7 @@ ARMS = {"KL+MSE": "kl+mse", "MSE-only": "mse"}
 def run_sweep(
     setup: Any, mse_sae: SAE[Any], lrs: list[float], steps: list[int], out: Path, *, overwrite: bool
 ) -> dict[str, Any]:
-    """Every (lr, steps) cell on the demo `setup` (commands.DemoSetup) from `mse_sae`; writes
+    """Every (lr, steps) cell on the demo `setup` (commands.demo.DemoSetup) from `mse_sae`; writes
     sweep.json, sweep.md and sweep.png in `out`."""
     if setup.evaluator is None:
         raise ValueError("The sweep compares held-out CE gaps: pass --eval-tokens > 0.")

@@ -1,0 +1,339 @@
+"""The demo and its family: `demo`, `experiment`, `sweep` and `sparsity` on the demo's model, text,
+MSE-phase SAE (cached) and shared held-out evaluator (`DemoSetup`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import SAE, LanguageModelSAERunnerConfig, TrainingSAE
+
+from sae_lens_kl.api import kl_finetune
+from sae_lens_kl.commands.common import SINK_NOTE, check_out, text_or_corpus
+from sae_lens_kl.config import KL_CHUNK_TOKENS, LOSS_MODES
+from sae_lens_kl.data import token_sequences
+from sae_lens_kl.evaluation import HeldOutEvaluator
+from sae_lens_kl.intervals import format_interval, paired_intervals
+from sae_lens_kl.models import cache_root, load_model
+from sae_lens_kl.recipes import DEMO_MSE_RECIPE, DEMO_SIZES, KL_BATCH_SEQUENCES, QUICK_SIZES, MSERecipe
+from sae_lens_kl.report import History, write_report
+from sae_lens_kl.staging import staged_folder
+from sae_lens_kl.train import mse_phase, train_with_kl_phase
+
+CONTROL_NAMES = {"mse": "MSE-only control", "kl": "KL-only", "e2e+ds": "e2e+ds"}
+CONTROL_FOLDERS = {"mse": "mse_control"}
+
+
+def mse_cache_folder(runner_cfg: LanguageModelSAERunnerConfig[Any]) -> Path:
+    """Where the MSE-phase SAE of this configuration is cached (a SAELens folder)."""
+    key_fields = {
+        "model": runner_cfg.model_name,
+        "hook": runner_cfg.hook_name,
+        "sae": runner_cfg.sae.to_dict(),
+        "tokens": runner_cfg.training_tokens,
+        "ctx": runner_cfg.context_size,
+        "lr": runner_cfg.lr,
+        "batch": runner_cfg.train_batch_size_tokens,
+        "seqpos": runner_cfg.seqpos_slice,
+        "data": runner_cfg.dataset_path,
+        "seed": runner_cfg.seed,
+        "dead_feature_window": runner_cfg.dead_feature_window,
+        "lr_decay_steps": runner_cfg.lr_decay_steps,
+    }
+    key = hashlib.sha1(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_root() / "mse_saes" / key
+
+
+def cached_mse_sae(
+    runner_cfg: LanguageModelSAERunnerConfig[Any], model: Any, data: Any
+) -> tuple[TrainingSAE[Any], bool]:
+    """The MSE-phase SAE for this configuration, trained once and then read from the cache."""
+    folder = mse_cache_folder(runner_cfg)
+    if (folder / "cfg.json").is_file():
+        return TrainingSAE.load_from_disk(folder, device=str(model.cfg.device)), True
+    sae = mse_phase(runner_cfg, model, data, runner_cfg.training_tokens)
+    with staged_folder(folder) as staging:
+        sae.save_model(staging)
+    return sae, False
+
+
+@dataclasses.dataclass
+class DemoSetup:
+    """What the demo and the experiments share: the model, training and held-out text, the MSE
+    phase's runner config, the KL phase's length, the fine-tune options of every run and the
+    evaluator of every run (the held-out clean pass is computed once for all of them)."""
+
+    model: Any
+    train_data: Any
+    eval_data: Any
+    recipe: MSERecipe
+    runner_cfg: LanguageModelSAERunnerConfig[Any]
+    kl_tokens: int
+    options: dict[str, Any]
+    evaluator: HeldOutEvaluator | None
+
+    @property
+    def sinks(self) -> int:
+        return self.recipe.sink_positions
+
+    def held_out(self) -> dict[str, Any]:
+        """The keyword that gives a fine-tune its held-out evaluation: the shared evaluator."""
+        return {"evaluator": self.evaluator} if self.evaluator is not None else {"eval_data": self.eval_data}
+
+    def runner_config_for(
+        self, architecture: str, tokens: int | None = None, seed: int = 0, k: float | None = None
+    ) -> LanguageModelSAERunnerConfig[Any]:
+        """The MSE phase's config for another architecture (same width, data, lr), length, seed
+        (added to the demo's runner seed) or TopK k."""
+        recipe = self.recipe
+        if (architecture, tokens, seed, k) == (recipe.architecture, None, 0, None):
+            return self.runner_cfg
+        recipe = dataclasses.replace(
+            recipe,
+            architecture=architecture,
+            tokens=tokens or recipe.tokens,
+            seed=recipe.seed + seed,
+            k=recipe.k if k is None else k,
+        )
+        return recipe.runner_config(self.model, self.runner_cfg.hook_name, self.runner_cfg.dataset_path)
+
+    def check_fits(self, tokens: int) -> None:
+        """Refuse, before any training, a run that reads more training tokens than the data holds
+        (as whole sequences of the run's context)."""
+        context = self.runner_cfg.context_size
+        needed = -(-tokens // context)
+        stream = token_sequences(self.train_data, self.model, context, self.runner_cfg.prepend_bos)
+        if next(itertools.islice(stream, needed - 1, None), None) is None:
+            raise SystemExit(
+                f"The training data ({self.train_data}) holds fewer than the {needed:,} sequences of "
+                f"{context} tokens ({tokens:,} tokens) this run reads; pass more --data, or fewer "
+                "--mse-tokens, --kl-steps, --steps or --seeds."
+            )
+
+
+def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
+    """The demo's setup; sizes not given on the command line take the demo's (or quick) values."""
+    for name, value in (QUICK_SIZES if quick else DEMO_SIZES).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    model = load_model(args.model)
+    train_data, eval_data = text_or_corpus(args.data, args.eval_data)
+    recipe = dataclasses.replace(
+        DEMO_MSE_RECIPE, d_sae=args.d_sae, k=args.k, tokens=args.mse_tokens, context_size=args.context_size
+    )
+    context_size, batch_size, sinks = recipe.context_size, KL_BATCH_SEQUENCES, recipe.sink_positions
+    # the SAE metadata's dataset_path: a local folder that `finetune` can read again
+    runner_cfg = recipe.runner_config(model, args.hook, dataset_name=str(train_data))
+    options = {
+        "batch_size": batch_size,
+        "lr": args.lr,
+        "eval_tokens": args.eval_tokens,
+        "eval_batch_size": 8,
+        "exclude_first_positions": sinks,
+        "kl_chunk_tokens": KL_CHUNK_TOKENS,
+    }
+    kl_tokens = args.kl_steps * batch_size * context_size
+    evaluator = (
+        HeldOutEvaluator.for_data(
+            model,
+            eval_data,
+            n_tokens=args.eval_tokens,
+            context_size=context_size,
+            prepend_bos=bool(runner_cfg.prepend_bos),
+            batch_size=options["eval_batch_size"],
+            exclude_first_positions=sinks,
+            chunk_tokens=options["kl_chunk_tokens"],
+        )
+        if args.eval_tokens
+        else None
+    )
+    return DemoSetup(model, train_data, eval_data, recipe, runner_cfg, kl_tokens, options, evaluator)
+
+
+def demo(args: argparse.Namespace) -> None:
+    unknown = [loss for loss in args.controls if loss not in LOSS_MODES]
+    if unknown:
+        raise SystemExit(f"--controls {','.join(unknown)}: not a loss; choose from {', '.join(LOSS_MODES)}.")
+    out = check_out(args.out, args.overwrite)
+    assert out is not None
+    setup = demo_setup(args)
+    setup.check_fits(setup.runner_cfg.training_tokens + setup.kl_tokens)
+    model, train_data, eval_data, runner_cfg = (
+        setup.model,
+        setup.train_data,
+        setup.eval_data,
+        setup.runner_cfg,
+    )
+    hook, sinks, options, kl_tokens = args.hook, setup.sinks, setup.options, setup.kl_tokens
+    batch_size, context_size = options["batch_size"], args.context_size
+    print(
+        f"MSE phase: SAELens runner, TopK k={args.k}, d_sae={args.d_sae} at {hook}, "
+        f"{args.mse_tokens:,} tokens"
+    )
+    mse_sae, cached = cached_mse_sae(runner_cfg, model, train_data)
+    print("  (read from cache)" if cached else "  (trained and cached)")
+    total = args.mse_tokens + kl_tokens
+    history = History()
+    print(f"KL+MSE phase: {args.kl_steps} steps of {batch_size}x{context_size} tokens, lr {args.lr}")
+    result = train_with_kl_phase(
+        dataclasses.replace(runner_cfg, training_tokens=total),
+        model,
+        train_data,
+        kl_fraction=kl_tokens / total,
+        save_dir=out / "kl_mse",
+        mse_sae=mse_sae,
+        callbacks=[history],
+        overwrite=args.overwrite,
+        start_sae=mse_cache_folder(runner_cfg),
+        **setup.held_out(),
+        **options,
+    )
+    runs = {"KL+MSE": result.sae.cfg.metadata.kl_finetune}
+    # Controls on the same tokens from the same MSE-phase SAE: MSE-only continuation (paper App. B),
+    # and any other objective asked for (KL-only, Braun et al.'s e2e+ds, ...).
+    controls: dict[str, SAE[Any]] = {}
+    for loss in [] if args.no_control else args.controls:
+        print(f"control: loss={loss} on the same tokens")
+        control = kl_finetune(
+            mse_sae,
+            model,
+            result.kl_data,
+            tokens=result.kl_tokens,
+            loss=loss,
+            save_dir=out / CONTROL_FOLDERS.get(loss, loss.replace("+", "_")),
+            overwrite=args.overwrite,
+            start_sae=mse_cache_folder(runner_cfg),
+            **setup.held_out(),
+            **options,
+        )
+        runs[CONTROL_NAMES.get(loss, loss)] = control.cfg.metadata.kl_finetune
+        controls[CONTROL_NAMES.get(loss, loss)] = control
+    evaluator = setup.evaluator
+    extra: dict[str, Any] = {"mse_phase_cached": cached, "kl_tokens_share_of_run": kl_tokens / total}
+    control_name = CONTROL_NAMES["mse"]
+    if evaluator is not None:
+        # every run was evaluated on the same held-out sequences: paired intervals (stored results)
+        tuned = {"KL+MSE": result.sae, **controls}
+        extra["intervals"] = paired_intervals(
+            evaluator(mse_sae),
+            {name: evaluator(sae) for name, sae in tuned.items()},
+            control=control_name if control_name in tuned else None,
+        )
+    notes = [
+        f"Model: {model.cfg.model_name}; SAE: TopK k={args.k}, d_sae={args.d_sae} at {hook}, MSE-trained "
+        f"with SAELens's runner on {args.mse_tokens:,} tokens of {train_data}.",
+        f"KL phase: {kl_tokens:,} tokens = {kl_tokens / total:.1%} of the run's {total:,}.",
+        *_interval_notes(extra.get("intervals")),
+        f"Held-out evaluation: {args.eval_tokens:,} tokens of {eval_data}, never trained on.",
+        SINK_NOTE.format(n=sinks),
+        f"torch threads: {torch.get_num_threads()}.",
+    ]
+    written = write_report(
+        out,
+        "sae_lens_kl demo: KL+MSE phase after MSE training",
+        runs,
+        history,
+        notes,
+        extra,
+    )
+    print((out / "report.md").read_text())
+    print("wrote", ", ".join(str(p) for p in written))
+
+
+def _interval_notes(intervals: dict[str, Any] | None) -> list[str]:
+    """The paired intervals as report notes."""
+    if intervals is None:
+        return []
+    level = f"{intervals['level']:.0%}"
+    notes = [
+        f"Intervals: {level} paired bootstrap over the {intervals['n_sequences']} held-out sequences "
+        f"({intervals['n_resamples']} resamples, the same draws for every run)."
+    ]
+    for name, interval in intervals["fraction_ce_gap_closed"].items():
+        if interval is not None:
+            notes.append(f"{name}: CE gap closed, {level} interval {format_interval(interval)}.")
+    for name, interval in intervals.get("difference_from_control", {}).items():
+        if interval is not None:
+            notes.append(
+                f"{name} − {intervals['control']}: difference in CE gap closed, {level} interval "
+                f"{format_interval(interval)}."
+            )
+    return notes
+
+
+def experiment(args: argparse.Namespace) -> None:
+    from sae_lens_kl.experiments import run_experiment, tokens_needed
+
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds {args.seeds} must be at least 1.")
+
+    out = check_out(args.out or f"sae_lens_kl_experiment_{args.name}", args.overwrite)
+    assert out is not None
+    setup = demo_setup(args, quick=args.quick)
+
+    def mse_sae_for(architecture: str, tokens: int | None = None, seed: int = 0) -> TrainingSAE[Any]:
+        runner_cfg = setup.runner_config_for(architecture, tokens, seed)
+        print(
+            f"MSE phase: {architecture}, {runner_cfg.training_tokens:,} tokens (cached after the first run)"
+        )
+        return cached_mse_sae(runner_cfg, setup.model, setup.train_data)[0]
+
+    setup.check_fits(tokens_needed(setup, args.seeds))
+    run_experiment(args.name, setup, mse_sae_for, out, overwrite=args.overwrite, seeds=args.seeds)
+    print((out / "experiment.md").read_text())
+    print(f"wrote {out / 'experiment.json'}, {out / 'experiment.md'}, {out / 'experiment.png'}")
+
+
+def sweep(args: argparse.Namespace) -> None:
+    from sae_lens_kl.sweep import run_sweep
+
+    if any(lr <= 0 for lr in args.lrs) or any(n < 1 for n in args.steps):
+        raise SystemExit(f"--lrs {args.lrs} must be > 0 and --steps {args.steps} >= 1.")
+    out = check_out(args.out, args.overwrite)
+    assert out is not None
+    setup = demo_setup(args, quick=args.quick)
+    batch_tokens = setup.options["batch_size"] * setup.runner_cfg.context_size
+    setup.check_fits(setup.runner_cfg.training_tokens + max(args.steps) * batch_tokens)
+    mse_sae, cached = cached_mse_sae(setup.runner_cfg, setup.model, setup.train_data)
+    print(
+        f"MSE phase {'read from cache' if cached else 'trained and cached'}; "
+        f"sweeping lrs {args.lrs} x steps {args.steps}"
+    )
+    run_sweep(setup, mse_sae, args.lrs, args.steps, out, overwrite=args.overwrite)
+    print((out / "sweep.md").read_text())
+
+
+def sparsity(args: argparse.Namespace) -> None:
+    from sae_lens_kl.sparsity import kl_phase_tokens, run_sparsity_sweep
+
+    if any(k < 1 for k in args.ks) or not 0 < args.kl_share < 1:
+        raise SystemExit(f"--ks {args.ks} must be >= 1 and --kl-share {args.kl_share} in (0, 1).")
+    out = check_out(args.out, args.overwrite)
+    assert out is not None
+    setup = demo_setup(args, quick=args.quick)
+    if max(args.ks) > setup.runner_cfg.sae.d_sae:
+        raise SystemExit(f"--ks {args.ks}: each k must be at most d_sae {setup.runner_cfg.sae.d_sae}.")
+    setup.check_fits(setup.runner_cfg.training_tokens + kl_phase_tokens(setup, args.kl_share))
+
+    def mse_sae_for_k(k: int) -> tuple[TrainingSAE[Any], float | None]:
+        started = time.perf_counter()
+        sae, cached = cached_mse_sae(setup.runner_config_for("topk", k=k), setup.model, setup.train_data)
+        return sae, None if cached else time.perf_counter() - started
+
+    run_sparsity_sweep(
+        setup,
+        args.ks,
+        out,
+        overwrite=args.overwrite,
+        kl_share=args.kl_share,
+        end_to_end=args.end_to_end,
+        mse_sae_for_k=mse_sae_for_k,
+    )
+    print((out / "sparsity.md").read_text())
