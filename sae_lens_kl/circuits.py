@@ -28,6 +28,7 @@ from sae_lens.saes.transcoder import SkipTranscoder
 from transformer_lens import HookedTransformer
 
 from sae_lens_kl.architectures import flat_activations
+from sae_lens_kl.config import ATTRIBUTION_METHODS
 from sae_lens_kl.splice import HookSite, sae_sites
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
@@ -169,7 +170,7 @@ def attribute(
     hook then sum to the metric's change when all its nodes go from 0 to clean, up to the
     quadrature's O(1/steps^2) error (one backward pass per hook and step)."""
     _check_hooks(saes)
-    if method not in ("atp", "ig") or not isinstance(steps, int) or steps < 1:
+    if method not in ATTRIBUTION_METHODS or not isinstance(steps, int) or steps < 1:
         raise ValueError(
             f"method={method!r}, steps={steps!r}: method is 'atp' or 'ig', steps a positive int."
         )

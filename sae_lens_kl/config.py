@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 # Each set of choices is written once, as a type; the CLI's choices and the checks below derive
@@ -22,6 +22,10 @@ TrainingArchitecture = Literal[
     "standard", "gated", "topk", "abstopk", "jumprelu", "batchtopk", "matryoshka_batchtopk"
 ]
 TRAINING_ARCHITECTURES: tuple[str, ...] = get_args(TrainingArchitecture)
+# The paper's comparisons (experiments.EXPERIMENTS) and the circuits module's attribution methods.
+ExperimentName = Literal["A", "B", "C", "D", "E", "F"]
+AttributionMethod = Literal["atp", "ig"]
+ATTRIBUTION_METHODS: tuple[str, ...] = get_args(AttributionMethod)
 
 # Defaults that other modules share with the config (the evaluator, the clean-pass cache, the demo).
 KL_CHUNK_TOKENS = 256
@@ -218,7 +222,7 @@ class KLFinetuneConfig:
     feature_sampling_window: int = 2000
     """Steps per sparsity-statistics window (SAELens trainer)."""
 
-    log_to_wandb: bool = False
+    log_to_wandb: bool = field(default=False, metadata={"aliases": ("--wandb",)})
     """Log through SAELens's wandb logger."""
 
     wandb_project: str = "sae_lens_kl"

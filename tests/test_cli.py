@@ -10,8 +10,9 @@ from dataclasses import fields
 import pytest
 
 from sae_lens_kl import KLFinetuneConfig
-from sae_lens_kl.cli import build_parser, config_from_args, field_docs, parse
+from sae_lens_kl.cli import build_parser, config_from_args, parse
 from sae_lens_kl.commands import load_sae
+from sae_lens_kl.flags import field_docs
 
 
 @pytest.mark.parametrize("command", ["demo", "finetune", "train", "cache", "eval", "experiment"])
@@ -109,3 +110,17 @@ def test_public_names_resolve_to_what_they_name() -> None:
             importlib.import_module(f"sae_lens_kl.{module.name}")
     for name in sae_lens_kl.__all__:
         assert not isinstance(getattr(sae_lens_kl, name), types.ModuleType), name
+
+
+def test_choices_and_defaults_come_from_the_registries() -> None:
+    # the CLI stays light (no torch at --help), so where a registry lives in a heavy module its
+    # names are a Literal in config.py and these must agree
+    from typing import get_args
+
+    from sae_lens_kl.config import ExperimentName
+    from sae_lens_kl.experiments import EXPERIMENTS
+    from sae_lens_kl.options import SAEBenchOptions
+    from sae_lens_kl.saebench import OFFLINE_EVALS
+
+    assert list(get_args(ExperimentName)) == list(EXPERIMENTS)
+    assert SAEBenchOptions().evals.split(",") == list(OFFLINE_EVALS)
