@@ -48,10 +48,11 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_lens_kl import KLFinetuneConfig, KLFinetuneTrainer
 from sae_lens_kl.cache import build_cache
-from sae_lens_kl.losses import kl_divergence
+from sae_lens_kl.kl import kl_divergence
 from sae_lens_kl.runs import SpliceRunner, shared_clean_runs
 from sae_lens_kl.sparse_topk import use_sparse_topk
-from sae_lens_kl.splice import CompiledBlocks, HookSite, VocabProjection, run_prefix, run_to_output
+from sae_lens_kl.splice import CompiledBlocks, HookSite, run_prefix, run_to_output
+from sae_lens_kl.vocab import VocabProjection
 
 D_MODEL, VOCAB = 768, 50257
 

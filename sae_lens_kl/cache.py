@@ -5,7 +5,7 @@ Per token it stores, in the model's dtype: the residual stream entering the SAE'
 suffix restarts from it) and the activation at the hook point when that is not the same tensor.
 For the clean next-token distribution it stores, exactly (no top-k logit approximation), either
   - "statistics" (float32 linear unembedding, no softcap): W_U p, b_U . p and sum p log p of the
-    clean distribution p (losses.CleanStatistics), from which KL(p || q) and its gradient follow
+    clean distribution p (kl.CleanStatistics), from which KL(p || q) and its gradient follow
     exactly given only the spliced logits; a step from the cache then forms no clean logits; or
   - "final" (otherwise): the unembedding input after the final norm, from which the clean logits
     are recomputed with the model's own unembedding.
@@ -42,7 +42,7 @@ from transformer_lens import HookedTransformer
 
 from sae_lens_kl.config import FALLBACK_CONTEXT_SIZE, KL_CHUNK_TOKENS
 from sae_lens_kl.data import DataSource, take, token_sequences
-from sae_lens_kl.losses import CleanStatistics, clean_statistics
+from sae_lens_kl.kl import CleanStatistics, clean_statistics
 from sae_lens_kl.runs import CleanRun, SpliceRunner
 from sae_lens_kl.splice import HookSite
 from sae_lens_kl.staging import staged_files

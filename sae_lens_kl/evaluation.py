@@ -20,7 +20,7 @@ from sae_lens_kl.architectures import flat_activations, to_inference_sae
 from sae_lens_kl.checkpoints import sae_fingerprint
 from sae_lens_kl.config import EVAL_TOKENS, FALLBACK_CONTEXT_SIZE, KL_CHUNK_TOKENS
 from sae_lens_kl.data import DataError, DataSource, take, token_sequences
-from sae_lens_kl.losses import (
+from sae_lens_kl.kl import (
     CleanStatistics,
     ce_and_kl_per_token,
     clean_statistics_and_ce,
@@ -32,9 +32,7 @@ from sae_lens_kl.runs import hooks_on, position_mask, recording
 from sae_lens_kl.splice import (
     HookSite,
     Prefix,
-    VocabProjection,
     embedded_prefix,
-    kl_dtype,
     later_residual_hooks,
     run_prefix,
     run_to_hook,
@@ -43,6 +41,7 @@ from sae_lens_kl.splice import (
     supports_prefix_reuse,
 )
 from sae_lens_kl.transcoders import reconstruct
+from sae_lens_kl.vocab import VocabProjection, kl_dtype
 
 
 @dataclass
@@ -152,7 +151,7 @@ class _CleanPass:
     later: dict[str, torch.Tensor]
     statistics: CleanStatistics | None = None
     """The clean distribution at every position (flat), for a linear float32 unembedding: then
-    the CE and KL of a spliced pass take one unembedding product (losses.ce_and_kl_per_token)."""
+    the CE and KL of a spliced pass take one unembedding product (kl.ce_and_kl_per_token)."""
     ce_clean: torch.Tensor | None = None
     """With `statistics`: the clean CE at every position (flat; the last one's is meaningless)."""
 

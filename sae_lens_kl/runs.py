@@ -18,12 +18,11 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
 from sae_lens_kl.config import KL_CHUNK_TOKENS
-from sae_lens_kl.losses import CleanStatistics, clean_statistics
+from sae_lens_kl.kl import CleanStatistics, clean_statistics
 from sae_lens_kl.splice import (
     CompiledBlocks,
     HookSite,
     Prefix,
-    VocabProjection,
     cached_prefix,
     embedded_prefix,
     run_prefix,
@@ -31,6 +30,7 @@ from sae_lens_kl.splice import (
     run_to_output,
     supports_prefix_reuse,
 )
+from sae_lens_kl.vocab import VocabProjection
 
 
 @dataclass

@@ -7,19 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from sae_lens_kl.config import LOSS_MODES, KLFinetuneConfig
-from sae_lens_kl.losses import (
+from sae_lens_kl.kl import (
     CPU_ROW_GROUP_BYTES,
-    OBJECTIVES,
     ce_and_kl_per_token,
     clean_statistics,
     clean_statistics_and_ce,
     cross_entropy_per_token,
     kl_divergence,
     kl_per_token,
-    objective_of,
-    recorded_hooks,
 )
-from sae_lens_kl.splice import CPU_VOCAB_BLOCK, VocabProjection, kl_dtype, onednn_linear_available
+from sae_lens_kl.losses import OBJECTIVES, objective_of, recorded_hooks
+from sae_lens_kl.vocab import CPU_VOCAB_BLOCK, VocabProjection, kl_dtype, onednn_linear_available
 
 
 def projection(softcap: float = 0.0, dtype: torch.dtype = torch.float32, vocab: int = 50) -> VocabProjection:

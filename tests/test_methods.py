@@ -21,7 +21,7 @@ from sae_lens_kl.cache import build_cache
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.evaluation import weight_stability
 from sae_lens_kl.losses import DownstreamMSETerm, KLTerm, StepTensors, objective_of
-from sae_lens_kl.splice import VocabProjection
+from sae_lens_kl.vocab import VocabProjection
 
 SEQ = 16
 DATA = random_tokens(40, seq=SEQ)

@@ -8,7 +8,7 @@ from conftest import make_sae, random_tokens, tiny_model
 from sae_lens import SAE
 
 from sae_lens_kl import kl_finetune
-from sae_lens_kl.splice import VocabProjection
+from sae_lens_kl.vocab import VocabProjection
 
 SEQ = 16
 DATA = random_tokens(60, seq=SEQ)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import D_HEAD, D_MODEL, N_HEADS, random_tokens, tiny_model
 
-from sae_lens_kl.splice import HookSite, VocabProjection, hook_width, run_prefix, run_to_output
+from sae_lens_kl.splice import HookSite, hook_width, run_prefix, run_to_output
+from sae_lens_kl.vocab import VocabProjection
 
 HOOKS = [
     ("blocks.0.hook_resid_pre", None),
