@@ -195,9 +195,9 @@ class KLFinetuneConfig:
     compile_blocks: bool = False
     """Run the model's blocks through torch.compile (inductor) in the training step; the block
     holding the SAE's hook, and any block with a hook registered, stays eager. Same results to float
-    rounding (SAE gradients within 4e-7 relative of eager); GPT-2-small shape on 2 CPU threads a
-    step is ~1.1x faster (benchmarks/bench_step.py --compile). Costs one compile per grad mode
-    (~7 s on CPU) and needs what inductor needs (a C++ compiler on CPU, Triton on GPU). Needs
+    rounding (SAE gradients within 4e-7 relative of eager); what it gains is measured by
+    benchmarks/bench_step.py --compile (docs/performance.md). Costs one compile per grad mode and
+    needs what inductor needs (a C++ compiler on CPU, Triton on GPU). Needs
     prefix_reuse on a single-device HookedTransformer."""
 
     distributed: bool = False

@@ -54,7 +54,7 @@ def _chunks(
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """(rows, logit buffers [count, rows, vocab]) for each chunk of run outputs [n_tokens, d]. The
     buffers are allocated once and reused for every chunk: on CPU a fresh tensor this size is
-    page-faulted in anew each time (~13 ms per 50 MB)."""
+    page-faulted in anew each time (docs/performance.md, kernel choices)."""
     n_tokens = outputs.shape[0]
     width = projection.vocab_size(outputs)
     buffers = outputs.new_empty((count, min(chunk_tokens, n_tokens), width), dtype=kl_dtype(outputs.dtype))
@@ -177,9 +177,8 @@ def _row_groups(logits: torch.Tensor) -> list[slice]:
     """Row slices of a chunk's [tokens, vocab] logits for the elementwise passes between the
     unembedding products. On CPU a few tokens at a time (~2 MiB per tensor), so the softmaxes,
     exponentials and products run on rows in cache instead of streaming the whole chunk through
-    memory once per pass (with fresh page-faulted allocations): the KL with its gradient over 512
-    GPT-2 tokens went 850 -> 650 ms at 2 threads. Elsewhere the whole chunk: a GPU gains nothing
-    from smaller kernels."""
+    memory once per pass (with fresh page-faulted allocations; docs/performance.md, kernel
+    choices). Elsewhere the whole chunk: a GPU gains nothing from smaller kernels."""
     n_rows = logits.shape[0]
     step = max(1, CPU_ROW_GROUP_BYTES // logits[0].nbytes) if logits.device.type == "cpu" else n_rows
     return [slice(start, start + step) for start in range(0, n_rows, step)]

@@ -58,8 +58,8 @@ class _SelectedLatentsLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # dense x sparse: only the chosen columns are summed into
             if flat_grad.device.type == "cpu":
                 # dense x CSR writes W_enc's [d_in, d_sae] layout; dense x COO returned its
-                # transpose, which the gradient's accumulation then copied (37 MB at 768 x
-                # 12288: 24 ms instead of 50, torch 2.13)
+                # transpose, which the gradient's accumulation then copied
+                # (docs/performance.md, kernel choices)
                 chosen = torch.sparse_csr_tensor(offsets, latents, values, flat_grad.shape)
                 grad_W = flat_in.T.contiguous() @ chosen
             else:

@@ -42,9 +42,9 @@ class NonFiniteLossError(RuntimeError):
 
 def use_fused_adam(optimizer: torch.optim.Optimizer) -> None:
     """Switch SAETrainer's Adam to torch's fused kernel: the same update in one pass over each
-    parameter. SAELens builds it with the defaults, which on CPU step one tensor at a time (torch
-    2.13; W_enc + W_dec of 768 x 12288: 44 -> 10 ms per step, 2 threads). Set before the first step,
-    so the optimizer state is created in the fused layout and checkpoints record it."""
+    parameter. SAELens builds it with the defaults, which on CPU step one tensor at a time
+    (docs/performance.md, kernel choices). Set before the first step, so the optimizer state is
+    created in the fused layout and checkpoints record it."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     try:
         # Adam's own check of fused support for these parameters' devices and dtypes.
@@ -64,8 +64,8 @@ def _at_rows(recorded: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str,
 def _firing_counts(feature_acts: torch.Tensor) -> torch.Tensor:
     """[d_sae] int64: on how many of the [rows, d_sae] activations' rows each latent fired.
     SAELens's sparse TopK activations are counted from their entries, not densified; dense ones
-    are summed as int32 (a bool sum to int64 first converts the whole [rows, d_sae] matrix: 13 ms
-    instead of 2 at 512 x 12288)."""
+    are summed as int32 (a bool sum to int64 first converts the whole [rows, d_sae] matrix;
+    docs/performance.md, kernel choices)."""
     if feature_acts.is_sparse:
         chosen = feature_acts.coalesce()
         latents = chosen.indices()[-1][chosen.values() != 0]

@@ -21,18 +21,15 @@ def kl_dtype(dtype: torch.dtype) -> torch.dtype:
 CPU_VOCAB_BLOCK = 2048
 """Vocabulary columns per unembedding product on CPU. Each [tokens, block] piece of the logits is
 written while it is in cache; one product over the whole vocabulary writes [tokens, vocab] through
-memory and ran ~20 % slower (GPT-2's 50257 x 768, 512 tokens, 2 threads, torch 2.13: 222 ms whole,
-175 ms in blocks of 2048 with MKL; 128 ms whole, 103 ms in blocks with oneDNN; 2048-8192 within 5 %)."""
+memory and is slower (docs/performance.md, kernel choices)."""
 
 
 def onednn_linear_available(weight: torch.Tensor) -> bool:
     """Whether float32 CPU products with `weight` go through oneDNN (`onednn_linear`).
 
-    torch 2.13's CPU build runs float32 matmuls through MKL 2024.2, which on this project's AMD
-    EPYC (Zen 5) machines reaches ~180 GFLOP/s at 2 threads; oneDNN, which dispatches on the CPU's
-    instruction set (AVX-512 here), ~400 (2048^3), and 2.1x on the unembedding products
-    (512 x 768 x 50257: 211 -> 103 ms; its transpose 204 -> 94 ms). `torch.backends.mkldnn.enabled
-    = False` switches it off."""
+    torch 2.13's CPU build runs float32 matmuls through MKL, slower on this project's AMD EPYC
+    machines than oneDNN, which dispatches on the CPU's instruction set (docs/performance.md, kernel choices).
+    `torch.backends.mkldnn.enabled = False` switches it off."""
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
@@ -46,8 +43,9 @@ def onednn_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """inputs @ weight.T + bias, as F.linear, through oneDNN's linear: torch's own op for inductor's
     CPU linears (`mkldnn::_linear_pointwise`, used as of torch 2.13; a build without it takes MKL,
     see onednn_linear_available), with no fused activation. `weight` [out, in] must be contiguous:
-    a strided one fell to a kernel 100x slower (torch 2.13). The op has no autograd kernel (its
-    backward would silently give no gradient), so under autograd this is F.linear."""
+    a strided one falls to a much slower kernel (torch 2.13; docs/performance.md, kernel
+    choices). The op has no autograd kernel (its backward would silently give no gradient), so
+    under autograd this is F.linear."""
     tensors = (inputs, weight) if bias is None else (inputs, weight, bias)
     if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
         return F.linear(inputs, weight, bias)
@@ -89,7 +87,7 @@ class VocabProjection:
     def logits(self, output: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of a chunk of run outputs [n, d], in float32 (float64 for a float64 model),
         written into `out` [n, vocab] (a new tensor if None; reuse one for every chunk: on CPU a
-        fresh tensor this size is page-faulted in again each time, ~13 ms per 50 MB)."""
+        fresh tensor this size is page-faulted in again each time)."""
         dtype = kl_dtype(output.dtype)
         if out is None:
             out = output.new_empty((output.shape[0], self.vocab_size(output)), dtype=dtype)
