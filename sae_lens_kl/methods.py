@@ -19,7 +19,7 @@ from sae_lens_kl.adapters import Adapter, load_adapter
 from sae_lens_kl.architectures import to_inference_sae
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.lm_lora import Hook, LMLoRA, lm_lora_targets, load_lm_lora
-from sae_lens_kl.lora import add_lora, merge_lora
+from sae_lens_kl.lora import add_lora, check_rank, merge_lora
 from sae_lens_kl.trainer import TrainedModule
 
 
@@ -30,6 +30,11 @@ class Method(Protocol):
     """Whether the SAE's own weights train (an L0 controller then drives its coefficient)."""
     spliced_from_start: bool
     """The spliced pass runs from the embedding (the method changes the SAE's input)."""
+
+    def check(self, sae: SAE[Any], *, resumed: bool, saved: bool) -> None:
+        """Refuse, before any work, settings this method cannot train with (`resumed`: a run
+        resumed from a checkpoint; `saved`: the run has a save_dir)."""
+        ...
 
     def start(self, sae: TrainingSAE[Any], checkpoint: Path | None) -> list[TrainedModule]:
         """Prepare `sae` for training (freeze it, parametrize it) and return the modules that
@@ -52,6 +57,9 @@ class SAEFinetune:
     trains_sae: bool = True
     spliced_from_start: bool = False
 
+    def check(self, sae: SAE[Any], *, resumed: bool, saved: bool) -> None:
+        pass
+
     def start(self, sae: TrainingSAE[Any], checkpoint: Path | None) -> list[TrainedModule]:  # noqa: ARG002
         return []
 
@@ -70,6 +78,14 @@ class SAELoRA(SAEFinetune):
     rank: int = 1
     alpha: float = 32.0
     seed: int = 0
+
+    def check(self, sae: SAE[Any], *, resumed: bool, saved: bool) -> None:  # noqa: ARG002
+        check_rank(self.rank, sae.cfg.d_in, sae.cfg.d_sae)
+        if resumed:
+            raise ValueError(
+                "resume_from with sae_lora_rank is not supported yet (checkpoints hold the unmerged "
+                "factors); rerun the LoRA fine-tune from the start."
+            )
 
     def start(self, sae: TrainingSAE[Any], checkpoint: Path | None) -> list[TrainedModule]:  # noqa: ARG002
         add_lora(sae, self.rank, self.alpha, self.seed)
@@ -91,6 +107,13 @@ class AdapterAfterSAE:
     trains_sae: bool = False
     spliced_from_start: bool = False
     adapter: Adapter | None = field(default=None, init=False)
+
+    def check(self, sae: SAE[Any], *, resumed: bool, saved: bool) -> None:  # noqa: ARG002
+        if self.kind == "linear" and self.width >= sae.cfg.d_in:
+            raise ValueError(
+                f"adapter_width={self.width} must be below the SAE's d_in ({sae.cfg.d_in}) for the "
+                "linear adapter, or it is no low-rank map; use a smaller width or adapter='mlp'."
+            )
 
     def start(self, sae: TrainingSAE[Any], checkpoint: Path | None) -> list[TrainedModule]:
         sae.requires_grad_(False)
@@ -129,6 +152,25 @@ class LMLoRAAfterSAE:
     def spliced_from_start(self) -> bool:
         # LoRA before the SAE changes its input: the spliced pass runs from the embedding
         return self.layers == "all"
+
+    def check(self, sae: SAE[Any], *, resumed: bool, saved: bool) -> None:  # noqa: ARG002
+        if not isinstance(self.model, HookedTransformer):
+            raise ValueError(
+                "lm_lora_rank needs a HookedTransformer: its hook points carry the LoRA updates."
+            )
+        if not saved:
+            raise ValueError(
+                "lm_lora_rank needs save_dir: the LoRA is its own artifact (save_dir/lm_lora.safetensors; "
+                "kl_finetune returns the SAE, unchanged)."
+            )
+        # refuses an SAE after the last block (for layers='after')
+        targets = lm_lora_targets(self.model, self.hook_name, self.layers)
+        smallest = min(min(t.in_features, t.out_features) for t in targets)
+        if self.rank >= smallest:
+            raise ValueError(
+                f"lm_lora_rank={self.rank} must be below {smallest}, the smallest dimension of "
+                "the weights it adapts, or it is no low-rank update."
+            )
 
     def start(self, sae: TrainingSAE[Any], checkpoint: Path | None) -> list[TrainedModule]:
         sae.requires_grad_(False)

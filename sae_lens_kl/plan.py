@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from sae_lens import SAE
 from sae_lens.constants import TRAINER_STATE_FILENAME
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl.adapters import attached
@@ -31,9 +30,8 @@ from sae_lens_kl.checkpoints import (
 )
 from sae_lens_kl.config import FALLBACK_CONTEXT_SIZE, KLFinetuneConfig
 from sae_lens_kl.data import DataError, DataSource, check_data_kind
-from sae_lens_kl.lm_lora import lm_lora_targets
-from sae_lens_kl.lora import check_rank
 from sae_lens_kl.losses import OBJECTIVES
+from sae_lens_kl.methods import method_of
 from sae_lens_kl.save_dir import check_can_overwrite, holds_nothing
 from sae_lens_kl.splice import (
     HookSite,
@@ -108,36 +106,10 @@ def make_plan(
             f"The SAE's hook_head_index={site.head_index} is not a head of this model (0 to "
             f"{n_heads - 1}); pass an SAE trained on this model's heads."
         )
-    if cfg.sae_lora_rank is not None:
-        check_rank(cfg.sae_lora_rank, sae.cfg.d_in, sae.cfg.d_sae)
-        if resume_from is not None:
-            raise ValueError(
-                "resume_from with sae_lora_rank is not supported yet (checkpoints hold the unmerged "
-                "factors); rerun the LoRA fine-tune from the start."
-            )
-    if cfg.lm_lora_rank is not None:
-        if not isinstance(model, HookedTransformer):
-            raise ValueError(
-                "lm_lora_rank needs a HookedTransformer: its hook points carry the LoRA updates."
-            )
-        if save_dir is None:
-            raise ValueError(
-                "lm_lora_rank needs save_dir: the LoRA is its own artifact (save_dir/lm_lora.safetensors; "
-                "kl_finetune returns the SAE, unchanged)."
-            )
-        # refuses an SAE after the last block (for layers='after')
-        targets = lm_lora_targets(model, site.hook_name, cfg.lm_lora_layers)
-        smallest = min(min(t.in_features, t.out_features) for t in targets)
-        if cfg.lm_lora_rank >= smallest:
-            raise ValueError(
-                f"lm_lora_rank={cfg.lm_lora_rank} must be below {smallest}, the smallest dimension of "
-                "the weights it adapts, or it is no low-rank update."
-            )
-    if cfg.adapter == "linear" and cfg.adapter_width >= sae.cfg.d_in:
-        raise ValueError(
-            f"adapter_width={cfg.adapter_width} must be below the SAE's d_in ({sae.cfg.d_in}) for the "
-            "linear adapter, or it is no low-rank map; use a smaller width or adapter='mlp'."
-        )
+    # what trains (the SAE, LoRA on it, an adapter, LoRA on the LM) checks its own settings
+    method_of(cfg, model, site.hook_name).check(
+        sae, resumed=resume_from is not None, saved=save_dir is not None
+    )
     if attached(sae) is not None:
         raise ValueError(
             "This SAE has an adapter attached (load_adapter); kl_finetune trains the SAE alone or a "
