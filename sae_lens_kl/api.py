@@ -138,10 +138,6 @@ def kl_finetune(
     )
     if evaluator is not None:
         _check_evaluator(evaluator, model, plans[0].cfg, eval_data)
-    if len(saes) > 1 and any(plan.write_site != plan.site for plan in plans):
-        raise ValueError(
-            "Several SAEs per pass do not take transcoders yet; fine-tune each transcoder on its own."
-        )
     if len(saes) > 1 and (
         not all(plan.prefix_reuse for plan in plans)
         or isinstance(plans[0].data, CleanPassCache)

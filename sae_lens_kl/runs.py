@@ -209,10 +209,13 @@ def shared_clean_runs(
     unembedding products, chunks of `chunk_tokens`) instead of each SAE forming the clean logits
     again (one product each): the same KL and gradients up to float rounding."""
     sites = {name: runner.site for name, runner in runners.items()}
+    # a transcoder's clean output at its output hook: what its reconstruction replaces
+    writes = {name: runner.write_site for name, runner in runners.items() if runner.write_site != runner.site}
     earliest = min(runners.values(), key=lambda runner: runner.site.block or 0)
     sae_blocks = sorted({site.block for site in sites.values() if site.block is not None})
     residuals: dict[int, torch.Tensor] = {}
     acts: dict[str, torch.Tensor] = {}
+    targets: dict[str, torch.Tensor] = {}
 
     def keep_residual(raw: torch.Tensor, hook: HookPoint, block: int) -> torch.Tensor:  # noqa: ARG001
         residuals[block] = raw
@@ -222,8 +225,13 @@ def shared_clean_runs(
         acts[name] = sites[name].read(raw)
         return raw
 
+    def keep_target(raw: torch.Tensor, hook: HookPoint, name: str) -> torch.Tensor:  # noqa: ARG001
+        targets[name] = writes[name].read(raw)
+        return raw
+
     hooks = [(f"blocks.{block}.hook_resid_pre", _bind(keep_residual, block=block)) for block in sae_blocks]
     hooks += [(site.hook_name, _bind(keep_acts, name=name)) for name, site in sites.items()]
+    hooks += [(site.hook_name, _bind(keep_target, name=name)) for name, site in writes.items()]
     share_statistics = len(sites) >= 3 and earliest.projection.supports_statistics
     for tokens in batches:
         tokens = tokens.to(model.cfg.device)
@@ -240,6 +248,7 @@ def shared_clean_runs(
                 tokens,
                 acts[name],
                 replace(prefix, residual=residuals[site.block], start_layer=site.block),  # type: ignore[index,arg-type]
+                target=targets.get(name),
                 **clean,
             )
             for name, site in sites.items()

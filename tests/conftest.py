@@ -67,7 +67,9 @@ def make_sae(
         defaults.update(d_out=D_MODEL, apply_b_dec_to_input=False)
         if hook_name == "blocks.1.hook_resid_pre":
             hook_name = "blocks.1.ln2.hook_normalized"
-        transcoder["hook_name_out"] = "blocks.1.hook_mlp_out"
+        # a transcoder of block L's MLP (ln2.hook_normalized -> hook_mlp_out); otherwise block 1's
+        layer = hook_name.split(".")[1] if hook_name.endswith("ln2.hook_normalized") else "1"
+        transcoder["hook_name_out"] = f"blocks.{layer}.hook_mlp_out"
     cfg = cfg_cls.from_dict(
         {
             "architecture": architecture,

@@ -105,3 +105,29 @@ def test_several_saes_per_pass_resume_to_the_weights_of_an_uninterrupted_run(tmp
         for name, tensor in alone.state_dict().items():
             assert torch.equal(tensor, again.state_dict()[name]), name
         assert again.cfg.metadata.kl_finetune["training_tokens"] == 8 * 4 * SEQ
+
+
+@pytest.mark.parametrize("n_layers", [2, 3])
+def test_a_transcoder_at_each_layer_per_pass_equals_each_alone(n_layers: int) -> None:
+    # Transcoders of every layer's MLP in lockstep ("independent": each spliced alone, its own
+    # KL), sharing the clean pass that records each one's input and output; as for SAEs, two are
+    # bit-identical to training alone, from three on equal up to float64 rounding (TOLERANCE).
+    dtype = torch.float32 if n_layers == 2 else torch.float64
+    model = tiny_model(dtype=dtype)
+    transcoders = [
+        make_sae("transcoder", hook_name=f"blocks.{layer}.ln2.hook_normalized", seed=layer + 1)
+        for layer in range(n_layers)
+    ]
+    transcoders = [t.to(dtype) for t in transcoders]
+    options = {**OPTIONS, "checkpoint_every_tokens": None}
+    together = kl_finetune(transcoders, model, DATA, **options)
+    for index, (start, tuned) in enumerate(zip(transcoders, together, strict=True)):
+        alone = kl_finetune(start, model, DATA, **options)
+        assert tuned.cfg.metadata.hook_name_out == f"blocks.{index}.hook_mlp_out"
+        for name, tensor in alone.state_dict().items():
+            if n_layers == 2:
+                assert torch.equal(tensor, tuned.state_dict()[name]), (index, name)
+            else:
+                moved = (tensor - start.state_dict()[name]).norm()
+                assert moved > 0, (index, name)
+                assert (tuned.state_dict()[name] - tensor).norm() <= TOLERANCE * moved, (index, name)
