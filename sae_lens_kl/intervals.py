@@ -88,9 +88,9 @@ def paired_intervals(
     generator = torch.Generator().manual_seed(seed)
     n = len(sequences["n_tokens"])
     # counts[b, i]: how often resample b drew sequence i; sums over a draw are counts @ values
-    counts = _draw_counts(n_resamples, n, generator)
+    counts = draw_counts(n_resamples, n, generator)
     # seed_weights[b, s]: the share of seed s in resample b's mean over seeds
-    seed_weights = _draw_counts(n_resamples, n_seeds, generator) / n_seeds
+    seed_weights = draw_counts(n_resamples, n_seeds, generator) / n_seeds
 
     def gap(values: dict[str, torch.Tensor]) -> torch.Tensor:
         return counts @ (values["ce_spliced"] - values["ce_clean"]) / (counts @ values["n_tokens"])
@@ -119,7 +119,7 @@ def paired_intervals(
     return result
 
 
-def _draw_counts(n_resamples: int, n: int, generator: torch.Generator) -> torch.Tensor:
+def draw_counts(n_resamples: int, n: int, generator: torch.Generator) -> torch.Tensor:
     """[n_resamples, n]: how often each resample (n draws with replacement) drew each item."""
     draws = torch.randint(0, n, (n_resamples, n), generator=generator)
     return torch.zeros(n_resamples, n, dtype=torch.float64).scatter_add_(
