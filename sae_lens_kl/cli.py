@@ -26,6 +26,7 @@ from sae_lens_kl.options import (
     DemoRun,
     EvalOptions,
     ExperimentOptions,
+    ExportOptions,
     FinetuneOptions,
     Output,
     SAEBenchOptions,
@@ -234,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
         out=None,
         out_help="Output folder (default: print only).",
     )
+    _command(
+        sub,
+        "export",
+        "Export a transcoder set for circuit-tracer (attribution graphs with the replacement model).",
+        "Writes the transcoders (one per layer from 0) in circuit-tracer 0.5.0's local format: "
+        "config.yaml and layer_{i}.safetensors, all at once; circuit-tracer's "
+        "load_transcoder_from_hub(<absolute folder>) reads it offline.",
+        ExportOptions,
+        out=None,
+        out_help="Output folder.",
+    )
     return parser
 
 
@@ -302,6 +314,7 @@ def _run(args: argparse.Namespace) -> None:
         "sparsity": commands.sparsity,
         "circuits": commands.circuits,
         "saebench": commands.saebench,
+        "export": commands.export,
     }[args.command]
     handler(args)
 

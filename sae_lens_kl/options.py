@@ -5,6 +5,7 @@ own options are `KLFinetuneConfig`'s fields. (Nothing heavy is imported: --help 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from sae_lens_kl.config import AttributionMethod, ExperimentName, TrainingArchitecture
 from sae_lens_kl.flags import positive_int
@@ -219,3 +220,17 @@ class CircuitsOptions:
     --ig-steps backward passes per hook)."""
     ig_steps: int = field(default=10, metadata={"parse": positive_int})
     """Integrated-gradients steps."""
+
+
+@dataclass
+class ExportOptions:
+    format: Literal["circuit-tracer"] = field(default="circuit-tracer", metadata={"positional": True})
+    """The format: circuit-tracer's local transcoder set (circuit-tracer 0.5.0)."""
+    set: list[str] | None = field(default=None, metadata={"repeat": True})
+    """A transcoder folder (SAELens's layout) per layer, in layer order; or one run folder of a
+    several-per-pass fine-tune (its sae_0, sae_1, ... subfolders)."""
+    n_layers: int | None = field(default=None, metadata={"parse": positive_int})
+    """The model's layer count, checked against the set (circuit-tracer needs one transcoder per
+    layer and treats a missing one as all error nodes)."""
+    scan: str | None = None
+    """The set's name in circuit-tracer's graphs (default: model name and hooks)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from sae_lens_kl.commands.common import check_out, load_sae, named_saes
 from sae_lens_kl.corpus import django_docs
@@ -122,3 +123,21 @@ def saebench(args: argparse.Namespace) -> None:
     print((out / "saebench.md").read_text())
     for name, spec in named:
         print(f"{name}: {spec}")
+
+
+def export(args: argparse.Namespace) -> None:
+    from sae_lens_kl.export import export_circuit_tracer
+
+    if not args.set or not args.out:
+        raise SystemExit("export needs --set (transcoder folders, or a run folder) and --out.")
+    folders = [Path(folder).expanduser() for folder in args.set]
+    if len(folders) == 1 and not (folders[0] / "cfg.json").is_file():
+        # a several-per-pass run folder: its SAEs in index order
+        runs = sorted(folders[0].glob("sae_*/cfg.json"), key=lambda cfg: int(cfg.parent.name.split("_")[1]))
+        folders = [cfg.parent for cfg in runs] or folders
+    transcoders = [load_sae(str(folder)) for folder in folders]
+    out = export_circuit_tracer(
+        transcoders, args.out, n_layers=args.n_layers, scan=args.scan, overwrite=args.overwrite
+    )
+    loader = f"load_transcoder_from_hub('{out.resolve()}')"
+    print(f"wrote {len(transcoders)} transcoders to {out} (circuit-tracer: {loader})")
