@@ -17,7 +17,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl import save_dir as owned
-from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, to_training_sae
+from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, to_inference_sae, to_training_sae
 from sae_lens_kl.cache import CleanPassCache
 from sae_lens_kl.checkpoints import (
     CHECKPOINTS_DIRNAME,
@@ -29,11 +29,18 @@ from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataSource, batched, budgeted, held_out_and_training
 from sae_lens_kl.evaluation import EvalResult, HeldOutEvaluator, special_token_ids, weight_stability
+from sae_lens_kl.joint import JointMemberTrainer, JointReplacementStep
 from sae_lens_kl.losses import Objective, needs_spliced_run, objective_of, recorded_hooks
 from sae_lens_kl.methods import Method, method_of
 from sae_lens_kl.multi import MultiKLFinetuneTrainer
 from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.plan import Plan, make_plan, optimizer_state
+from sae_lens_kl.replacement import (
+    ReplacementMetrics,
+    check_transcoder_set,
+    paired_differences,
+    replacement_metrics,
+)
 from sae_lens_kl.report import run_report, save_artifact
 from sae_lens_kl.runs import CleanRun, SpliceRunner, shared_clean_runs
 from sae_lens_kl.splice import CompiledBlocks
@@ -149,6 +156,8 @@ def kl_finetune(
             "(fine-tune from a clean-pass cache one SAE at a time), a loss without downstream "
             "hooks and no LoRA on the LM (fine-tune e2e+ds or lm_lora_rank one SAE at a time)."
         )
+    if cfg.replacement == "joint":
+        _check_joint(saes, model, plans, parallel)
     for index, (plan, start) in enumerate(zip(plans, starts, strict=True)):
         if plan.save_dir is not None:
             folder = plan.save_dir if len(saes) == 1 else plan.save_dir / f"sae_{index}"
@@ -162,6 +171,25 @@ def kl_finetune(
     with writer_lock, torch.random.fork_rng(devices=cuda_devices):
         tuned = _run(saes, model, plans, eval_data, evaluator, callbacks, overwrite, parallel, starts)
     return tuned[0] if isinstance(sae, SAE) else tuned
+
+
+def _check_joint(
+    saes: Sequence[SAE[Any]], model: HookedRootModule, plans: Sequence[Plan], parallel: DataParallel
+) -> None:
+    """replacement='joint' trains a transcoder set as one replacement model: refuse, before any
+    work, what is not one."""
+    if len(saes) < 2 or any(plan.write_site == plan.site for plan in plans):
+        raise ValueError(
+            "replacement='joint' splices several transcoders at once; pass a list of two or more "
+            "transcoders (one per layer), or leave replacement='independent'."
+        )
+    assert isinstance(model, HookedTransformer)  # several SAEs per pass checked that
+    check_transcoder_set(saes, model)  # one per output hook, in layer order
+    if parallel.world_size > 1 or not plans[0].cfg.trains_sae or plans[0].cfg.sae_lora_rank is not None:
+        raise ValueError(
+            "replacement='joint' trains the transcoders themselves in one process (no distributed, "
+            "adapter or LoRA yet)."
+        )
 
 
 def _start_sources(start_sae: Any, count: int) -> list[str | None]:
@@ -274,28 +302,85 @@ def _run(
             callbacks,
             save_dir,
             parallel,
+            JointMemberTrainer if cfg.replacement == "joint" else KLFinetuneTrainer,
         )
         for sae, plan, training, method, trained_modules, runner, save_dir in zip(
             saes, plans, trainings, methods, modules, runners.values(), save_dirs, strict=True
         )
     ]
-    fitter: KLFinetuneTrainer | MultiKLFinetuneTrainer = (
-        jobs[0].trainer
-        if single
-        else MultiKLFinetuneTrainer(
-            dict(zip(runners, (job.trainer for job in jobs), strict=True)), clean_runs
-        )
-    )
+    trainers = dict(zip(runners, (job.trainer for job in jobs), strict=True))
+    if cfg.replacement == "joint":  # one spliced pass for the set; SAELens's loop drives it
+        joint = JointReplacementStep(trainers)
+        for name, trainer in trainers.items():
+            trainer.joint, trainer.name = joint, name  # type: ignore[attr-defined]
+        clean_runs = joint.batches(clean_runs)
+    fitter = jobs[0].trainer if single else MultiKLFinetuneTrainer(trainers, clean_runs)
+    set_metrics = _ReplacementSet.of(saes, model, evaluator, cfg, parallel)
     train_started = time.perf_counter()
     with frozen(model), _wandb_run(cfg, first, parallel):
         fitter.fit()
     train_seconds = time.perf_counter() - train_started
+    extra = (
+        {}
+        if set_metrics is None
+        else {"replacement_model": set_metrics.after([job.trainer.sae for job in jobs])}
+    )
     tuned = [
-        _finish(job, evaluator, train_seconds, time.perf_counter() - started, parallel, source)
+        _finish(job, evaluator, train_seconds, time.perf_counter() - started, parallel, source, extra)
         for job, source in zip(jobs, start_sources, strict=True)
     ]
     parallel.barrier()  # every rank returns once rank 0 has written the artifacts
     return tuned
+
+
+@dataclass
+class _ReplacementSet:
+    """A transcoder set's replacement-model metrics on the held-out sequences, before and after."""
+
+    model: HookedTransformer
+    tokens: torch.Tensor
+    settings: dict[str, Any]
+    before: ReplacementMetrics
+
+    @classmethod
+    def of(
+        cls,
+        saes: Sequence[SAE[Any]],
+        model: HookedRootModule,
+        evaluator: HeldOutEvaluator | None,
+        cfg: KLFinetuneConfig,
+        parallel: DataParallel,
+    ) -> _ReplacementSet | None:
+        """None unless the SAEs are transcoders forming one replacement model (several, one per
+        output hook, in layer order) evaluated in one process."""
+        if (
+            len(saes) < 2
+            or evaluator is None
+            or parallel.world_size > 1
+            or not isinstance(model, HookedTransformer)
+        ):
+            return None
+        try:
+            check_transcoder_set(saes, model)
+        except ValueError:
+            return None
+        tokens = torch.cat(evaluator.batches)
+        settings = {
+            "batch_size": cfg.eval_batch_size,
+            "exclude_first_positions": cfg.exclude_first_positions,
+            "exclude_special_tokens": cfg.exclude_special_tokens,
+            "chunk_tokens": cfg.kl_chunk_tokens,
+        }
+        return cls(model, tokens, settings, replacement_metrics(saes, model, tokens, **settings))
+
+    def after(self, trained: Sequence[TrainingSAE[Any]]) -> dict[str, Any]:
+        tuned = [to_inference_sae(sae) for sae in trained]
+        after = replacement_metrics(tuned, self.model, self.tokens, **self.settings)
+        return {
+            "before": self.before.to_dict(),
+            "after": after.to_dict(),
+            "after_minus_before_95": paired_differences(self.before, {"after": after})["after"],
+        }
 
 
 def _starting_saes(
@@ -426,6 +511,7 @@ def _prepare(
     callbacks: Sequence[StepCallback],
     save_dir: Path | None,
     parallel: DataParallel,
+    trainer_cls: type[KLFinetuneTrainer] = KLFinetuneTrainer,
 ) -> _Job:
     """The 'before' evaluation, the L0 controller and the trainer of one SAE (state restored when
     resuming)."""
@@ -440,7 +526,7 @@ def _prepare(
     ):
         target = cfg.target_l0 if cfg.target_l0 is not None else (before.l0 if before else None)
         controller = SparsityController(coefficient, cfg.controller_rate, target)
-    trainer = KLFinetuneTrainer(
+    trainer = trainer_cls(
         training,
         runner,
         clean_runs,
@@ -471,6 +557,7 @@ def _finish(
     wall_seconds: float,
     parallel: DataParallel,
     start_source: str | None,
+    extra: dict[str, Any],
 ) -> SAE[Any]:
     """The inference SAE with its 'after' evaluation and report; saved when a folder is given."""
     trainer, controller = job.trainer, job.controller
@@ -506,6 +593,7 @@ def _finish(
     )
     report["weight_stability"] = weight_stability(job.start, tuned)
     report["start_sae"] = start_source
+    report.update(extra)
     tuned.cfg.metadata.kl_finetune = report
     if job.save_dir is not None and parallel.is_main:
         save_artifact(tuned, trainer, report, job.save_dir)

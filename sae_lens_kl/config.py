@@ -23,6 +23,8 @@ TrainingArchitecture = Literal[
 ]
 TRAINING_ARCHITECTURES: tuple[str, ...] = get_args(TrainingArchitecture)
 # The paper's comparisons (experiments.EXPERIMENTS) and the circuits module's attribution methods.
+ReplacementMode = Literal["independent", "joint"]
+REPLACEMENT_MODES: tuple[str, ...] = get_args(ReplacementMode)
 ExperimentName = Literal["A", "B", "C", "D", "E", "F"]
 AttributionMethod = Literal["atp", "ig"]
 ATTRIBUTION_METHODS: tuple[str, ...] = get_args(AttributionMethod)
@@ -63,6 +65,12 @@ class KLFinetuneConfig:
     downstream_coefficient: float = 2.5
     """'e2e+ds': total weight of the downstream MSE, split evenly over downstream_hooks (Braun et
     al.'s in_to_orig total_coeff)."""
+
+    replacement: ReplacementMode = "independent"
+    """Several transcoders (one per layer) trained together: 'independent' splices each alone,
+    with its own KL; 'joint' splices all at once as one replacement model: one KL, each
+    transcoder's MSE against its own clean target, gradients through the later transcoders
+    (loss='kl+mse', one process)."""
 
     sae_lora_rank: int | None = None
     """Train only a rank-r update of the SAE's encoder and decoder (LoRA on the SAE, paper App. D),
@@ -259,6 +267,13 @@ class KLFinetuneConfig:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} is not one of {get_args(LRSchedule)}.")
         if self.loss not in LOSS_MODES:
             raise ValueError(f"loss={self.loss!r} is not one of {LOSS_MODES}.")
+        if self.replacement not in REPLACEMENT_MODES:
+            raise ValueError(f"replacement={self.replacement!r} is not one of {REPLACEMENT_MODES}.")
+        if self.replacement == "joint" and self.loss != "kl+mse":
+            raise ValueError(
+                f"replacement='joint' trains with the paper's loss per transcoder; loss={self.loss!r} is "
+                "not supported for it yet (use loss='kl+mse')."
+            )
         if self.sparsity_controller not in CONTROLLER_MODES:
             raise ValueError(
                 f"sparsity_controller={self.sparsity_controller!r} is not one of {CONTROLLER_MODES}."

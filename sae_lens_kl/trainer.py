@@ -249,9 +249,13 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         return flat.view_as(acts)
 
     def _update(self, sae: TrainingSAE[Any], loss: torch.Tensor) -> None:
-        """Backward, gradients summed over ranks, clipped to norm 1, one Adam step; decoder rows
-        kept at unit norm when asked (their gradient along the row removed, then renormalised)."""
         loss.backward()
+        self._optimizer_step(sae)
+
+    def _optimizer_step(self, sae: TrainingSAE[Any]) -> None:
+        """From the gradients backward left: summed over ranks, clipped to norm 1, one Adam step;
+        decoder rows kept at unit norm when asked (their gradient along the row removed, then
+        renormalised)."""
         self.parallel.sum_gradients(self.trained_parameters())
         if self.ft_cfg.decoder_unit_norm:
             remove_gradient_along_rows(sae.W_dec)
