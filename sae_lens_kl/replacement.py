@@ -25,8 +25,6 @@ from sae_lens_kl.runs import position_mask
 from sae_lens_kl.transcoders import reconstruct
 from sae_lens_kl.vocab import VocabProjection
 
-FINAL_HOOK = "ln_final.hook_normalized"
-"""The unembedding's input in a HookedTransformer with a final norm."""
 METRICS = ("ce_clean", "ce_replacement", "kl", "top1_agreement")
 
 
@@ -115,8 +113,6 @@ def replacement_metrics(
     the positions kept (special tokens and the first `exclude_first_positions` of each sequence
     left out, and each sequence's last position, which has no next token)."""
     check_transcoder_set(transcoders, model)
-    if FINAL_HOOK not in model.hook_dict:
-        raise ValueError(f"The model has no {FINAL_HOOK} (no final norm); its unembedding input is needed.")
     projection = VocabProjection.for_run(model, prefix_reuse=True)
     ignored = special_token_ids(model) if exclude_special_tokens else []
     device = next(model.parameters()).device
@@ -153,16 +149,11 @@ def replacement_metrics(
 
 
 def _final(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
-    """The unembedding's input [batch, pos, d] of a forward pass (under any hooks registered)."""
-    kept: dict[str, torch.Tensor] = {}
-
-    def keep(acts: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # noqa: ARG001
-        kept["final"] = acts
-        return acts
-
-    with model.hooks(fwd_hooks=[(FINAL_HOOK, keep)]):
-        model(tokens, return_type=None)
-    return kept["final"]
+    """The unembedding's input [batch, pos, d] of a forward pass (under any hooks registered):
+    the residual after the last block through the final norm and its weights, as
+    splice.run_to_output forms it, so that no [batch, pos, vocab] logits are made."""
+    residual = model(tokens, stop_at_layer=model.cfg.n_layers)
+    return model.ln_final(residual) if model.cfg.normalization_type is not None else residual
 
 
 def _top1(outputs: torch.Tensor, projection: VocabProjection, chunk_tokens: int) -> torch.Tensor:

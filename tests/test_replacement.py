@@ -26,6 +26,9 @@ def test_metrics_equal_a_plain_run_with_hooks_of_the_replacement_model() -> None
     # float64 throughout: the chunked float32-or-64 kernels and this direct computation agree to
     # rounding (u = 1.1e-16 on values of O(10)), far below 1e-10.
     model = tiny_model(dtype=torch.float64)
+    with torch.no_grad():  # a final norm with its own weights, as in real models (fold_ln=False)
+        model.ln_final.w.normal_(1.0, 0.5, generator=torch.Generator().manual_seed(3))
+        model.ln_final.b.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(4))
     transcoders = transcoder_set(torch.float64)
     tokens = random_tokens(6, seq=SEQ)
     ours = replacement_metrics(transcoders, model, tokens, batch_size=4, exclude_special_tokens=False)

@@ -16,6 +16,7 @@ EXPECTED = {
     "02_circuits_before_after": "error node's share of the absolute attribution",
     "03_transcoders": "top transcoder latents on the last token",
     "04_comparisons": "each method's SAELens folder is under tutorial_methods/",
+    "05_transcoder_set": "exported for circuit-tracer",
 }
 
 
