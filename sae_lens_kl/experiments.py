@@ -378,11 +378,16 @@ def _figure(result: Mapping[str, Any], path: Path) -> None:
     for axis, (key, label) in zip(fig.subplots(1, len(panels)), panels, strict=True):
         values = [row[key] or 0 for row in rows]
         errors = None
-        if key == "fraction_of_ce_gap_closed" and all(row.get("fraction_interval") for row in rows):
-            # the paired bootstrap interval as asymmetric error bars
+        if key == "fraction_of_ce_gap_closed" and any(row.get("fraction_interval") for row in rows):
+            # the paired bootstrap interval as asymmetric error bars (none where it is undefined;
+            # a percentile interval of a ratio may exclude its point estimate: clipped at 0)
+            intervals = [
+                row.get("fraction_interval") or [value, value]
+                for value, row in zip(values, rows, strict=True)
+            ]
             errors = [
-                [value - row["fraction_interval"][0] for value, row in zip(values, rows, strict=True)],
-                [row["fraction_interval"][1] - value for value, row in zip(values, rows, strict=True)],
+                [max(0.0, value - low) for value, (low, _) in zip(values, intervals, strict=True)],
+                [max(0.0, high - value) for value, (_, high) in zip(values, intervals, strict=True)],
             ]
             label += " (95 % interval)"
         axis.bar(range(len(rows)), values, yerr=errors, capsize=3)

@@ -49,7 +49,8 @@ def paired_intervals(
     """95 % percentile intervals of each run's fraction of the CE gap closed, and, with `control`
     (a key of `afters`), of each other run's difference from it, from one set of paired resamples
     of the held-out sequences. Resamples whose starting gap is ≤ 0 count as undefined and are
-    reported (`undefined_resamples`); the interval is over the rest.
+    reported (`undefined_resamples`); the interval is over the rest. When the starting SAE's own
+    gap is ≤ 0 every interval is None (the fraction itself is undefined).
 
     A run given as a sequence of results is one result per seed (runs of the same seed index paired:
     the same training tokens and initialisation): its fraction is the mean over the seeds, and every
@@ -96,7 +97,10 @@ def paired_intervals(
         return counts @ (values["ce_spliced"] - values["ce_clean"]) / (counts @ values["n_tokens"])
 
     gap_before = gap(sequences)
-    defined = gap_before > 0
+    # where the starting SAE's own gap is <= 0 the fraction is undefined, and so is any interval
+    # of it (resamples that happen to draw a positive gap would describe another SAE)
+    whole_gap = (sequences["ce_spliced"] - sequences["ce_clean"]).sum() / sequences["n_tokens"].sum()
+    defined = gap_before > 0 if whole_gap > 0 else torch.zeros_like(gap_before, dtype=torch.bool)
     fractions = {}
     for name, seeds in runs.items():
         per_seed = torch.stack([(gap_before - gap(values)) / gap_before for values in seeds], dim=1)

@@ -113,3 +113,20 @@ def test_seeds_add_their_spread_to_the_interval(evaluated) -> None:
         paired_intervals(before, {"a": [tuned, control], "b": [tuned] * 3})
     with pytest.raises(ValueError, match="different numbers of seeds"):
         paired_intervals(before, {"a": []})
+
+
+def test_no_interval_of_a_fraction_that_is_undefined(evaluated) -> None:
+    # a starting SAE with no CE gap of its own (spliced CE below clean on every sequence): some
+    # resamples could still draw a positive gap, but they would describe another SAE
+    before, tuned, control = evaluated
+    sums = {**before.per_sequence}
+    sums["ce_spliced"] = [
+        clean - 0.01 * n for clean, n in zip(sums["ce_clean"], sums["n_tokens"], strict=True)
+    ]
+    sums["ce_spliced"][0] += 1.0  # one sequence with a gap: some resamples are positive
+    no_gap = dataclasses.replace(before, per_sequence=sums)
+    intervals = paired_intervals(no_gap, {"tuned": tuned, "control": control}, control="control")
+    assert intervals["fraction_ce_gap_closed"] == {"tuned": None, "control": None}
+    assert intervals["difference_from_control"] == {"tuned": None}
+    # with a gap, intervals as usual
+    assert paired_intervals(before, {"tuned": tuned})["fraction_ce_gap_closed"]["tuned"] is not None
