@@ -33,7 +33,7 @@ CONTEXT = 128
 # how the test suite runs this file (tests/test_tutorials.py); the full run covers all 30 layers.
 QUICK = os.environ.get("SAE_LENS_KL_QUICK") == "1"
 LAYERS, D_SAE, MSE_TOKENS, KL_STEPS, EVAL_TOKENS = (
-    (2, 256, 2_048, 1, 512) if QUICK else (30, 1152, 65_536, 24, 10_240)
+    (2, 256, 2_048, 1, 512) if QUICK else (30, 1152, 65_536, 12, 10_240)
 )
 # The first 2 positions of each sequence are an attention sink: left out of training and evaluation.
 COMMON = {"batch_size": 8, "context_size": CONTEXT, "exclude_first_positions": 2}
