@@ -13,11 +13,10 @@ from typing import Any
 
 import torch
 from sae_lens import SAE, TrainingSAE
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl import save_dir as owned
-from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, to_inference_sae, to_training_sae
+from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, to_training_sae
 from sae_lens_kl.cache import CleanPassCache
 from sae_lens_kl.checkpoints import (
     CHECKPOINTS_DIRNAME,
@@ -27,23 +26,19 @@ from sae_lens_kl.checkpoints import (
 )
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
-from sae_lens_kl.data import DataSource, batched, budgeted, held_out_and_training
+from sae_lens_kl.data import DataSource
 from sae_lens_kl.evaluation import EvalResult, HeldOutEvaluator, special_token_ids, weight_stability
-from sae_lens_kl.joint import JointMemberTrainer, JointReplacementStep
-from sae_lens_kl.losses import Objective, needs_spliced_run, objective_of, recorded_hooks
+from sae_lens_kl.joint import JointMemberTrainer, JointReplacementStep, check_joint
+from sae_lens_kl.losses import Objective, objective_of, recorded_hooks
 from sae_lens_kl.methods import Method, method_of
 from sae_lens_kl.multi import MultiKLFinetuneTrainer
 from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.plan import Plan, make_plan, optimizer_state
-from sae_lens_kl.replacement import (
-    ReplacementMetrics,
-    check_transcoder_set,
-    paired_differences,
-    replacement_metrics,
-)
+from sae_lens_kl.replacement import ReplacementSet
 from sae_lens_kl.report import run_report, save_artifact
-from sae_lens_kl.runs import CleanRun, SpliceRunner, shared_clean_runs
+from sae_lens_kl.runs import CleanRun, SpliceRunner
 from sae_lens_kl.splice import CompiledBlocks
+from sae_lens_kl.streams import check_evaluator, data_streams, evaluator_of
 from sae_lens_kl.trainer import (
     KLFinetuneTrainer,
     NonFiniteLossError,
@@ -144,7 +139,7 @@ def kl_finetune(
         ],
     )
     if evaluator is not None:
-        _check_evaluator(evaluator, model, plans[0].cfg, eval_data)
+        check_evaluator(evaluator, model, plans[0].cfg, eval_data)
     if len(saes) > 1 and (
         not all(plan.prefix_reuse for plan in plans)
         or isinstance(plans[0].data, CleanPassCache)
@@ -157,7 +152,7 @@ def kl_finetune(
             "hooks and no LoRA on the LM (fine-tune e2e+ds or lm_lora_rank one SAE at a time)."
         )
     if cfg.replacement == "joint":
-        _check_joint(saes, model, plans, parallel)
+        check_joint(saes, model, plans, parallel)
     for index, (plan, start) in enumerate(zip(plans, starts, strict=True)):
         if plan.save_dir is not None:
             folder = plan.save_dir if len(saes) == 1 else plan.save_dir / f"sae_{index}"
@@ -171,25 +166,6 @@ def kl_finetune(
     with writer_lock, torch.random.fork_rng(devices=cuda_devices):
         tuned = _run(saes, model, plans, eval_data, evaluator, callbacks, overwrite, parallel, starts)
     return tuned[0] if isinstance(sae, SAE) else tuned
-
-
-def _check_joint(
-    saes: Sequence[SAE[Any]], model: HookedRootModule, plans: Sequence[Plan], parallel: DataParallel
-) -> None:
-    """replacement='joint' trains a transcoder set as one replacement model: refuse, before any
-    work, what is not one."""
-    if len(saes) < 2 or any(plan.write_site == plan.site for plan in plans):
-        raise ValueError(
-            "replacement='joint' splices several transcoders at once; pass a list of two or more "
-            "transcoders (one per layer), or leave replacement='independent'."
-        )
-    assert isinstance(model, HookedTransformer)  # several SAEs per pass checked that
-    check_transcoder_set(saes, model)  # one per output hook, in layer order
-    if parallel.world_size > 1 or not plans[0].cfg.trains_sae or plans[0].cfg.sae_lora_rank is not None:
-        raise ValueError(
-            "replacement='joint' trains the transcoders themselves in one process (no distributed, "
-            "adapter or LoRA yet)."
-        )
 
 
 def _start_sources(start_sae: Any, count: int) -> list[str | None]:
@@ -276,11 +252,11 @@ def _run(
         )
         for index, (plan, method) in enumerate(zip(plans, methods, strict=True))
     }
-    eval_sequences, clean_runs = _data_streams(
+    eval_sequences, clean_runs = data_streams(
         first, model, runners, eval_data, consumed, objective, parallel, held_out=shared_evaluator is not None
     )
     # one evaluator for every SAE of the run: the clean pass and baseline are computed once
-    evaluator = shared_evaluator or _evaluator(first, model, eval_sequences, parallel)
+    evaluator = shared_evaluator or evaluator_of(first, model, eval_sequences, parallel)
     single = len(saes) == 1
     save_dirs = [
         first.save_dir if single or first.save_dir is None else first.save_dir / name for name in runners
@@ -315,7 +291,7 @@ def _run(
             trainer.joint, trainer.name = joint, name  # type: ignore[attr-defined]
         clean_runs = joint.batches(clean_runs)
     fitter = jobs[0].trainer if single else MultiKLFinetuneTrainer(trainers, clean_runs)
-    set_metrics = _ReplacementSet.of(saes, model, evaluator, cfg, parallel)
+    set_metrics = ReplacementSet.of(saes, model, evaluator, cfg, parallel)
     train_started = time.perf_counter()
     with frozen(model), _wandb_run(cfg, first, parallel):
         fitter.fit()
@@ -331,56 +307,6 @@ def _run(
     ]
     parallel.barrier()  # every rank returns once rank 0 has written the artifacts
     return tuned
-
-
-@dataclass
-class _ReplacementSet:
-    """A transcoder set's replacement-model metrics on the held-out sequences, before and after."""
-
-    model: HookedTransformer
-    tokens: torch.Tensor
-    settings: dict[str, Any]
-    before: ReplacementMetrics
-
-    @classmethod
-    def of(
-        cls,
-        saes: Sequence[SAE[Any]],
-        model: HookedRootModule,
-        evaluator: HeldOutEvaluator | None,
-        cfg: KLFinetuneConfig,
-        parallel: DataParallel,
-    ) -> _ReplacementSet | None:
-        """None unless the SAEs are transcoders forming one replacement model (several, one per
-        output hook, in layer order) evaluated in one process."""
-        if (
-            len(saes) < 2
-            or evaluator is None
-            or parallel.world_size > 1
-            or not isinstance(model, HookedTransformer)
-        ):
-            return None
-        try:
-            check_transcoder_set(saes, model)
-        except ValueError:
-            return None
-        tokens = torch.cat(evaluator.batches)
-        settings = {
-            "batch_size": cfg.eval_batch_size,
-            "exclude_first_positions": cfg.exclude_first_positions,
-            "exclude_special_tokens": cfg.exclude_special_tokens,
-            "chunk_tokens": cfg.kl_chunk_tokens,
-        }
-        return cls(model, tokens, settings, replacement_metrics(saes, model, tokens, **settings))
-
-    def after(self, trained: Sequence[TrainingSAE[Any]]) -> dict[str, Any]:
-        tuned = [to_inference_sae(sae) for sae in trained]
-        after = replacement_metrics(tuned, self.model, self.tokens, **self.settings)
-        return {
-            "before": self.before.to_dict(),
-            "after": after.to_dict(),
-            "after_minus_before_95": paired_differences(self.before, {"after": after})["after"],
-        }
 
 
 def _starting_saes(
@@ -405,97 +331,6 @@ def _starting_saes(
             training = to_training_sae(sae, plan.cfg.sparsity_coefficient).to(device)
         trainings.append(training)
     return trainings, consumed
-
-
-def _data_streams(
-    plan: Plan,
-    model: HookedRootModule,
-    runners: dict[str, SpliceRunner],
-    eval_data: DataSource | None,
-    consumed: int,
-    objective: Objective,
-    parallel: DataParallel,
-    held_out: bool = False,
-) -> tuple[torch.Tensor | None, Iterator[Any]]:
-    """(held-out evaluation sequences, the clean runs of the training batches: one CleanRun per
-    batch, or for several SAEs a dict of them per batch; this rank's part of each batch).
-    `held_out`: an evaluator was given, so no sequences are held out of the data."""
-    cfg = plan.cfg
-    n_eval_sequences = 0 if held_out else -(-cfg.eval_tokens // plan.context_size)
-    steps = cfg.tokens // (cfg.batch_size * plan.context_size)
-    streams = {"context_size": plan.context_size, "prepend_bos": plan.prepend_bos, "consumed": 0}
-    if isinstance(plan.data, CleanPassCache):
-        cache, held_out, eval_sequences = plan.data, 0, None
-        if eval_data is not None:
-            eval_sequences, _ = held_out_and_training(
-                eval_data,
-                None,
-                model,
-                n_eval_sequences=n_eval_sequences,
-                **streams,  # type: ignore[arg-type]
-            )
-        elif n_eval_sequences:
-            eval_sequences, held_out = cache.tokens(n_eval_sequences), n_eval_sequences
-        # The cache is read epoch after epoch until the token budget is spent.
-        (runner,) = runners.values()
-        runs = cache.runs(runner, cfg.batch_size, held_out, consumed, part=parallel.part)
-        return eval_sequences, budgeted(runs, steps, cache.path, cfg.tokens)
-    eval_sequences, sequences = held_out_and_training(
-        plan.data,
-        eval_data,
-        model,
-        n_eval_sequences=n_eval_sequences,
-        **{**streams, "consumed": consumed},  # type: ignore[arg-type]
-    )
-    batches = budgeted(map(parallel.part, batched(sequences, cfg.batch_size)), steps, plan.data, cfg.tokens)
-    if len(runners) == 1:
-        (runner,) = runners.values()
-        return eval_sequences, runner.clean_runs(
-            batches, needs_spliced_run(objective), recorded_hooks(objective)
-        )
-    assert isinstance(model, HookedTransformer)
-    return eval_sequences, shared_clean_runs(model, batches, runners, cfg.kl_chunk_tokens)
-
-
-def _check_evaluator(
-    evaluator: HeldOutEvaluator, model: HookedRootModule, cfg: KLFinetuneConfig, eval_data: DataSource | None
-) -> None:
-    """A shared evaluator must measure what this fine-tune's own would: same model, positions."""
-    if eval_data is not None:
-        raise ValueError(
-            "Pass eval_data or evaluator, not both: the evaluator holds its own held-out tokens."
-        )
-    if evaluator.model is not model:
-        raise ValueError("The evaluator was built for another model object; build it for this model.")
-    ignored = special_token_ids(model) if cfg.exclude_special_tokens else []
-    settings = {
-        "exclude_first_positions": (evaluator.exclude_first_positions, cfg.exclude_first_positions),
-        "special tokens left out": (sorted(evaluator.special_token_ids), sorted(ignored)),
-    }
-    for name, (theirs, ours) in settings.items():
-        if theirs != ours:
-            raise ValueError(
-                f"The evaluator's {name} is {theirs} but this fine-tune's is {ours}; build the "
-                "evaluator with the fine-tune's settings (HeldOutEvaluator.for_data(...))."
-            )
-
-
-def _evaluator(
-    plan: Plan, model: HookedRootModule, eval_sequences: torch.Tensor | None, parallel: DataParallel
-) -> HeldOutEvaluator | None:
-    if eval_sequences is None:
-        return None
-    cfg = plan.cfg
-    return HeldOutEvaluator(
-        model,
-        eval_sequences,
-        batch_size=cfg.eval_batch_size,
-        special_token_ids=special_token_ids(model) if cfg.exclude_special_tokens else [],
-        exclude_first_positions=cfg.exclude_first_positions,
-        chunk_tokens=cfg.kl_chunk_tokens,
-        prefix_reuse=plan.prefix_reuse,
-        parallel=parallel,
-    )
 
 
 def _prepare(

@@ -12,16 +12,20 @@ batch it is given by `batches`, and every trainer's step returns its share of it
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from sae_lens import TrainingSAE
+from sae_lens import SAE, TrainingSAE
 from sae_lens.saes.sae import TrainStepOutput
-from transformer_lens.hook_points import HookPoint
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookedRootModule, HookPoint
 
 from sae_lens_kl.kl import kl_divergence
 from sae_lens_kl.losses import BalancedKLMSE
+from sae_lens_kl.parallel import DataParallel
+from sae_lens_kl.plan import Plan
+from sae_lens_kl.replacement import check_transcoder_set
 from sae_lens_kl.runs import CleanRun, position_mask
 from sae_lens_kl.splice import run_to_output
 from sae_lens_kl.trainer import KLFinetuneTrainer, _firing_counts
@@ -127,3 +131,22 @@ class JointMemberTrainer(KLFinetuneTrainer):
 
     def _train_step(self, sae: TrainingSAE[Any], sae_in: CleanRun) -> TrainStepOutput:  # type: ignore[override]  # noqa: ARG002
         return self.joint.output_for(self.name)
+
+
+def check_joint(
+    saes: Sequence[SAE[Any]], model: HookedRootModule, plans: Sequence[Plan], parallel: DataParallel
+) -> None:
+    """replacement='joint' trains a transcoder set as one replacement model: refuse, before any
+    work, what is not one."""
+    if len(saes) < 2 or any(plan.write_site == plan.site for plan in plans):
+        raise ValueError(
+            "replacement='joint' splices several transcoders at once; pass a list of two or more "
+            "transcoders (one per layer), or leave replacement='independent'."
+        )
+    assert isinstance(model, HookedTransformer)  # several SAEs per pass checked that
+    check_transcoder_set(saes, model)  # one per output hook, in layer order
+    if parallel.world_size > 1 or not plans[0].cfg.trains_sae or plans[0].cfg.sae_lora_rank is not None:
+        raise ValueError(
+            "replacement='joint' trains the transcoders themselves in one process (no distributed, "
+            "adapter or LoRA yet)."
+        )

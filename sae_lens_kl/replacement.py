@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from sae_lens import SAE
+from sae_lens import SAE, TrainingSAE
 from transformer_lens import HookedTransformer
-from transformer_lens.hook_points import HookPoint
+from transformer_lens.hook_points import HookedRootModule, HookPoint
 
-from sae_lens_kl.config import KL_CHUNK_TOKENS
-from sae_lens_kl.evaluation import special_token_ids
+from sae_lens_kl.architectures import to_inference_sae
+from sae_lens_kl.config import KL_CHUNK_TOKENS, KLFinetuneConfig
+from sae_lens_kl.evaluation import HeldOutEvaluator, special_token_ids
 from sae_lens_kl.intervals import LEVEL, N_RESAMPLES, draw_counts
 from sae_lens_kl.kl import cross_entropy_per_token, kl_per_token
+from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.runs import position_mask
 from sae_lens_kl.transcoders import reconstruct
 from sae_lens_kl.vocab import VocabProjection
@@ -196,3 +198,54 @@ def paired_differences(
             low, high = torch.quantile(samples, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
             result[name][metric] = [low, high]
     return result
+
+
+@dataclass
+class ReplacementSet:
+    """A transcoder set's replacement-model metrics on a fine-tune's held-out sequences, before
+    (the starting set) and after (the trained one), for the fine-tune's reports."""
+
+    model: HookedTransformer
+    tokens: torch.Tensor
+    settings: dict[str, Any]
+    before: ReplacementMetrics
+
+    @classmethod
+    def of(
+        cls,
+        saes: Sequence[SAE[Any]],
+        model: HookedRootModule,
+        evaluator: HeldOutEvaluator | None,
+        cfg: KLFinetuneConfig,
+        parallel: DataParallel,
+    ) -> ReplacementSet | None:
+        """None unless the SAEs are transcoders forming one replacement model (several, one per
+        output hook, in layer order) evaluated in one process."""
+        if (
+            len(saes) < 2
+            or evaluator is None
+            or parallel.world_size > 1
+            or not isinstance(model, HookedTransformer)
+        ):
+            return None
+        try:
+            check_transcoder_set(saes, model)
+        except ValueError:
+            return None
+        tokens = torch.cat(evaluator.batches)
+        settings = {
+            "batch_size": cfg.eval_batch_size,
+            "exclude_first_positions": cfg.exclude_first_positions,
+            "exclude_special_tokens": cfg.exclude_special_tokens,
+            "chunk_tokens": cfg.kl_chunk_tokens,
+        }
+        return cls(model, tokens, settings, replacement_metrics(saes, model, tokens, **settings))
+
+    def after(self, trained: Sequence[TrainingSAE[Any]]) -> dict[str, Any]:
+        tuned = [to_inference_sae(sae) for sae in trained]
+        after = replacement_metrics(tuned, self.model, self.tokens, **self.settings)
+        return {
+            "before": self.before.to_dict(),
+            "after": after.to_dict(),
+            "after_minus_before_95": paired_differences(self.before, {"after": after})["after"],
+        }
