@@ -66,6 +66,11 @@ class KLFinetuneConfig:
     """'e2e+ds': total weight of the downstream MSE, split evenly over downstream_hooks (Braun et
     al.'s in_to_orig total_coeff)."""
 
+    method: str = "auto"
+    """What trains: a name in `methods.METHODS` ('sae', 'sae_lora', 'adapter', 'lm_lora', or one
+    registered there), or 'auto': the one the method options imply (sae_lora_rank, adapter,
+    lm_lora_rank), else the SAE."""
+
     replacement: ReplacementMode = "independent"
     """Several transcoders (one per layer) trained together: 'independent' splices each alone,
     with its own KL; 'joint' splices all at once as one replacement model: one KL, each

@@ -7,6 +7,7 @@ it; nothing else branches on which method runs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -192,12 +193,54 @@ class LMLoRAAfterSAE:
         return to_inference_sae(sae)
 
 
-def method_of(cfg: KLFinetuneConfig, model: HookedRootModule, hook_name: str) -> Method:
-    """The method a config names (config.py allows one at a time)."""
-    if cfg.sae_lora_rank is not None:
-        return SAELoRA(rank=cfg.sae_lora_rank, alpha=cfg.sae_lora_alpha, seed=cfg.init_seed)
-    if cfg.adapter is not None:
-        return AdapterAfterSAE(cfg.adapter, cfg.adapter_width, seed=cfg.init_seed)
-    if cfg.lm_lora_rank is not None:
-        return LMLoRAAfterSAE(model, hook_name, cfg.lm_lora_rank, cfg.lm_lora_layers, seed=cfg.init_seed)
+MethodBuilder = Callable[[KLFinetuneConfig, HookedRootModule, str], Method]
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A registered method: how to build it from a config (with the model and the SAE's hook),
+    and which of its options imply it when `method='auto'` (None: only chosen by name)."""
+
+    build: MethodBuilder
+    implied_by: Callable[[KLFinetuneConfig], bool] | None = None
+
+
+def _sae(cfg: KLFinetuneConfig, model: HookedRootModule, hook: str) -> Method:  # noqa: ARG001
     return SAEFinetune()
+
+
+def _sae_lora(cfg: KLFinetuneConfig, model: HookedRootModule, hook: str) -> Method:  # noqa: ARG001
+    return SAELoRA(rank=cfg.sae_lora_rank, alpha=cfg.sae_lora_alpha, seed=cfg.init_seed)  # type: ignore[arg-type]
+
+
+def _adapter(cfg: KLFinetuneConfig, model: HookedRootModule, hook: str) -> Method:  # noqa: ARG001
+    return AdapterAfterSAE(cfg.adapter, cfg.adapter_width, seed=cfg.init_seed)  # type: ignore[arg-type]
+
+
+def _lm_lora(cfg: KLFinetuneConfig, model: HookedRootModule, hook: str) -> Method:
+    return LMLoRAAfterSAE(model, hook, cfg.lm_lora_rank, cfg.lm_lora_layers, seed=cfg.init_seed)  # type: ignore[arg-type]
+
+
+# `method=` names (config.KLFinetuneConfig.method); a new method is one module with its class
+# and builder and one entry here (tests/test_methods.py registers a toy one).
+METHODS: dict[str, MethodEntry] = {
+    "sae": MethodEntry(_sae),
+    "sae_lora": MethodEntry(_sae_lora, implied_by=lambda cfg: cfg.sae_lora_rank is not None),
+    "adapter": MethodEntry(_adapter, implied_by=lambda cfg: cfg.adapter is not None),
+    "lm_lora": MethodEntry(_lm_lora, implied_by=lambda cfg: cfg.lm_lora_rank is not None),
+}
+
+
+def method_of(cfg: KLFinetuneConfig, model: HookedRootModule, hook_name: str) -> Method:
+    """The method a config names: `method`, or with 'auto' the one its options imply (config.py
+    allows one at a time), else the SAE fine-tune."""
+    implied = [name for name, entry in METHODS.items() if entry.implied_by and entry.implied_by(cfg)]
+    name = cfg.method if cfg.method != "auto" else (implied[0] if implied else "sae")
+    if name not in METHODS:
+        raise ValueError(f"method={name!r} is not one of {sorted(METHODS)} (or 'auto').")
+    if implied not in ([], [name]) or (METHODS[name].implied_by is not None and not implied):
+        raise ValueError(
+            f"method={name!r} with the options of {implied or 'no method'}: set the options of the "
+            "method you name (e.g. adapter= for 'adapter'), or method='auto'."
+        )
+    return METHODS[name].build(cfg, model, hook_name)

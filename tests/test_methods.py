@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import sys
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from sae_lens_kl.cache import build_cache
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.evaluation import weight_stability
 from sae_lens_kl.losses import DownstreamMSETerm, KLTerm, StepTensors, objective_of
+from sae_lens_kl.methods import METHODS, MethodEntry, SAEFinetune
 from sae_lens_kl.vocab import VocabProjection
 
 SEQ = 16
@@ -310,3 +312,29 @@ def test_decoder_rows_stay_at_unit_norm_as_in_the_papers_fine_tune() -> None:
         ]
         is False
     )  # rows that carry scale: off by default
+
+
+def test_a_new_method_is_a_class_and_a_registry_entry(monkeypatch) -> None:
+    # A toy method, declared here as a new module would: only the decoder bias trains. Registering
+    # it makes kl_finetune(method=...) train it through the same step, plan, save and report.
+    @dataclass
+    class DecoderBiasOnly(SAEFinetune):
+        trains_sae: bool = False  # no L0 controller on a frozen encoder
+
+        def start(self, sae: Any, checkpoint: Any) -> list:  # noqa: ARG002
+            sae.requires_grad_(False)
+            sae.b_dec.requires_grad_(True)
+            return []
+
+    monkeypatch.setitem(METHODS, "decoder_bias", MethodEntry(lambda cfg, model, hook: DecoderBiasOnly()))  # noqa: ARG005
+    sae = make_sae("topk")
+    options = {"tokens": 4 * 4 * SEQ, "batch_size": 4, "eval_tokens": 0, "lr": 1e-2}
+    tuned = kl_finetune(sae, tiny_model(), DATA, method="decoder_bias", **options)
+    changed = {
+        name for name, tensor in tuned.state_dict().items() if not torch.equal(tensor, sae.state_dict()[name])
+    }
+    assert changed == {"b_dec"}
+    with pytest.raises(ValueError, match="not one of"):
+        kl_finetune(sae, tiny_model(), DATA, method="no-such-method", **options)
+    with pytest.raises(ValueError, match="options of"):
+        kl_finetune(sae, tiny_model(), DATA, method="sae", adapter="linear", **options)
