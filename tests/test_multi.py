@@ -41,6 +41,18 @@ SAES = [
 TOLERANCE = 1e-9
 
 
+def assert_trained_alike(start: SAE, alone: SAE, together: SAE, *, exact: bool, index: int) -> None:
+    """`together` (trained beside others) has `alone`'s weights: bit for bit when `exact`, else
+    within TOLERANCE of how far training moved each weight."""
+    for name, tensor in alone.state_dict().items():
+        if exact:
+            assert torch.equal(tensor, together.state_dict()[name]), (index, name)
+        else:
+            moved = (tensor - start.state_dict()[name]).norm()
+            assert moved > 0, (index, name)
+            assert (together.state_dict()[name] - tensor).norm() <= TOLERANCE * moved, (index, name)
+
+
 @pytest.mark.parametrize("n_saes", [2, 4])
 def test_several_saes_per_pass_equal_each_alone(n_saes: int, tmp_path) -> None:
     # Two SAEs each form the clean logits as alone: bit-identical (float32). From three on, the
@@ -57,13 +69,7 @@ def test_several_saes_per_pass_equal_each_alone(n_saes: int, tmp_path) -> None:
     for index, (sae, tuned) in enumerate(zip(saes, together, strict=True)):
         alone = kl_finetune(sae, model, DATA, **OPTIONS)
         alone_report, tuned_report = alone.cfg.metadata.kl_finetune, tuned.cfg.metadata.kl_finetune
-        for name, tensor in alone.state_dict().items():
-            if n_saes == 2:
-                assert torch.equal(tensor, tuned.state_dict()[name]), (index, name)
-            else:
-                moved = (tensor - sae.state_dict()[name]).norm()
-                assert moved > 0, (index, name)
-                assert (tuned.state_dict()[name] - tensor).norm() <= TOLERANCE * moved, (index, name)
+        assert_trained_alike(sae, alone, tuned, exact=n_saes == 2, index=index)
         if n_saes == 2:
             assert alone_report["after"] == tuned_report["after"]
         else:
@@ -124,10 +130,4 @@ def test_a_transcoder_at_each_layer_per_pass_equals_each_alone(n_layers: int) ->
     for index, (start, tuned) in enumerate(zip(transcoders, together, strict=True)):
         alone = kl_finetune(start, model, DATA, **options)
         assert tuned.cfg.metadata.hook_name_out == f"blocks.{index}.hook_mlp_out"
-        for name, tensor in alone.state_dict().items():
-            if n_layers == 2:
-                assert torch.equal(tensor, tuned.state_dict()[name]), (index, name)
-            else:
-                moved = (tensor - start.state_dict()[name]).norm()
-                assert moved > 0, (index, name)
-                assert (tuned.state_dict()[name] - tensor).norm() <= TOLERANCE * moved, (index, name)
+        assert_trained_alike(start, alone, tuned, exact=n_layers == 2, index=index)
