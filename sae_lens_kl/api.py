@@ -30,7 +30,7 @@ from sae_lens_kl.data import DataSource
 from sae_lens_kl.evaluation import EvalResult, HeldOutEvaluator, special_token_ids, weight_stability
 from sae_lens_kl.joint import JointMemberTrainer, JointReplacementStep, check_joint
 from sae_lens_kl.losses import Objective, objective_of, recorded_hooks
-from sae_lens_kl.methods import Method, method_of
+from sae_lens_kl.methods import Method, SAEFinetune, method_of
 from sae_lens_kl.multi import MultiKLFinetuneTrainer
 from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.plan import Plan, make_plan, optimizer_state
@@ -291,7 +291,8 @@ def _run(
             trainer.joint, trainer.name = joint, name  # type: ignore[attr-defined]
         clean_runs = joint.batches(clean_runs)
     fitter = jobs[0].trainer if single else MultiKLFinetuneTrainer(trainers, clean_runs)
-    set_metrics = ReplacementSet.of(saes, model, evaluator, cfg, parallel)
+    plain = all(type(method) is SAEFinetune for method in methods)
+    set_metrics = ReplacementSet.of(saes, model, evaluator, cfg, parallel, plain)
     train_started = time.perf_counter()
     with frozen(model), _wandb_run(cfg, first, parallel):
         fitter.fit()

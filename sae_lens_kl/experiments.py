@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from sae_lens_kl.api import kl_finetune
 from sae_lens_kl.evaluation import EvalResult
 from sae_lens_kl.intervals import (
+    error_bars,
     format_interval,
     fraction_closed,
     mean_fraction_closed,
@@ -381,14 +382,7 @@ def _figure(result: Mapping[str, Any], path: Path) -> None:
         if key == "fraction_of_ce_gap_closed" and any(row.get("fraction_interval") for row in rows):
             # the paired bootstrap interval as asymmetric error bars (none where it is undefined;
             # a percentile interval of a ratio may exclude its point estimate: clipped at 0)
-            intervals = [
-                row.get("fraction_interval") or [value, value]
-                for value, row in zip(values, rows, strict=True)
-            ]
-            errors = [
-                [max(0.0, value - low) for value, (low, _) in zip(values, intervals, strict=True)],
-                [max(0.0, high - value) for value, (_, high) in zip(values, intervals, strict=True)],
-            ]
+            errors = error_bars(values, [row.get("fraction_interval") for row in rows])
             label += " (95 % interval)"
         axis.bar(range(len(rows)), values, yerr=errors, capsize=3)
         axis.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)

@@ -105,8 +105,9 @@ def _add_flag(
         return
     names = ["--" + field.name.replace("_", "-"), *meta.get("aliases", ())]
     if kind is bool:
-        action = argparse.BooleanOptionalAction if default or negatable else "store_true"
-        parser.add_argument(*names, action=action, default=bool(default), help=help_text)
+        # a `bool | None` field keeps None ("decide from the SAE"), settable either way
+        action = argparse.BooleanOptionalAction if default or default is None or negatable else "store_true"
+        parser.add_argument(*names, action=action, default=default, help=help_text)
     elif meta.get("comma"):
         parser.add_argument(*names, type=comma_list(kind), default=default, help=help_text)
     elif meta.get("repeat"):

@@ -157,3 +157,14 @@ def _per_sequence(result: EvalResult) -> dict[str, torch.Tensor]:
             "back from JSON); evaluate again with a HeldOutEvaluator."
         )
     return {name: torch.tensor(values, dtype=torch.float64) for name, values in result.per_sequence.items()}
+
+
+def error_bars(values: Sequence[float], intervals: Sequence[list[float] | None]) -> list[list[float]]:
+    """matplotlib's asymmetric `yerr` for point estimates and their intervals: none where an
+    interval is undefined, and clipped at 0 where a percentile interval of a ratio excludes its
+    point estimate (matplotlib refuses negative errors)."""
+    bounds = [interval or [value, value] for value, interval in zip(values, intervals, strict=True)]
+    return [
+        [max(0.0, value - low) for value, (low, _) in zip(values, bounds, strict=True)],
+        [max(0.0, high - value) for value, (_, high) in zip(values, bounds, strict=True)],
+    ]

@@ -23,6 +23,7 @@ from transformer_lens.hook_points import HookedRootModule, HookPoint
 
 from sae_lens_kl.kl import kl_divergence
 from sae_lens_kl.losses import BalancedKLMSE
+from sae_lens_kl.methods import SAEFinetune, method_of
 from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.plan import Plan
 from sae_lens_kl.replacement import check_transcoder_set
@@ -145,8 +146,9 @@ def check_joint(
         )
     assert isinstance(model, HookedTransformer)  # several SAEs per pass checked that
     check_transcoder_set(saes, model)  # one per output hook, in layer order
-    if parallel.world_size > 1 or not plans[0].cfg.trains_sae or plans[0].cfg.sae_lora_rank is not None:
+    plain = all(type(method_of(plan.cfg, model, plan.site.hook_name)) is SAEFinetune for plan in plans)
+    if parallel.world_size > 1 or not plain:
         raise ValueError(
             "replacement='joint' trains the transcoders themselves in one process (no distributed, "
-            "adapter or LoRA yet)."
+            "adapter, LoRA or other method yet)."
         )

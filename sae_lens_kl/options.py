@@ -230,7 +230,7 @@ class ExportOptions:
     """A transcoder folder (SAELens's layout) per layer, in layer order; or one run folder of a
     several-per-pass fine-tune (its sae_0, sae_1, ... subfolders)."""
     n_layers: int | None = field(default=None, metadata={"parse": positive_int})
-    """The model's layer count, checked against the set (circuit-tracer needs one transcoder per
-    layer and treats a missing one as all error nodes)."""
+    """The model's layer count (required), checked against the set: circuit-tracer needs one
+    transcoder per layer and treats a missing one as all error nodes."""
     scan: str | None = None
     """The set's name in circuit-tracer's graphs (default: model name and hooks)."""

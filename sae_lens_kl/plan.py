@@ -31,7 +31,7 @@ from sae_lens_kl.checkpoints import (
 from sae_lens_kl.config import FALLBACK_CONTEXT_SIZE, KLFinetuneConfig
 from sae_lens_kl.data import DataError, DataSource, check_data_kind
 from sae_lens_kl.losses import OBJECTIVES
-from sae_lens_kl.methods import method_of
+from sae_lens_kl.methods import SAEFinetune, method_of
 from sae_lens_kl.save_dir import check_can_overwrite, holds_nothing
 from sae_lens_kl.splice import (
     HookSite,
@@ -107,9 +107,8 @@ def make_plan(
             f"{n_heads - 1}); pass an SAE trained on this model's heads."
         )
     # what trains (the SAE, LoRA on it, an adapter, LoRA on the LM) checks its own settings
-    method_of(cfg, model, site.hook_name).check(
-        sae, resumed=resume_from is not None, saved=save_dir is not None
-    )
+    method = method_of(cfg, model, site.hook_name)
+    method.check(sae, resumed=resume_from is not None, saved=save_dir is not None)
     if attached(sae) is not None:
         raise ValueError(
             "This SAE has an adapter attached (load_adapter); kl_finetune trains the SAE alone or a "
@@ -257,7 +256,9 @@ def make_plan(
     # Everything downstream (trainer, checkpoints, reports) sees the resolved values.
     cfg = dataclasses.replace(
         cfg,
-        decoder_unit_norm=_decoder_unit_norm(sae, cfg),
+        # the decoder's own rows train only under the plain SAE fine-tune (not LoRA on them, not a
+        # frozen SAE under an adapter, LM LoRA or another registered method)
+        decoder_unit_norm=_decoder_unit_norm(sae, cfg, trains_rows=type(method) is SAEFinetune),
         context_size=context_size,
         prepend_bos=cache_bos
         if cache_bos is not None
@@ -392,11 +393,10 @@ def _check_token_ids(tokens: torch.Tensor, model: HookedRootModule) -> None:
         )
 
 
-def _decoder_unit_norm(sae: SAE[Any], cfg: KLFinetuneConfig) -> bool:
+def _decoder_unit_norm(sae: SAE[Any], cfg: KLFinetuneConfig, trains_rows: bool) -> bool:
     """Whether the fine-tune keeps decoder rows at unit norm (see KLFinetuneConfig)."""
     norms = sae.W_dec.detach().double().norm(dim=-1)
     unit = bool(((norms - 1).abs() <= 1e-4).all())
-    trains_rows = cfg.trains_sae and cfg.sae_lora_rank is None
     if cfg.decoder_unit_norm is None:
         return unit and trains_rows
     if cfg.decoder_unit_norm and not trains_rows:

@@ -74,9 +74,13 @@ def check_transcoder_set(transcoders: Sequence[SAE[Any]], model: HookedTransform
 
 
 @contextmanager
-def spliced_all(model: HookedTransformer, transcoders: Sequence[SAE[Any]]) -> Iterator[None]:
+def spliced_all(
+    model: HookedTransformer, transcoders: Sequence[SAE[Any]], spliced: torch.Tensor
+) -> Iterator[None]:
     """Inside the block, the model's forward passes run the replacement model: each transcoder
-    reads its input hook in that same pass and its output replaces its output hook's."""
+    reads its input hook in that same pass and its output replaces its output hook's at the
+    [batch, pos] positions `spliced` (the others — special tokens, attention sinks — keep what
+    flows there, as in training and in the evaluator)."""
     inputs: dict[int, torch.Tensor] = {}
 
     def read(acts: torch.Tensor, hook: HookPoint, index: int) -> torch.Tensor:  # noqa: ARG001
@@ -85,7 +89,7 @@ def spliced_all(model: HookedTransformer, transcoders: Sequence[SAE[Any]]) -> It
 
     def write(acts: torch.Tensor, hook: HookPoint, index: int) -> torch.Tensor:  # noqa: ARG001
         output, _ = reconstruct(transcoders[index], inputs.pop(index))
-        return output.to(acts.dtype)
+        return torch.where(spliced[..., None], output.to(acts.dtype), acts)
 
     hooks: list[tuple[str, Callable[..., torch.Tensor]]] = []
     for index, transcoder in enumerate(transcoders):
@@ -112,8 +116,9 @@ def replacement_metrics(
 ) -> ReplacementMetrics:
     """The replacement model of `transcoders` on the [n_seq, seq] token sequences `tokens`:
     next-token CE (clean and replacement), KL(p_clean || p_replacement) and top-1 agreement over
-    the positions kept (special tokens and the first `exclude_first_positions` of each sequence
-    left out, and each sequence's last position, which has no next token)."""
+    the positions kept: special tokens and the first `exclude_first_positions` of each sequence
+    are neither spliced nor scored (as in training), and each sequence's last position, which
+    has no next token, is spliced but not scored."""
     check_transcoder_set(transcoders, model)
     projection = VocabProjection.for_run(model, prefix_reuse=True)
     ignored = special_token_ids(model) if exclude_special_tokens else []
@@ -121,10 +126,11 @@ def replacement_metrics(
     sums: dict[str, list[float]] = {name: [] for name in (*METRICS, "n_tokens")}
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size].to(device)
-        keep = position_mask(batch, ignored, exclude_first_positions)
-        keep[:, -1] = False  # no next token
+        spliced = position_mask(batch, ignored, exclude_first_positions)
+        keep = spliced.clone()
+        keep[:, -1] = False  # no next token to score
         clean = _final(model, batch)
-        with spliced_all(model, transcoders):
+        with spliced_all(model, transcoders, spliced):
             replaced = _final(model, batch)
         rows = keep.flatten().nonzero().squeeze(1)
         # each kept position's next token (the last position, whose roll wraps around, is not kept)
@@ -218,11 +224,14 @@ class ReplacementSet:
         evaluator: HeldOutEvaluator | None,
         cfg: KLFinetuneConfig,
         parallel: DataParallel,
+        plain: bool,
     ) -> ReplacementSet | None:
         """None unless the SAEs are transcoders forming one replacement model (several, one per
-        output hook, in layer order) evaluated in one process."""
+        output hook, in layer order) evaluated in one process, each trained as itself (`plain`:
+        methods.SAEFinetune, so its inference form is what was trained)."""
         if (
-            len(saes) < 2
+            not plain
+            or len(saes) < 2
             or evaluator is None
             or parallel.world_size > 1
             or not isinstance(model, HookedTransformer)
@@ -244,8 +253,12 @@ class ReplacementSet:
     def after(self, trained: Sequence[TrainingSAE[Any]]) -> dict[str, Any]:
         tuned = [to_inference_sae(sae) for sae in trained]
         after = replacement_metrics(tuned, self.model, self.tokens, **self.settings)
+        # a bootstrap needs two sequences; one held-out sequence gives the numbers alone
+        two = len(self.before.per_sequence["n_tokens"]) >= 2
         return {
             "before": self.before.to_dict(),
             "after": after.to_dict(),
-            "after_minus_before_95": paired_differences(self.before, {"after": after})["after"],
+            "after_minus_before_95": paired_differences(self.before, {"after": after})["after"]
+            if two
+            else None,
         }

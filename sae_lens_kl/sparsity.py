@@ -13,7 +13,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from sae_lens_kl.intervals import format_interval, fraction_closed, paired_intervals
+from sae_lens_kl.intervals import error_bars, format_interval, fraction_closed, paired_intervals
 from sae_lens_kl.report import save_figure
 from sae_lens_kl.staging import write_file
 from sae_lens_kl.sweep import kl_and_control
@@ -201,11 +201,7 @@ def _figure(result: dict[str, Any], path: Path) -> None:
         xs = [row["k"] * (1 + 0.03 * offset) for row in present]
         gaps.plot(xs, [row["arms"][arm]["ce_gap"] for row in present], marker="o", color=color, label=arm)
         values = [row["arms"][arm]["fraction_ce_gap_closed"] or 0.0 for row in present]
-        intervals = [row["arms"][arm]["interval"] or [v, v] for v, row in zip(values, present, strict=True)]
-        errors = [
-            [v - i[0] for v, i in zip(values, intervals, strict=True)],
-            [i[1] - v for v, i in zip(values, intervals, strict=True)],
-        ]
+        errors = error_bars(values, [row["arms"][arm]["interval"] for row in present])
         closed.errorbar(xs, values, yerr=errors, marker="o", capsize=3, color=color, label=arm)
     for axis in (gaps, closed):
         axis.set_xscale("log", base=2)

@@ -16,7 +16,7 @@ from sae_lens import SAE
 
 from sae_lens_kl.api import kl_finetune
 from sae_lens_kl.evaluation import EvalResult
-from sae_lens_kl.intervals import format_interval, fraction_closed, paired_intervals
+from sae_lens_kl.intervals import error_bars, format_interval, fraction_closed, paired_intervals
 from sae_lens_kl.report import save_figure
 from sae_lens_kl.staging import write_file
 from sae_lens_kl.train import kl_phase_sequences
@@ -171,10 +171,7 @@ def _figure(result: dict[str, Any], path: Path) -> None:
         for offset, (arm, color) in enumerate((("KL+MSE", "C0"), ("MSE-only", "C1"))):
             xs = [cell["steps"] * (1 + 0.03 * offset) for cell in cells]
             values = [cell[arm]["fraction_ce_gap_closed"] or 0.0 for cell in cells]
-            errors = [
-                [v - (cell[arm]["interval"] or [v, v])[0] for v, cell in zip(values, cells, strict=True)],
-                [(cell[arm]["interval"] or [v, v])[1] - v for v, cell in zip(values, cells, strict=True)],
-            ]
+            errors = error_bars(values, [cell[arm]["interval"] for cell in cells])
             axis.errorbar(xs, values, yerr=errors, marker="o", capsize=3, color=color, label=arm)
         axis.axhline(0, color="grey", linewidth=0.5)
         axis.set_xscale("log", base=2)

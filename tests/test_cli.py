@@ -124,3 +124,14 @@ def test_choices_and_defaults_come_from_the_registries() -> None:
 
     assert list(get_args(ExperimentName)) == list(EXPERIMENTS)
     assert SAEBenchOptions().evals.split(",") == list(OFFLINE_EVALS)
+
+
+def test_flags_default_to_the_configs_defaults() -> None:
+    # Every generated fine-tune flag parses to KLFinetuneConfig's own default, `bool | None`
+    # options (decided from the SAE when None) included: the CLI and the API train alike.
+    defaults = {f.name: f.default for f in fields(KLFinetuneConfig) if f.name != "tokens"}
+    for command in (["finetune"], ["train"]):
+        parsed = vars(parse(command))
+        for name, default in defaults.items():
+            if name in parsed and name not in ("context_size", "continue_optimizer_from"):
+                assert parsed[name] == default, (command, name, parsed[name], default)

@@ -121,21 +121,34 @@ def test_the_export_command_writes_a_run_folders_set(tmp_path) -> None:
 
     for index, t in enumerate(transcoder_set()):
         t.save_model(str(tmp_path / "run" / f"sae_{index}"))
-    assert (
-        main(["export", "circuit-tracer", "--set", str(tmp_path / "run"), "--out", str(tmp_path / "ct")]) == 0
-    )
+    command = ["export", "circuit-tracer", "--n-layers", "3", "--out"]
+    assert main([*command, str(tmp_path / "ct"), "--set", str(tmp_path / "run")]) == 0
     assert len(load_circuit_tracer(tmp_path / "ct")) == 3
+    # one transcoder of layer 1 is no set of 3 layers; nor is a set without --n-layers
+    assert main([*command, str(tmp_path / "x"), "--set", str(tmp_path / "run" / "sae_1")]) == 2
     assert (
-        main(
-            [
-                "export",
-                "circuit-tracer",
-                "--set",
-                str(tmp_path / "run" / "sae_1"),
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
-        == 2
+        main(["export", "circuit-tracer", "--out", str(tmp_path / "x"), "--set", str(tmp_path / "run")]) == 2
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_the_files_compute_what_circuit_tracer_computes_from_them(tmp_path) -> None:
+    # circuit-tracer 0.5.0's math on its files (single_layer_transcoder.py: encode, decode,
+    # compute_skip; activation_functions.py: JumpReLU x * (x > threshold)), written out here, gives
+    # SAELens's outputs: a check of the convention (W_enc's transpose) independent of our reader.
+    from safetensors.torch import load_file
+
+    transcoders = [t.to(torch.float64) for t in transcoder_set()]
+    out = export_circuit_tracer(transcoders, tmp_path / "set", n_layers=3)
+    x = torch.randn(
+        5, transcoders[0].cfg.d_in, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    )
+    for layer, transcoder in enumerate(transcoders):
+        files = {k: v.double() for k, v in load_file(str(out / f"layer_{layer}.safetensors")).items()}
+        pre = x @ files["W_enc"].T + files["b_enc"]
+        threshold = files.get("activation_function.threshold")
+        acts = pre.relu() if threshold is None else pre * (pre > threshold)
+        output = acts @ files["W_dec"] + files["b_dec"] + (x @ files["W_skip"].T if "W_skip" in files else 0)
+        expected, _ = reconstruct(transcoder, x)
+        # float32 files of float64 weights: relative rounding 6e-8 per weight over sums of ~100 terms
+        assert (output - expected).abs().max() <= 1e-5 * (1 + expected.abs().max())

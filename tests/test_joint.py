@@ -99,7 +99,7 @@ def test_joint_fine_tune_reports_the_replacement_model_before_and_after(tmp_path
     replacement = report["replacement_model"]
     assert set(replacement) == {"before", "after", "after_minus_before_95"}
     low, high = replacement["after_minus_before_95"]["kl"]
-    assert low <= replacement["after"]["kl"] - replacement["before"]["kl"] <= high
+    assert low < high and replacement["after"]["kl"] != replacement["before"]["kl"]
     assert joint[0].cfg.metadata.kl_finetune["replacement_model"] == replacement
     # the same starting set, other gradients: the results differ from independent fine-tunes
     assert not torch.equal(joint[1].W_dec, independent[1].W_dec)

@@ -89,3 +89,34 @@ def test_a_set_that_is_no_replacement_model_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         one = replacement_metrics(transcoder_set(torch.float32), model, tokens[:1])
         paired_differences(one, {"same": one})
+
+
+def test_positions_left_out_are_neither_spliced_nor_scored() -> None:
+    # the first positions (an attention sink in real models) keep what flows there, as in training
+    # and in the evaluator: the same metrics as splicing only positions >= 2 by hand (float64)
+    model = tiny_model(dtype=torch.float64)
+    transcoders = transcoder_set(torch.float64)
+    tokens = random_tokens(4, seq=SEQ)
+    ours = replacement_metrics(
+        transcoders, model, tokens, exclude_first_positions=2, exclude_special_tokens=False
+    )
+    inputs: dict[int, torch.Tensor] = {}
+
+    def read(acts: torch.Tensor, hook: object, index: int) -> None:  # noqa: ARG001
+        inputs[index] = acts
+
+    def write(acts: torch.Tensor, hook: object, index: int) -> torch.Tensor:  # noqa: ARG001
+        replaced = acts.clone()
+        replaced[:, 2:] = transcoders[index](inputs[index])[:, 2:]
+        return replaced
+
+    hooks = []
+    for index, t in enumerate(transcoders):
+        hooks.append((t.cfg.metadata.hook_name, functools.partial(read, index=index)))
+        hooks.append((t.cfg.metadata.hook_name_out, functools.partial(write, index=index)))
+    with torch.no_grad():
+        clean = model(tokens).log_softmax(-1)[:, 2:-1]
+        replaced = model.run_with_hooks(tokens, fwd_hooks=hooks).log_softmax(-1)[:, 2:-1]
+    kl = F.kl_div(replaced, clean, log_target=True, reduction="none").sum(-1).mean()
+    assert ours.n_tokens == 4 * (SEQ - 3)
+    assert ours.kl == pytest.approx(kl.item(), abs=1e-10)

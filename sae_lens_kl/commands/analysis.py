@@ -128,8 +128,11 @@ def saebench(args: argparse.Namespace) -> None:
 def export(args: argparse.Namespace) -> None:
     from sae_lens_kl.export import export_circuit_tracer
 
-    if not args.set or not args.out:
-        raise SystemExit("export needs --set (transcoder folders, or a run folder) and --out.")
+    if not args.set or not args.out or args.n_layers is None:
+        raise SystemExit(
+            "export needs --set (transcoder folders, or a run folder), --out and --n-layers (the model's "
+            "layer count: circuit-tracer would take a missing layer for all error nodes)."
+        )
     folders = [Path(folder).expanduser() for folder in args.set]
     if len(folders) == 1 and not (folders[0] / "cfg.json").is_file():
         # a several-per-pass run folder: its SAEs in index order
