@@ -5,6 +5,7 @@ SAELens's `MultiSAETrainer` drives the per-SAE trainers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any
@@ -56,9 +57,15 @@ class MultiKLFinetuneTrainer(MultiSAETrainer):
         if not first.parallel.is_main:  # type: ignore[attr-defined]
             pbar.disable = True
         pbar.update(first.tokens_per_step)  # type: ignore[attr-defined]
-        pbar.set_postfix(
-            {f"kl[{name}]": f"{out.metrics['kl']:.4g}" for name, out in step_outputs.items()}, refresh=False
-        )
+        # the KL where the objective has one, else the MSE (never "nan")
+        shown = {}
+        for name, out in step_outputs.items():
+            kl = out.metrics["kl"]
+            if math.isnan(kl):
+                shown[f"mse[{name}]"] = out.losses["mse_loss"].item()
+            else:
+                shown[f"kl[{name}]"] = kl
+        pbar.set_postfix({key: f"{value:.4g}" for key, value in shown.items()}, refresh=False)
         for name, trainer in self.trainers.items():
             for callback in trainer.callbacks:  # type: ignore[attr-defined]
                 callback(trainer, step_outputs[name])
