@@ -76,17 +76,17 @@ class JointReplacementStep:
             cfg.kl_chunk_tokens,
         )
         losses, numbers, values = {}, {}, {}
+        firing = {name: _firing_counts(out.feature_acts) for name, out in outs.items()}
         for name, trainer in self.trainers.items():
             out = outs[name]
             sae_mse = out.losses["mse_loss"]
             values[name] = {"mse": sae_mse, "kl": kl}
             losses[name], alpha = self.objective.combine(values[name], out.loss - sae_mse, sae_mse)
-            numbers[name] = trainer._checked_numbers(
-                loss=losses[name], kl=kl, alpha=alpha, l0=_firing_counts(out.feature_acts).sum() / len(rows)
-            )
+            l0 = firing[name].sum() / len(rows)
+            numbers[name] = trainer._checked_numbers(loss=losses[name], kl=kl, alpha=alpha, l0=l0)
         torch.stack(list(losses.values())).sum().backward()
         for name, trainer in self.trainers.items():
-            trainer._record_firing(_firing_counts(outs[name].feature_acts), len(rows))
+            trainer._record_firing(firing[name], len(rows))
             trainer._optimizer_step(trainer.sae)
             trainer._advance_schedules(numbers[name]["l0"])
         return {
