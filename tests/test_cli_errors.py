@@ -93,7 +93,8 @@ def test_eval_token_counts(capsys, tiny_lm_folder: Path, text_folders, local_sae
 
 
 def test_sigterm_during_a_run_says_how_to_resume(capsys, tiny_lm_folder: Path, local_sae, tmp_path) -> None:
-    # Enough text for ~2500 steps (~15 s here); the kill arrives after 2 s, wherever the run is.
+    # Enough text for ~2500 steps (~15 s here); the kill arrives once the first checkpoint is
+    # written (not after a fixed time: on a busy machine the run may not have reached one yet).
     texts = tmp_path / "texts"
     texts.mkdir()
     for index in range(700):
@@ -101,12 +102,21 @@ def test_sigterm_during_a_run_says_how_to_resume(capsys, tiny_lm_folder: Path, l
     out = tmp_path / "o"
     args = ["finetune", "--sae", str(local_sae), "--model", str(tiny_lm_folder), "--data", str(texts)]
     args += ["--tokens", str(128 * 2500), "--context-size", "32", "--batch-size", "4", "--eval-tokens", "0"]
-    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
+    stop = threading.Event()
+
+    def kill_after_a_checkpoint() -> None:
+        while not stop.is_set() and not list((out / "checkpoints").glob("[!.]*/kl_finetune_state.json")):
+            stop.wait(0.05)
+        if not stop.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
+    killer.start()
     try:
         code, err = run(capsys, *args, "--checkpoint-every-tokens", "1280", "--out", str(out))
     finally:
-        timer.cancel()
+        stop.set()
+        killer.join()
     assert code == 130
     assert f"--resume {out}" in err and "interrupted" in err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main restored the handler
