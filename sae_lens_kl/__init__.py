@@ -13,7 +13,7 @@ from typing import Any
 _MODULE_OF = {
     "CleanPassCache": "cache",
     "DataError": "data",
-    "EvalResult": "evaluation",
+    "EvalResult": "eval_result",
     "HeldOutEvaluator": "evaluation",
     "KLFinetuneConfig": "config",
     "KLFinetuneTrainer": "trainer",

@@ -27,7 +27,8 @@ from sae_lens_kl.checkpoints import (
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataSource
-from sae_lens_kl.evaluation import EvalResult, HeldOutEvaluator, special_token_ids, weight_stability
+from sae_lens_kl.eval_result import EvalResult
+from sae_lens_kl.evaluation import HeldOutEvaluator, special_token_ids
 from sae_lens_kl.joint import JointMemberTrainer, JointReplacementStep, check_joint
 from sae_lens_kl.losses import Objective, objective_of, recorded_hooks
 from sae_lens_kl.methods import Method, SAEFinetune, method_of
@@ -38,6 +39,7 @@ from sae_lens_kl.replacement import ReplacementSet
 from sae_lens_kl.report import run_report, save_artifact
 from sae_lens_kl.runs import CleanRun, SpliceRunner
 from sae_lens_kl.splice import CompiledBlocks
+from sae_lens_kl.stability import weight_stability
 from sae_lens_kl.streams import check_evaluator, data_streams, evaluator_of
 from sae_lens_kl.trainer import (
     KLFinetuneTrainer,

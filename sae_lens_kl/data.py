@@ -211,6 +211,31 @@ def take(sequences: Iterator[torch.Tensor], count: int) -> torch.Tensor | None:
     return torch.stack(batch) if len(batch) == count and count > 0 else None
 
 
+def held_out_sequences(
+    data: DataSource, model: HookedRootModule, *, n_tokens: int, context_size: int, prepend_bos: bool
+) -> torch.Tensor:
+    """The first `n_tokens` tokens of `data` as [n_seq, seq] sequences (rounded up to whole
+    sequences of `context_size`; a [n_seq, seq] token tensor is used as it is)."""
+    if not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"n_tokens={n_tokens!r} must be a positive number of tokens to evaluate.")
+    if isinstance(data, torch.Tensor) and data.ndim == 2:
+        n_seq = -(-n_tokens // data.shape[1])
+        if len(data) < n_seq:
+            raise DataError(
+                f"The evaluation data holds {len(data)} sequences of {data.shape[1]} tokens, fewer "
+                f"than the {n_seq} that n_tokens={n_tokens} needs; lower n_tokens or pass more data."
+            )
+        return data[:n_seq].long()
+    n_seq = -(-n_tokens // context_size)
+    sequences = take(token_sequences(data, model, context_size, prepend_bos), n_seq)
+    if sequences is None:
+        raise DataError(
+            f"The evaluation data holds fewer than the {n_seq} sequences of {context_size} tokens "
+            f"that n_tokens={n_tokens} needs; lower n_tokens or pass more data."
+        )
+    return sequences
+
+
 def held_out_and_training(
     data: DataSource,
     eval_data: DataSource | None,

@@ -18,7 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from sae_lens_kl.api import kl_finetune
-from sae_lens_kl.evaluation import EvalResult
+from sae_lens_kl.eval_result import EvalResult
 from sae_lens_kl.intervals import (
     error_bars,
     format_interval,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sae_lens_kl.evaluation import EvalResult
+from sae_lens_kl.eval_result import EvalResult
 
 N_RESAMPLES = 2000
 LEVEL = 0.95

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from sae_lens_kl import save_dir as owned
 from sae_lens_kl.checkpoints import CHECKPOINTS_DIRNAME
 from sae_lens_kl.controller import SparsityController
-from sae_lens_kl.evaluation import EvalResult
+from sae_lens_kl.eval_result import EvalResult
 from sae_lens_kl.intervals import fraction_closed, paired_intervals, undefined_reason
 from sae_lens_kl.save_dir import CONFIG_FILENAME, MANIFEST_FILENAME, METRICS_FILENAME
 from sae_lens_kl.staging import staged_files, write_file

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from sae_lens import SAE
 
 from sae_lens_kl.api import kl_finetune
-from sae_lens_kl.evaluation import EvalResult
+from sae_lens_kl.eval_result import EvalResult
 from sae_lens_kl.intervals import error_bars, format_interval, fraction_closed, paired_intervals
 from sae_lens_kl.report import save_figure
 from sae_lens_kl.staging import write_file

@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 from sae_lens_kl.checkpoints import FINETUNE_STATE_FILENAME, prune
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
-from sae_lens_kl.evaluation import latent_cosine_percentiles
 from sae_lens_kl.losses import Objective, StepTensors, needs_spliced_run, objective_of, recorded_hooks
 from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.runs import CleanRun, SpliceRunner, position_mask
 from sae_lens_kl.sparse_topk import use_sparse_topk
+from sae_lens_kl.stability import latent_cosine_percentiles
 from sae_lens_kl.staging import staged_folder
 from sae_lens_kl.transcoders import TranscoderStepInput
 

@@ -20,9 +20,9 @@ from sae_lens.saes.sae import TrainStepOutput
 from sae_lens_kl import KLFinetuneTrainer, kl_finetune
 from sae_lens_kl.cache import build_cache
 from sae_lens_kl.config import KLFinetuneConfig
-from sae_lens_kl.evaluation import weight_stability
 from sae_lens_kl.losses import DownstreamMSETerm, KLTerm, StepTensors, objective_of
 from sae_lens_kl.methods import METHODS, MethodEntry, SAEFinetune
+from sae_lens_kl.stability import weight_stability
 from sae_lens_kl.vocab import VocabProjection
 
 SEQ = 16
