@@ -24,6 +24,7 @@ from sae_lens_kl.checkpoints import (
     common_checkpoints,
     data_fingerprint,
 )
+from sae_lens_kl.checks import optimizer_state
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataSource
@@ -34,7 +35,7 @@ from sae_lens_kl.losses import Objective, objective_of, recorded_hooks
 from sae_lens_kl.methods import Method, SAEFinetune, method_of
 from sae_lens_kl.multi import MultiKLFinetuneTrainer
 from sae_lens_kl.parallel import DataParallel
-from sae_lens_kl.plan import Plan, make_plan, optimizer_state
+from sae_lens_kl.plan import Plan, make_plan
 from sae_lens_kl.replacement import ReplacementSet
 from sae_lens_kl.report import run_report, save_artifact
 from sae_lens_kl.runs import CleanRun, SpliceRunner
