@@ -7,12 +7,14 @@ it; nothing else branches on which method runs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from sae_lens import SAE, TrainingSAE
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule
 
@@ -21,7 +23,31 @@ from sae_lens_kl.architectures import to_inference_sae
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.lm_lora import Hook, LMLoRA, lm_lora_targets, load_lm_lora
 from sae_lens_kl.lora import add_lora, check_rank, merge_lora
-from sae_lens_kl.trainer import TrainedModule
+
+
+class TrainedModule(Protocol):
+    """A module trained beside the SAE (an adapter after it, LoRA on the LM): its parameters join
+    the optimizer, and each checkpoint holds it as `filename`."""
+
+    filename: str
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+    def save(self, path: Path) -> None: ...
+
+
+class Replacement(Protocol):
+    """What replaces the activation at the hook during a training step: given the SAE and its
+    clean input rows (with SAELens's step state), a TrainStepOutput whose `sae_out` is spliced in
+    and whose `losses` hold the SAE's own terms (`mse_loss` and its sparsity/auxiliary losses)."""
+
+    def __call__(self, sae: TrainingSAE[Any], step_input: TrainStepInput) -> TrainStepOutput: ...
+
+
+def sae_reconstruction(sae: TrainingSAE[Any], step_input: TrainStepInput) -> TrainStepOutput:
+    """The SAE's own training forward pass: its reconstruction, with its aux-k, L1, L0, gated or
+    Matryoshka losses as SAELens computes them."""
+    return sae.training_forward_pass(step_input)
 
 
 class Method(Protocol):

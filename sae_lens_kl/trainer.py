@@ -12,11 +12,10 @@ import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from sae_lens import LoggingConfig, TrainingSAE
-from sae_lens.config import SAETrainerConfig
+from sae_lens import TrainingSAE
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.training.optim import get_lr_scheduler
 from sae_lens.training.sae_trainer import SAETrainer
@@ -26,6 +25,14 @@ from sae_lens_kl.checkpoints import FINETUNE_STATE_FILENAME, prune
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.losses import Objective, StepTensors, needs_spliced_run, objective_of, recorded_hooks
+from sae_lens_kl.methods import Replacement, TrainedModule, sae_reconstruction
+from sae_lens_kl.optim import (
+    continue_adam,
+    normalise_rows,
+    remove_gradient_along_rows,
+    trainer_config,
+    use_fused_adam,
+)
 from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.runs import CleanRun, SpliceRunner, position_mask
 from sae_lens_kl.sparse_topk import use_sparse_topk
@@ -38,21 +45,6 @@ StepCallback = Callable[["KLFinetuneTrainer", TrainStepOutput], None]
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def use_fused_adam(optimizer: torch.optim.Optimizer) -> None:
-    """Switch SAETrainer's Adam to torch's fused kernel: the same update in one pass over each
-    parameter. SAELens builds it with the defaults, which on CPU step one tensor at a time
-    (docs/performance.md, kernel choices). Set before the first step, so the optimizer state is
-    created in the fused layout and checkpoints record it."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    try:
-        # Adam's own check of fused support for these parameters' devices and dtypes.
-        torch.optim.Adam(params, fused=True)
-    except RuntimeError:
-        return
-    for group in optimizer.param_groups:
-        group["fused"], group["foreach"] = True, False
 
 
 def _at_rows(recorded: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -71,44 +63,6 @@ def _firing_counts(feature_acts: torch.Tensor) -> torch.Tensor:
         latents = chosen.indices()[-1][chosen.values() != 0]
         return torch.bincount(latents, minlength=feature_acts.shape[-1])
     return (feature_acts != 0).sum(0, dtype=torch.int32).long()
-
-
-class TrainedModule(Protocol):
-    """A module trained beside the SAE (an adapter after it, LoRA on the LM): its parameters join
-    the optimizer, and each checkpoint holds it as `filename`."""
-
-    filename: str
-
-    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
-
-    def save(self, path: Path) -> None: ...
-
-
-class Replacement(Protocol):
-    """What replaces the activation at the hook during a training step: given the SAE and its
-    clean input rows (with SAELens's step state), a TrainStepOutput whose `sae_out` is spliced in
-    and whose `losses` hold the SAE's own terms (`mse_loss` and its sparsity/auxiliary losses)."""
-
-    def __call__(self, sae: TrainingSAE[Any], step_input: TrainStepInput) -> TrainStepOutput: ...
-
-
-def sae_reconstruction(sae: TrainingSAE[Any], step_input: TrainStepInput) -> TrainStepOutput:
-    """The SAE's own training forward pass: its reconstruction, with its aux-k, L1, L0, gated or
-    Matryoshka losses as SAELens computes them."""
-    return sae.training_forward_pass(step_input)
-
-
-@torch.no_grad()
-def remove_gradient_along_rows(weight: torch.Tensor) -> None:
-    """Drop the component of each row's gradient along the (unit) row: a step then turns rows
-    rather than scaling them."""
-    if weight.grad is not None:
-        weight.grad -= (weight.grad * weight).sum(-1, keepdim=True) * weight
-
-
-@torch.no_grad()
-def normalise_rows(weight: torch.Tensor) -> None:
-    weight /= weight.norm(dim=-1, keepdim=True)
 
 
 class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
@@ -138,27 +92,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
         n_steps = cfg.tokens // tokens_per_step
         use_sparse_topk(sae, cfg.sparse_topk if cfg.sparse_topk is not None else sae.device.type == "cpu")
         super().__init__(
-            SAETrainerConfig(
-                total_training_samples=n_steps * tokens_per_step,
-                train_batch_size_samples=tokens_per_step,
-                lr=cfg.lr,
-                lr_end=cfg.lr,
-                # constant + decay over every step after warm-up = linear decay to 0 (paper §3.3)
-                lr_scheduler_name="constant",
-                lr_warm_up_steps=cfg.lr_warm_up_steps,
-                lr_decay_steps=n_steps - cfg.lr_warm_up_steps if cfg.lr_schedule == "linear" else 0,
-                device=str(sae.device),
-                dead_feature_window=cfg.dead_feature_window,
-                feature_sampling_window=cfg.feature_sampling_window,
-                n_checkpoints=0,
-                checkpoint_path=None if checkpoint_dir is None else str(checkpoint_dir),
-                save_final_checkpoint=checkpoint_dir is not None,
-                logger=LoggingConfig(
-                    log_to_wandb=cfg.log_to_wandb and parallel.is_main,
-                    wandb_project=cfg.wandb_project,
-                    wandb_log_frequency=cfg.wandb_log_frequency,
-                ),
-            ),
+            trainer_config(cfg, n_steps, tokens_per_step, sae.device, checkpoint_dir, parallel.is_main),
             sae,
             data_provider=clean_runs,
         )
@@ -273,18 +207,7 @@ class KLFinetuneTrainer(SAETrainer[TrainingSAE[Any], Any]):
     def continue_optimizer(self, state: dict[str, Any]) -> None:
         """Continue another run's Adam (`state`: its state dict over this SAE's parameters, e.g.
         the MSE phase's): its moments and step counts; this fine-tune's lr, schedule and betas."""
-        own_settings = [
-            {k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups
-        ]
-        self.optimizer.load_state_dict(state)
-        for group, settings in zip(self.optimizer.param_groups, own_settings, strict=True):
-            group.update(settings)
-            for parameter in group["params"]:
-                step = self.optimizer.state[parameter].get("step")
-                if group["fused"] and step is not None:  # fused Adam keeps its step on the device
-                    self.optimizer.state[parameter]["step"] = step.to(
-                        dtype=torch.float32, device=parameter.device
-                    )
+        continue_adam(self.optimizer, state)
 
     def _train_modules_too(self) -> None:
         """Put the modules' parameters into SAELens's Adam (one more param group, same lr and
