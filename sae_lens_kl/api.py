@@ -17,28 +17,27 @@ from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl import save_dir as owned
 from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, to_training_sae
-from sae_lens_kl.cache import CleanPassCache
 from sae_lens_kl.checkpoints import (
     CHECKPOINTS_DIRNAME,
     FINETUNE_STATE_FILENAME,
     common_checkpoints,
     data_fingerprint,
 )
-from sae_lens_kl.checks import optimizer_state
+from sae_lens_kl.checks import check_lockstep, optimizer_state
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataSource
 from sae_lens_kl.eval_result import EvalResult
 from sae_lens_kl.evaluation import HeldOutEvaluator, special_token_ids
 from sae_lens_kl.joint import JointMemberTrainer, JointReplacementStep, check_joint
-from sae_lens_kl.losses import Objective, objective_of, recorded_hooks
+from sae_lens_kl.losses import Objective, objective_of
 from sae_lens_kl.methods import Method, SAEFinetune, method_of
-from sae_lens_kl.multi import MultiKLFinetuneTrainer
+from sae_lens_kl.multi import lockstep
 from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.plan import Plan, make_plan
 from sae_lens_kl.replacement import ReplacementSet
 from sae_lens_kl.report import run_report, save_artifact
-from sae_lens_kl.runs import CleanRun, SpliceRunner
+from sae_lens_kl.runs import SpliceRunner
 from sae_lens_kl.splice import CompiledBlocks
 from sae_lens_kl.stability import weight_stability
 from sae_lens_kl.streams import check_evaluator, data_streams, evaluator_of
@@ -110,16 +109,8 @@ def kl_finetune(
     saes = [sae] if isinstance(sae, SAE) else list(sae)
     if not saes or not all(isinstance(one, SAE) for one in saes):
         raise TypeError("kl_finetune takes an SAE or a non-empty list of SAEs.")
-    if len(saes) > 1 and cfg.continue_optimizer_from is not None:
-        raise ValueError(
-            "continue_optimizer_from holds one SAE's Adam state; fine-tune the SAEs one at a time."
-        )
     starts = _start_sources(start_sae, len(saes))
-    # several SAEs resume together from the newest checkpoint all of them reached
-    resume_points: list[Any] = [resume_from] * len(saes)
-    if len(saes) > 1 and resume_from is not None:
-        folders = [Path(resume_from).expanduser() / f"sae_{index}" for index in range(len(saes))]
-        resume_points = common_checkpoints(folders)
+    resume_points = _resume_points(resume_from, len(saes))
     held_out = (
         "a shared evaluator (nothing held out of the data)"
         if evaluator is not None
@@ -143,22 +134,11 @@ def kl_finetune(
     )
     if evaluator is not None:
         check_evaluator(evaluator, model, plans[0].cfg, eval_data)
-    if len(saes) > 1 and (
-        not all(plan.prefix_reuse for plan in plans)
-        or isinstance(plans[0].data, CleanPassCache)
-        or recorded_hooks(objective_of(plans[0].cfg))
-        or cfg.lm_lora_rank is not None
-    ):
-        raise ValueError(
-            "Several SAEs per pass need a HookedTransformer, prefix_reuse=True, token data "
-            "(fine-tune from a clean-pass cache one SAE at a time), a loss without downstream "
-            "hooks and no LoRA on the LM (fine-tune e2e+ds or lm_lora_rank one SAE at a time)."
-        )
+    check_lockstep(plans)
     if cfg.replacement == "joint":
         check_joint(saes, model, plans, parallel)
-    for index, (plan, start) in enumerate(zip(plans, starts, strict=True)):
-        if plan.save_dir is not None:
-            folder = plan.save_dir if len(saes) == 1 else plan.save_dir / f"sae_{index}"
+    for folder, start in zip(owned.member_folders(plans[0].save_dir, len(saes)), starts, strict=True):
+        if folder is not None:
             owned.check_not_the_start(folder, start)
     # Nothing in the fine-tune is random, but SAELens draws an initialisation when it builds a
     # training SAE (then overwritten): the caller's generator state is left as it was.
@@ -169,6 +149,14 @@ def kl_finetune(
     with writer_lock, torch.random.fork_rng(devices=cuda_devices):
         tuned = _run(saes, model, plans, eval_data, evaluator, callbacks, overwrite, parallel, starts)
     return tuned[0] if isinstance(sae, SAE) else tuned
+
+
+def _resume_points(resume_from: str | os.PathLike[str] | None, count: int) -> list[Any]:
+    """Where each SAE resumes: several SAEs together from the newest checkpoint all of them
+    reached."""
+    if count == 1 or resume_from is None:
+        return [resume_from] * count
+    return common_checkpoints(owned.member_folders(Path(resume_from).expanduser(), count))  # type: ignore[arg-type]
 
 
 def _start_sources(start_sae: Any, count: int) -> list[str | None]:
@@ -241,9 +229,9 @@ def _run(
     objective = objective_of(cfg)
     # one compiled set of blocks serves every SAE (make_plan checked that compiling applies)
     blocks = CompiledBlocks(model) if cfg.compile_blocks else None  # type: ignore[arg-type]
-    # SAE i is "sae_<i>": its key in the shared clean runs and its folder under save_dir
+    # SAE i is "sae_<i>": its key in every batch's clean runs (and its folder among several)
     runners = {
-        f"sae_{index}": SpliceRunner(
+        name: SpliceRunner(
             model,
             plan.site,
             write_site=plan.write_site,
@@ -253,17 +241,14 @@ def _run(
             spliced_from_start=method.spliced_from_start,
             checkpoint_suffix=plan.cfg.checkpoint_suffix,
         )
-        for index, (plan, method) in enumerate(zip(plans, methods, strict=True))
+        for name, plan, method in zip(owned.member_names(len(plans)), plans, methods, strict=True)
     }
     eval_sequences, clean_runs = data_streams(
         first, model, runners, eval_data, consumed, objective, parallel, held_out=shared_evaluator is not None
     )
     # one evaluator for every SAE of the run: the clean pass and baseline are computed once
     evaluator = shared_evaluator or evaluator_of(first, model, eval_sequences, parallel)
-    single = len(saes) == 1
-    save_dirs = [
-        first.save_dir if single or first.save_dir is None else first.save_dir / name for name in runners
-    ]
+    save_dirs = owned.member_folders(first.save_dir, len(saes))
     for save_dir in save_dirs:
         if save_dir is not None and parallel.is_main:
             owned.prepare(save_dir, overwrite=overwrite, resuming=first.resuming_into_save_dir)
@@ -275,7 +260,6 @@ def _run(
             method,
             trained_modules,
             runner,
-            clean_runs if single else iter(()),
             objective,
             evaluator,
             callbacks,
@@ -293,7 +277,7 @@ def _run(
         for name, trainer in trainers.items():
             trainer.joint, trainer.name = joint, name  # type: ignore[attr-defined]
         clean_runs = joint.batches(clean_runs)
-    fitter = jobs[0].trainer if single else MultiKLFinetuneTrainer(trainers, clean_runs)
+    fitter = lockstep(trainers, clean_runs)
     plain = all(type(method) is SAEFinetune for method in methods)
     set_metrics = ReplacementSet.of(saes, model, evaluator, cfg, parallel, plain)
     train_started = time.perf_counter()
@@ -344,7 +328,6 @@ def _prepare(
     method: Method,
     modules: list[TrainedModule],
     runner: SpliceRunner,
-    clean_runs: Iterator[CleanRun],
     objective: Objective,
     evaluator: HeldOutEvaluator | None,
     callbacks: Sequence[StepCallback],
@@ -368,7 +351,7 @@ def _prepare(
     trainer = trainer_cls(
         training,
         runner,
-        clean_runs,
+        iter(()),  # `lockstep` hands it the clean runs
         cfg,
         context_size=plan.context_size,
         objective=objective,

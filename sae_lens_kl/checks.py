@@ -7,8 +7,9 @@ import difflib
 import os
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from sae_lens import SAE
@@ -20,8 +21,11 @@ from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, check_supported
 from sae_lens_kl.cache import CACHE_FILENAME, CleanPassCache
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.data import DataError, DataSource
-from sae_lens_kl.losses import OBJECTIVES
+from sae_lens_kl.losses import OBJECTIVES, objective_of, recorded_hooks
 from sae_lens_kl.splice import HookSite, hook_width, hooks_after, later_residual_hooks, supports_prefix_reuse
+
+if TYPE_CHECKING:
+    from sae_lens_kl.plan import Plan
 
 
 def check_sae(sae: SAE[Any]) -> None:
@@ -337,3 +341,27 @@ def check_schedule(
             f"rate would still be rising at the end; pass lr_warm_up_steps <= {steps}."
         )
     return steps
+
+
+def check_lockstep(plans: Sequence[Plan]) -> None:
+    """What several SAEs per pass need (one SAE: nothing): one clean pass from token data through
+    a HookedTransformer, and no SAE-specific state (one Adam state to continue, downstream hooks
+    to record, LoRA hooks on the LM)."""
+    if len(plans) < 2:
+        return
+    cfg = plans[0].cfg
+    if cfg.continue_optimizer_from is not None:
+        raise ValueError(
+            "continue_optimizer_from holds one SAE's Adam state; fine-tune the SAEs one at a time."
+        )
+    if (
+        not all(plan.prefix_reuse for plan in plans)
+        or isinstance(plans[0].data, CleanPassCache)
+        or recorded_hooks(objective_of(cfg))
+        or cfg.lm_lora_rank is not None
+    ):
+        raise ValueError(
+            "Several SAEs per pass need a HookedTransformer, prefix_reuse=True, token data "
+            "(fine-tune from a clean-pass cache one SAE at a time), a loss without downstream "
+            "hooks and no LoRA on the LM (fine-tune e2e+ds or lm_lora_rank one SAE at a time)."
+        )

@@ -1,6 +1,7 @@
-"""Several SAEs fine-tuned on one model in lockstep, sharing the clean forward pass
-(`runs.shared_clean_runs`): each SAE's trainer takes exactly the step it would take alone.
-SAELens's `MultiSAETrainer` drives the per-SAE trainers.
+"""Who drives `fit`: one SAE's own trainer, or for several SAEs fine-tuned in lockstep on one
+model (sharing the clean pass, `runs.shared_clean_runs`) SAELens's `MultiSAETrainer` driving
+one trainer per SAE, each taking the step it would take alone. Everything else about a run is
+the same for one SAE or many (api.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,19 @@ from tqdm.auto import tqdm
 
 from sae_lens_kl.runs import CleanRun
 from sae_lens_kl.trainer import KLFinetuneTrainer
+
+
+def lockstep(
+    trainers: Mapping[str, KLFinetuneTrainer], clean_runs: Iterator[dict[str, CleanRun]]
+) -> KLFinetuneTrainer | MultiKLFinetuneTrainer:
+    """What runs `fit` over the batches' clean runs (one dict of them per batch, by SAE name): a
+    single SAE's trainer (SAELens's SAETrainer loop) reading its own, or for several the
+    `MultiKLFinetuneTrainer` over all of them."""
+    if len(trainers) > 1:
+        return MultiKLFinetuneTrainer(trainers, clean_runs)
+    ((name, trainer),) = trainers.items()
+    trainer.data_provider = (runs[name] for runs in clean_runs)  # type: ignore[assignment]
+    return trainer
 
 
 class MultiKLFinetuneTrainer(MultiSAETrainer):

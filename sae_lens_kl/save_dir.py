@@ -57,6 +57,20 @@ class SaveDirInUseError(OSError):
     """Another process is writing into the save_dir."""
 
 
+def member_names(count: int) -> list[str]:
+    """The names of a run's SAEs: "sae_<i>", their keys in shared clean runs and (for several)
+    their folders."""
+    return [f"sae_{index}" for index in range(count)]
+
+
+def member_folders(folder: Path | None, count: int) -> list[Path | None]:
+    """Where each of a run's `count` SAEs is saved: one SAE in `folder` itself, SAE i of several in
+    folder/sae_<i>."""
+    if folder is None:
+        return [None] * count
+    return [folder] if count == 1 else [folder / name for name in member_names(count)]
+
+
 def written_here(folder: Path) -> set[str]:
     """The entries of `folder` this package wrote: those its manifest names; in a folder written
     before manifests existed (it holds kl_finetune_metrics.json), every entry of a name we write."""

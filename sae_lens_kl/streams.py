@@ -31,8 +31,8 @@ def data_streams(
     parallel: DataParallel,
     held_out: bool = False,
 ) -> tuple[torch.Tensor | None, Iterator[Any]]:
-    """(held-out evaluation sequences, the clean runs of the training batches: one CleanRun per
-    batch, or for several SAEs a dict of them per batch; this rank's part of each batch).
+    """(held-out evaluation sequences, the clean runs of the training batches: per batch, each
+    SAE's CleanRun by its runner's name; this rank's part of each batch).
     `held_out`: an evaluator was given, so no sequences are held out of the data."""
     cfg = plan.cfg
     n_eval_sequences = 0 if held_out else -(-cfg.eval_tokens // plan.context_size)
@@ -51,9 +51,9 @@ def data_streams(
         elif n_eval_sequences:
             eval_sequences, held_out = cache.tokens(n_eval_sequences), n_eval_sequences
         # The cache is read epoch after epoch until the token budget is spent.
-        (runner,) = runners.values()
+        ((name, runner),) = runners.items()
         runs = cache.runs(runner, cfg.batch_size, held_out, consumed, part=parallel.part)
-        return eval_sequences, budgeted(runs, steps, cache.path, cfg.tokens)
+        return eval_sequences, ({name: run} for run in budgeted(runs, steps, cache.path, cfg.tokens))
     eval_sequences, sequences = held_out_and_training(
         plan.data,
         eval_data,
@@ -62,11 +62,10 @@ def data_streams(
         **{**streams, "consumed": consumed},  # type: ignore[arg-type]
     )
     batches = budgeted(map(parallel.part, batched(sequences, cfg.batch_size)), steps, plan.data, cfg.tokens)
-    if len(runners) == 1:
-        (runner,) = runners.values()
-        return eval_sequences, runner.clean_runs(
-            batches, needs_spliced_run(objective), recorded_hooks(objective)
-        )
+    if len(runners) == 1:  # its own clean pass, stopping at the SAE's block where no term needs more
+        ((name, runner),) = runners.items()
+        runs = runner.clean_runs(batches, needs_spliced_run(objective), recorded_hooks(objective))
+        return eval_sequences, ({name: run} for run in runs)
     assert isinstance(model, HookedTransformer)
     return eval_sequences, shared_clean_runs(model, batches, runners, cfg.kl_chunk_tokens)
 

@@ -26,6 +26,10 @@ def topk_k_above_d_sae() -> Any:
     return sae
 
 
+def two_saes() -> list[Any]:
+    return [make_sae("topk"), make_sae("topk", hook_name="blocks.2.hook_resid_pre", seed=2)]
+
+
 def out_of_vocabulary_dataset() -> datasets.Dataset:
     tokens = DATA.clone()
     tokens[0, 3] = 67  # tiny_model's vocabulary is 0..66
@@ -81,6 +85,8 @@ BAD_INPUT: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ),
     ("float16 SAE", {"sae": make_sae("topk").to(torch.float16)}, ValueError, "The SAE is float16"),
     ("TopK k > d_sae", {"sae": topk_k_above_d_sae()}, ValueError, r"k=97 must lie in \[1, d_sae=96\]"),
+    ("two SAEs, LoRA on the LM", {"sae": two_saes(), "lm_lora_rank": 2}, ValueError, "Several SAEs per pass"),
+    ("two SAEs, no prefix reuse", {"sae": two_saes(), "prefix_reuse": False}, ValueError, "Several SAEs per"),
 ]
 
 
