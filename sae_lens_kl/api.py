@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -16,12 +15,12 @@ from sae_lens import SAE, TrainingSAE
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl import save_dir as owned
-from sae_lens_kl.architectures import SPARSITY_COEFFICIENT, to_training_sae
+from sae_lens_kl.architectures import SPARSITY_COEFFICIENT
 from sae_lens_kl.checkpoints import (
     CHECKPOINTS_DIRNAME,
-    FINETUNE_STATE_FILENAME,
     common_checkpoints,
     data_fingerprint,
+    starting_saes,
 )
 from sae_lens_kl.checks import check_lockstep, optimizer_state
 from sae_lens_kl.config import KLFinetuneConfig
@@ -109,7 +108,7 @@ def kl_finetune(
     saes = [sae] if isinstance(sae, SAE) else list(sae)
     if not saes or not all(isinstance(one, SAE) for one in saes):
         raise TypeError("kl_finetune takes an SAE or a non-empty list of SAEs.")
-    starts = _start_sources(start_sae, len(saes))
+    starts = owned.start_sources(start_sae, len(saes))
     resume_points = _resume_points(resume_from, len(saes))
     held_out = (
         "a shared evaluator (nothing held out of the data)"
@@ -159,25 +158,6 @@ def _resume_points(resume_from: str | os.PathLike[str] | None, count: int) -> li
     return common_checkpoints(owned.member_folders(Path(resume_from).expanduser(), count))  # type: ignore[arg-type]
 
 
-def _start_sources(start_sae: Any, count: int) -> list[str | None]:
-    """One source per SAE: a local folder made absolute, RELEASE:SAE_ID as given."""
-    given = (
-        [start_sae] * count
-        if start_sae is None or isinstance(start_sae, (str, os.PathLike))
-        else list(start_sae)
-    )
-    if len(given) != count or (count > 1 and isinstance(start_sae, (str, os.PathLike))):
-        raise ValueError(f"start_sae: pass one source per SAE ({count}), got {start_sae!r}.")
-    sources: list[str | None] = []
-    for source in given:
-        if source is None:
-            sources.append(None)
-            continue
-        path = Path(source).expanduser()
-        sources.append(str(path.resolve()) if path.is_dir() else str(source))
-    return sources
-
-
 @contextmanager
 def frozen(model: HookedRootModule) -> Iterator[None]:
     """No gradients for the LM's weights while the SAE trains; flags restored afterwards."""
@@ -220,7 +200,7 @@ def _run(
     started = time.perf_counter()
     first = plans[0]
     cfg = first.cfg
-    trainings, consumed = _starting_saes(saes, plans, model)
+    trainings, consumed = starting_saes(saes, plans, model)
     methods = [method_of(plan.cfg, model, plan.site.hook_name) for plan in plans]
     modules = [
         method.start(training, plan.checkpoint)
@@ -295,30 +275,6 @@ def _run(
     ]
     parallel.barrier()  # every rank returns once rank 0 has written the artifacts
     return tuned
-
-
-def _starting_saes(
-    saes: Sequence[SAE[Any]], plans: Sequence[Plan], model: HookedRootModule
-) -> tuple[list[TrainingSAE[Any]], int]:
-    """The training SAEs to start from (a resumed run's checkpoints) and the training sequences
-    already consumed."""
-    device = torch.device(plans[0].cfg.device) if plans[0].cfg.device else next(model.parameters()).device
-    trainings, consumed = [], 0
-    for sae, plan in zip(saes, plans, strict=True):
-        if plan.checkpoint is not None:
-            state = json.loads((plan.checkpoint / FINETUNE_STATE_FILENAME).read_text())
-            consumed = state["train_sequences_consumed"]  # the same for every SAE of a run
-            training = TrainingSAE.load_from_disk(plan.checkpoint, device=str(device))
-            # safetensors hands back tensors at unaligned offsets of its buffer, where CPU kernels
-            # (embedding_bag's per-sample-weight gradient, torch 2.13) round differently than on
-            # fresh allocations: re-allocate, so a resumed run continues bit-identically
-            with torch.no_grad():
-                for tensor in [*training.parameters(), *training.buffers()]:
-                    tensor.data = tensor.data.clone()
-        else:
-            training = to_training_sae(sae, plan.cfg.sparsity_coefficient).to(device)
-        trainings.append(training)
-    return trainings, consumed
 
 
 def _prepare(

@@ -14,18 +14,23 @@ import json
 import shutil
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from sae_lens import SAE
+from sae_lens import SAE, TrainingSAE
 from sae_lens.constants import SAE_CFG_FILENAME, TRAINER_STATE_FILENAME
 from safetensors import safe_open
+from transformer_lens.hook_points import HookedRootModule
 
+from sae_lens_kl.architectures import to_training_sae
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.data import DataSource, describe
+
+if TYPE_CHECKING:
+    from sae_lens_kl.plan import Plan
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 FINETUNE_STATE_FILENAME = "kl_finetune_state.json"
@@ -216,3 +221,27 @@ def prune(checkpoints_dir: Path, keep: int) -> None:
     )
     for folder in intermediate[: max(len(intermediate) - keep, 0)]:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def starting_saes(
+    saes: Sequence[SAE[Any]], plans: Sequence[Plan], model: HookedRootModule
+) -> tuple[list[TrainingSAE[Any]], int]:
+    """The training SAEs to start from (a resumed run's checkpoints) and the training sequences
+    already consumed."""
+    device = torch.device(plans[0].cfg.device) if plans[0].cfg.device else next(model.parameters()).device
+    trainings, consumed = [], 0
+    for sae, plan in zip(saes, plans, strict=True):
+        if plan.checkpoint is not None:
+            state = json.loads((plan.checkpoint / FINETUNE_STATE_FILENAME).read_text())
+            consumed = state["train_sequences_consumed"]  # the same for every SAE of a run
+            training = TrainingSAE.load_from_disk(plan.checkpoint, device=str(device))
+            # safetensors hands back tensors at unaligned offsets of its buffer, where CPU kernels
+            # (embedding_bag's per-sample-weight gradient, torch 2.13) round differently than on
+            # fresh allocations: re-allocate, so a resumed run continues bit-identically
+            with torch.no_grad():
+                for tensor in [*training.parameters(), *training.buffers()]:
+                    tensor.data = tensor.data.clone()
+        else:
+            training = to_training_sae(sae, plan.cfg.sparsity_coefficient).to(device)
+        trainings.append(training)
+    return trainings, consumed

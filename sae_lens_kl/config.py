@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args
+
+from sae_lens_kl.typed import check_field_types
 
 # Each set of choices is written once, as a type; the CLI's choices and the checks below derive
 # from it (this module imports nothing heavy, so `--help` stays fast).
@@ -245,7 +247,7 @@ class KLFinetuneConfig:
     """Steps between wandb logs."""
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_field_types(self)
         for name in (
             "lr",
             "kl_coefficient",
@@ -350,11 +352,6 @@ class KLFinetuneConfig:
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints!r} must be a positive integer.")
 
-    @property
-    def trains_sae(self) -> bool:
-        """False when an adapter or LoRA on the LM trains and the SAE stays frozen."""
-        return self.adapter is None and self.lm_lora_rank is None
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -372,48 +369,6 @@ class KLFinetuneConfig:
         if unknown:
             raise ValueError(f"Unknown KLFinetuneConfig fields {unknown}; known: {sorted(known)}.")
         return cls(**values)
-
-
-def _check_types(cfg: KLFinetuneConfig) -> None:
-    """Every option holds a value of its annotated type: ints are ints (not 2.0 or True), bools are
-    bools, lists are lists (a string is not a list of hooks)."""
-    for name, hint in get_type_hints(type(cfg)).items():
-        value = getattr(cfg, name)
-        if not _is_instance(value, hint):
-            raise ValueError(
-                f"{name}={value!r} ({type(value).__name__}) must be {_describe(hint)}; pass a value of "
-                "that type."
-            )
-
-
-def _is_instance(value: Any, hint: Any) -> bool:
-    origin = get_origin(hint)
-    if origin is Union or type(hint).__name__ == "UnionType":
-        return any(_is_instance(value, option) for option in get_args(hint))
-    if origin is Literal:  # the choices are checked below, each with its own message
-        return True
-    if origin is list:
-        (item,) = get_args(hint)
-        return isinstance(value, list) and all(_is_instance(element, item) for element in value)
-    if hint is type(None):
-        return value is None
-    if hint is float:  # an int is a float; a bool is neither
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any, plural: bool = False) -> str:
-    origin = get_origin(hint)
-    if origin is Union or type(hint).__name__ == "UnionType":
-        return " or ".join(_describe(option) for option in get_args(hint))
-    if origin is list:
-        return f"a list of {_describe(get_args(hint)[0], plural=True)}"
-    if plural:
-        return {int: "integers", float: "numbers", str: "strings"}.get(hint, hint.__name__)
-    names = {int: "an integer", float: "a number", bool: "True or False", str: "a string", type(None): "None"}
-    return names.get(hint, hint.__name__)
 
 
 def _reads_the_spliced_model(cfg: KLFinetuneConfig) -> bool:

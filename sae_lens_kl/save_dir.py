@@ -23,6 +23,7 @@ import shutil
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
 
@@ -111,6 +112,25 @@ def check_can_overwrite(folder: Path) -> None:
             f"{MANIFEST_FILENAME} does not name them): overwrite replaces only what sae_lens_kl wrote. "
             "Pass another save_dir, or move those files elsewhere first."
         )
+
+
+def start_sources(start_sae: Any, count: int) -> list[str | None]:
+    """One source per SAE: a local folder made absolute, RELEASE:SAE_ID as given."""
+    given = (
+        [start_sae] * count
+        if start_sae is None or isinstance(start_sae, (str, os.PathLike))
+        else list(start_sae)
+    )
+    if len(given) != count or (count > 1 and isinstance(start_sae, (str, os.PathLike))):
+        raise ValueError(f"start_sae: pass one source per SAE ({count}), got {start_sae!r}.")
+    sources: list[str | None] = []
+    for source in given:
+        if source is None:
+            sources.append(None)
+            continue
+        path = Path(source).expanduser()
+        sources.append(str(path.resolve()) if path.is_dir() else str(source))
+    return sources
 
 
 def check_not_the_start(folder: Path, start_source: str | None) -> None:
