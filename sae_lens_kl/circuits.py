@@ -56,6 +56,13 @@ class Attribution:
             shares[hook] = error / (error + float(scores.abs().sum()))
         return shares
 
+    def error_share_of_all(self) -> float:
+        """Over every hook at once (a replacement model's set of SAEs or transcoders): the error
+        nodes' summed |score| / (that + every latent's |score|)."""
+        errors = sum(abs(score) for score in self.error_scores.values())
+        latents = sum(float(scores.abs().sum()) for scores in self.latent_scores.values())
+        return errors / (errors + latents)
+
     def table(self) -> list[dict[str, Any]]:
         """Every node (each latent of each hook, each error node) as a row (hook, node, score),
         largest |score| first: the tidy table, e.g. for `pandas.DataFrame(attribution.table())`."""
@@ -270,6 +277,7 @@ def compare_circuits(
         result[name] = {
             "metric": attribution.metric,
             "error_share": attribution.error_share(),
+            "error_share_of_all": attribution.error_share_of_all(),
             "top_nodes": attribution.top(top),
             "faithfulness": faithfulness_curve(model, group, tokens, metric, attribution, sizes),
         }
@@ -338,6 +346,9 @@ def circuits_markdown(
     for hook in result[names[0]]["error_share"]:
         cells = " | ".join(f"{result[n]['error_share'][hook]:.1%}" for n in names)
         lines.append(f"| error node's share of the absolute attribution at {hook} | {cells} |")
+    if len(result[names[0]]["error_share"]) > 1:
+        cells = " | ".join(f"{result[n]['error_share_of_all']:.1%}" for n in names)
+        lines.append(f"| error nodes' share of the absolute attribution, all hooks | {cells} |")
     for index, row in enumerate(result[names[0]]["faithfulness"]):
         cells = " | ".join(f"{result[n]['faithfulness'][index]['faithfulness']:.3f}" for n in names)
         lines.append(f"| faithfulness, top {row['n_latents']} latents + error | {cells} |")

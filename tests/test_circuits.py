@@ -103,6 +103,9 @@ def test_compare_circuits_through_saes_at_several_hooks() -> None:
     model, saes = float64_setup("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
     result = compare_circuits({"pair": saes}, model, TOKENS, metric, sizes=(2 * 96,))
     assert set(result["pair"]["error_share"]) == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post"}
+    # the share over both hooks lies between the two hooks' own shares (a mediant of them)
+    shares = result["pair"]["error_share"].values()
+    assert min(shares) <= result["pair"]["error_share_of_all"] <= max(shares)
     # every latent of both SAEs kept (+ errors): the clean metric, faithfulness 1
     assert result["pair"]["faithfulness"][0]["faithfulness"] == pytest.approx(1.0, abs=1e-9)
 
