@@ -4,6 +4,7 @@ latents, CE gap), so the recipe the demo uses is a measured choice.
 
     python benchmarks/demo_recipe.py --threads 2 --k 32 --tokens 184320 --lr 2e-3
     python benchmarks/demo_recipe.py --threads 2 --k 64 --tokens 368640 --lr-decay 0.2
+    python benchmarks/demo_recipe.py --threads 2 --model gemma3-270m --normalize expected_average_only_in
 
 Each run prints one JSON line: the settings, the wall time and the held-out metrics on the same
 tokens the demo evaluates on (Django's held-out docs files, first 2 positions left out).
@@ -31,7 +32,14 @@ def main() -> None:
     )
     recipe = DEMO_MSE_RECIPE  # every default is the demo's
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--model", default="smollm2", help="smollm2 or gemma3-270m (offline).")
     parser.add_argument("--hook", default=DEMO_HOOK)
+    parser.add_argument(
+        "--normalize",
+        default=recipe.normalize_activations,
+        choices=("none", "expected_average_only_in"),
+        help="SAELens's normalize_activations in the MSE phase.",
+    )
     parser.add_argument("--d-sae", type=int, default=recipe.d_sae)
     parser.add_argument("--k", type=int, default=int(recipe.k))
     parser.add_argument("--tokens", type=int, default=recipe.tokens)
@@ -50,7 +58,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = load_model("smollm2")
+    model = load_model(args.model)
     corpus = django_docs()
     recipe = dataclasses.replace(
         recipe,
@@ -61,6 +69,7 @@ def main() -> None:
         batch_tokens=args.batch_tokens,
         lr_decay_fraction=args.lr_decay,
         dead_feature_window=args.dead_window,
+        normalize_activations=args.normalize,
     )
     cfg = recipe.runner_config(model, args.hook, dataset_name=str(corpus.train))
     steps = args.tokens // args.batch_tokens

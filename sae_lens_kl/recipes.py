@@ -36,6 +36,10 @@ class MSERecipe:
     dead_feature_window: int | None = None
     """Steps; None: 5 % of the run's steps (train.runner_config)."""
     seed: int = 42
+    normalize_activations: str = "none"
+    """SAELens's input normalisation during the MSE phase ('expected_average_only_in': inputs
+    scaled to norm sqrt(d_in), the factor folded into the weights at the end, so the saved SAE
+    reads raw activations)."""
 
     def runner_config(self, model: Any, hook: str, dataset_name: str) -> LanguageModelSAERunnerConfig[Any]:
         from sae_lens_kl.train import runner_config

@@ -173,6 +173,12 @@ def _check_continuable(
         )
     if mse_tokens == 0:
         raise ValueError("continue_optimizer=True needs an MSE phase (kl_fraction < 1).")
+    if runner_cfg.sae.normalize_activations != "none":
+        raise ValueError(
+            f"continue_optimizer=True with normalize_activations={runner_cfg.sae.normalize_activations!r}: "
+            "the MSE phase's Adam moments are for the normalised weights, which SAELens rescales when "
+            "it folds the factor in at the end; use normalize_activations='none' for the A.1 recipe."
+        )
     if runner_cfg.lr_decay_steps or runner_cfg.lr_warm_up_steps:
         raise ValueError(
             f"continue_optimizer=True runs both phases at one constant lr (the paper's A.1), but the "
@@ -269,6 +275,7 @@ def runner_config(
     seed: int = 42,
     dead_feature_window: int | None = None,
     lr_decay_fraction: float = 0.0,
+    normalize_activations: str = "none",
 ) -> LanguageModelSAERunnerConfig[Any]:
     """A SAELens runner config for an SAE of `architecture` at `hook` of `model`, with the settings
     this package's MSE phases use: BOS per sequence, special tokens and the first `sink_positions`
@@ -277,10 +284,16 @@ def runner_config(
     `dead_feature_window`: steps without firing after which a latent counts as dead (and TopK's
     aux-k loss revives it); default 5 % of the run's steps, since SAELens's 1,000 steps exceed a
     short run and leave the aux-k loss at 0 throughout. `lr_decay_fraction`: the last fraction of
-    the steps decays the lr linearly to SAELens's default lr_end, lr / 10 (its lr_decay_steps)."""
+    the steps decays the lr linearly to SAELens's default lr_end, lr / 10 (its lr_decay_steps).
+    `normalize_activations`: SAELens's SAE input normalisation ('none' or
+    'expected_average_only_in', whose factor SAELens folds into the weights after training)."""
     steps = tokens // batch_tokens
     _, sae_cfg_cls = get_sae_training_class(architecture)
-    sae_fields = {"d_in": model.cfg.d_model, "d_sae": d_sae}
+    sae_fields: dict[str, Any] = {
+        "d_in": model.cfg.d_model,
+        "d_sae": d_sae,
+        "normalize_activations": normalize_activations,
+    }
     if "topk" in architecture:
         # TopK and AbsTopK take an integer k, the batch variants a mean k per row
         sae_fields["k"] = int(k) if architecture in ("topk", "abstopk") else k
