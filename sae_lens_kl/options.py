@@ -51,6 +51,8 @@ class DemoModel:
     """TopK k."""
     context_size: int = DEMO_MSE_RECIPE.context_size
     """Tokens per sequence."""
+    normalize_activations: Literal["none", "expected_average_only_in"] = DEMO_MSE_RECIPE.normalize_activations  # type: ignore[assignment]
+    """The MSE phase's input normalisation (SAELens's; folded into the weights at the end)."""
     data: str | None = None
     """Training text (default: Django's docs, from PyPI)."""
     eval_data: str | None = None

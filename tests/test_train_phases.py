@@ -4,6 +4,7 @@ lr (the paper's A.1 runs)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,13 @@ def test_the_a1_recipe_refuses_what_it_cannot_continue(tmp_path) -> None:
         )
     with pytest.raises(ValueError, match="needs an MSE phase"):
         train_with_kl_phase(cfg, model, DATA, kl_fraction=1.0, continue_optimizer=True)
+    # SAELens folds the normalisation factor into the weights after the MSE phase: its Adam moments
+    # would then belong to other weights
+    normalised = dataclasses.replace(
+        cfg, sae=dataclasses.replace(cfg.sae, normalize_activations="expected_average_only_in")
+    )
+    with pytest.raises(ValueError, match="normalize_activations='expected_average_only_in'"):
+        train_with_kl_phase(normalised, model, DATA, kl_fraction=fraction, continue_optimizer=True)
     # kl_finetune's own option: a folder without SAELens's trainer state, or another SAE's state
     sae = make_sae("topk")
     with pytest.raises(ValueError, match=f"holds no {TRAINER_STATE_FILENAME}"):

@@ -126,7 +126,12 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
     model = load_model(args.model)
     train_data, eval_data = text_or_corpus(args.data, args.eval_data)
     recipe = dataclasses.replace(
-        DEMO_MSE_RECIPE, d_sae=args.d_sae, k=args.k, tokens=args.mse_tokens, context_size=args.context_size
+        DEMO_MSE_RECIPE,
+        d_sae=args.d_sae,
+        k=args.k,
+        tokens=args.mse_tokens,
+        context_size=args.context_size,
+        normalize_activations=args.normalize_activations,
     )
     context_size, batch_size, sinks = recipe.context_size, KL_BATCH_SEQUENCES, recipe.sink_positions
     # the SAE metadata's dataset_path: a local folder that `finetune` can read again
