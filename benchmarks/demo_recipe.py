@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from sae_lens_kl.commands.demo import cached_mse_sae
 from sae_lens_kl.corpus import django_docs
 from sae_lens_kl.evaluation import evaluate
 from sae_lens_kl.models import load_model
@@ -54,6 +55,12 @@ def main() -> None:
     parser.add_argument("--warm-up", type=float, default=0.0, help="Fraction of steps of linear warm-up.")
     parser.add_argument("--dead-window", type=int, default=None, help="Steps (default: 5 %% of the run).")
     parser.add_argument("--eval-tokens", type=int, default=DEMO_SIZES["eval_tokens"])
+    parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="Keep the SAE in the demo's MSE-phase cache (where `sae-lens-kl demo` with the same "
+        "settings finds it; a cached one is read instead of trained).",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,7 +83,11 @@ def main() -> None:
     # SAELens's warm-up is in steps; the recipe has none
     cfg = dataclasses.replace(cfg, lr_warm_up_steps=round(steps * args.warm_up))
     start = time.perf_counter()
-    sae = mse_phase(cfg, model, corpus.train, args.tokens)
+    cached = False
+    if args.cache:
+        sae, cached = cached_mse_sae(cfg, model, corpus.train)
+    else:
+        sae = mse_phase(cfg, model, corpus.train, args.tokens)
     train_s = time.perf_counter() - start
     result = evaluate(
         sae,
@@ -92,7 +103,7 @@ def main() -> None:
             {
                 "settings": {k: v for k, v in vars(args).items() if k != "eval_tokens"},
                 "threads": torch.get_num_threads(),
-                "train_seconds": round(train_s),
+                "train_seconds": None if cached else round(train_s),
                 "explained_variance": round(result.explained_variance, 4),
                 "dead_latents": result.dead_latents,
                 "d_sae": args.d_sae,
