@@ -17,7 +17,7 @@ COLUMNS = (
     ("ce_gap", "CE gap after"),
     ("fraction_of_ce_gap_closed", "CE gap closed"),
     ("fraction_interval", "95 % interval"),
-    ("difference_from_first_arm", "minus the first arm, 95 %"),
+    ("difference_from_reference", "minus the reference arm, 95 %"),
     ("kl", "KL after"),
     ("mse_before", "MSE before"),
     ("mse", "MSE after"),
@@ -44,6 +44,9 @@ def experiment_markdown(result: Mapping[str, Any]) -> str:
         lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
     settings = result["settings"]
     lines += [
+        "",
+        f"Differences: each arm minus {result.get('reference_arm', 'the first arm')} (of the same start), "
+        "paired over the held-out sequences.",
         "",
         f"Model {settings['model']}, SAE at {settings['hook']} (d_sae {settings['d_sae']}), MSE phase "
         f"{settings['mse_phase_tokens']:,} tokens, each stage {settings['kl_tokens']:,} tokens; options "

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from sae_lens_kl.intervals import (
 from sae_lens_kl.lm_lora import lm_lora_targets
 from sae_lens_kl.staging import write_file
 from sae_lens_kl.train import kl_phase_sequences, train_with_kl_phase
+from sae_lens_kl.trainer import StepCallback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,9 @@ class Experiment:
     paper: str
     """What the paper found, to read the result against."""
     arms: tuple[Arm, ...]
+    reference: str | None = None
+    """The arm every other arm of its start is compared with (a paired difference); None: the
+    first (the paper's method)."""
 
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -118,14 +122,26 @@ EXPERIMENTS: dict[str, Experiment] = {
 
 
 def run_experiment(
-    name: str, setup: Any, mse_sae_for: Any, out: Path, *, overwrite: bool, seeds: int = 1
+    name: str,
+    setup: Any,
+    mse_sae_for: Any,
+    out: Path,
+    *,
+    overwrite: bool,
+    seeds: int = 1,
+    experiment: Experiment | None = None,
+    callbacks: Mapping[str, Sequence[StepCallback]] | None = None,
+    start_sae: str | None = None,
 ) -> dict[str, Any]:
     """Run every arm of experiment `name` on the demo `setup` (commands.demo.DemoSetup), `seeds` times;
     `mse_sae_for(architecture, tokens=None, seed=0)` gives the cached MSE-phase SAE. Seed s trains
     every fine-tune arm on the s-th block of KL-phase tokens after the MSE phase's, with
     `init_seed=s` (LoRA and adapter initialisation); arms trained from scratch also seed their MSE
-    phase's initialisation and shuffling with it. Writes experiment.json/.md/.png in `out`."""
-    experiment = EXPERIMENTS[name]
+    phase's initialisation and shuffling with it. Writes experiment.json/.md/.png in `out`.
+    `experiment`: run this one under `name` instead of EXPERIMENTS[name] (the demo's);
+    `callbacks`: by arm name, step callbacks of its fine-tunes; `start_sae`: where the MSE-phase
+    SAE the arms start from is saved (recorded in their reports)."""
+    experiment = experiment or EXPERIMENTS[name]
     rows, reports, afters = [], {}, {}
     for arm in experiment.arms:
         seed_rows, afters[arm.name], reports[arm.name] = [], [], []
@@ -133,19 +149,29 @@ def run_experiment(
             print(f"[{name}] {arm.name}" + (f", seed {seed}" if seeds > 1 else ""))
             folder = out / _slug(arm.name) / (f"seed_{seed}" if seeds > 1 else "")
             started = time.perf_counter()
-            arm_reports = _run_arm(arm, setup, mse_sae_for, folder, overwrite, seed)
+            arm_reports = _run_arm(
+                arm,
+                setup,
+                mse_sae_for,
+                folder,
+                overwrite,
+                seed,
+                {"callbacks": (callbacks or {}).get(arm.name, ()), "start_sae": start_sae},
+            )
             seed_rows.append(_row(arm.name, arm_reports, time.perf_counter() - started))
             reports[arm.name].append(arm_reports)
             # the arm's result as its last stage evaluated it (with LoRA on the LM or an adapter)
             if setup.evaluator is not None:
                 afters[arm.name].append(setup.evaluator.last)
         rows.append(_mean_row(seed_rows))
-    if setup.evaluator is not None:
-        _add_intervals(experiment, rows, afters, setup, mse_sae_for)
+    intervals = (
+        None if setup.evaluator is None else _add_intervals(experiment, rows, afters, setup, mse_sae_for)
+    )
     result = {
         "experiment": name,
         "title": experiment.title,
         "paper": experiment.paper,
+        "reference_arm": experiment.reference or experiment.arms[0].name,
         "settings": {
             "model": setup.model.cfg.model_name,
             "hook": setup.runner_cfg.hook_name,
@@ -158,6 +184,8 @@ def run_experiment(
         "arms": rows,
         # per arm: one list of stage reports per seed
         "reports": reports,
+        # by the arms' start: each arm's interval and its paired difference from the reference arm
+        "intervals": intervals,
     }
     write_file(out / "experiment.json", json.dumps(result, indent=2))
     write_file(out / "experiment.md", experiment_markdown(result))
@@ -177,34 +205,47 @@ def _add_intervals(
     afters: Mapping[str, list[EvalResult]],
     setup: Any,
     mse_sae_for: Any,
-) -> None:
+) -> dict[str, dict[str, Any]]:
     """Each arm's fraction of the CE gap closed against the MSE-phase SAE it starts from (for
     arms trained from scratch: the demo's MSE-phase SAE of their architecture, a common baseline),
-    with its 95 % paired bootstrap interval, and each arm's paired difference from the first arm
-    of the same start (the paper's method), all on the same held-out sequences; with several
-    seeds, the mean over seeds and an interval that draws the seeds too (intervals.py)."""
+    with its 95 % paired bootstrap interval, and each arm's paired difference from the reference
+    arm of the same start (the experiment's, else the first: the paper's method), all on the same
+    held-out sequences; with several seeds, the mean over seeds and an interval that draws the
+    seeds too (intervals.py). Returns the intervals by start."""
     by_start: dict[str, list[str]] = {}
     for arm in experiment.arms:
         by_start.setdefault(arm.start, []).append(arm.name)
     row_of = {row["arm"]: row for row in rows}
+    by_start_intervals = {}
     for start, names in by_start.items():
         before = setup.evaluator(mse_sae_for(start))
         runs = {name: afters[name] for name in names}
-        intervals = paired_intervals(before, runs, control=names[0] if len(runs) > 1 else None)
+        reference = experiment.reference if experiment.reference in names else names[0]
+        intervals = paired_intervals(before, runs, control=reference if len(runs) > 1 else None)
+        by_start_intervals[start] = intervals
         for name, seeds in runs.items():
             row = row_of[name]
             row["ce_gap_before"] = before.ce_gap
             row["fraction_of_ce_gap_closed"] = mean_fraction_closed(before, seeds)
             row["fraction_per_seed"] = [fraction_closed(before, after) for after in seeds]
             row["fraction_interval"] = intervals["fraction_ce_gap_closed"][name]
-            if name != names[0] and "difference_from_control" in intervals:
-                row["difference_from_first_arm"] = intervals["difference_from_control"][name]
+            if name != reference and "difference_from_control" in intervals:
+                row["difference_from_reference"] = intervals["difference_from_control"][name]
+    return by_start_intervals
 
 
 def _run_arm(
-    arm: Arm, setup: Any, mse_sae_for: Any, folder: Path, overwrite: bool, seed: int = 0
+    arm: Arm,
+    setup: Any,
+    mse_sae_for: Any,
+    folder: Path,
+    overwrite: bool,
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """The kl_finetune report of each stage, for seed `seed`."""
+    """The kl_finetune report of each stage, for seed `seed`; `extra`: further options of every
+    fine-tune (callbacks, start_sae)."""
+    extra = extra or {}
     seeded = {"init_seed": seed}
     if arm.kl_fraction is not None:
         total = setup.runner_cfg.training_tokens + setup.kl_tokens
@@ -226,6 +267,7 @@ def _run_arm(
             save_dir=folder,
             mse_sae=mse_sae_for(arm.start, mse_tokens, seed=seed) if mse_tokens else None,
             overwrite=overwrite,
+            callbacks=extra.get("callbacks", ()),
             **setup.held_out(),
             **{**setup.options, **same_steps, **seeded, **arm.stages[0]},
         )
@@ -252,6 +294,9 @@ def _run_arm(
             **setup.held_out(),
             save_dir=folder if len(arm.stages) == 1 else folder / f"stage_{index + 1}",
             overwrite=overwrite,
+            callbacks=extra.get("callbacks", ()),
+            # the first stage starts from the MSE-phase SAE, saved where start_sae says
+            start_sae=extra.get("start_sae") if index == 0 else None,
             **options,
         )
         reports.append(sae.cfg.metadata.kl_finetune)
@@ -285,7 +330,7 @@ def _row(name: str, reports: list[dict[str, Any]], seconds: float) -> dict[str, 
         if first["ce_gap"] > 0
         else None,
         "fraction_interval": None,
-        "difference_from_first_arm": None,
+        "difference_from_reference": None,
         "kl": last["kl"],
         "mse_before": first["mse"],
         "mse": last["mse"],

@@ -10,25 +10,26 @@ import itertools
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from sae_lens import SAE, LanguageModelSAERunnerConfig, TrainingSAE
+from sae_lens import LanguageModelSAERunnerConfig, TrainingSAE
 
-from sae_lens_kl.api import kl_finetune
 from sae_lens_kl.commands.common import SINK_NOTE, check_out, text_or_corpus
 from sae_lens_kl.config import KL_CHUNK_TOKENS, LOSS_MODES
 from sae_lens_kl.data import token_sequences
 from sae_lens_kl.evaluation import HeldOutEvaluator
-from sae_lens_kl.intervals import format_interval, paired_intervals
+from sae_lens_kl.intervals import format_interval
 from sae_lens_kl.models import cache_root, load_model
 from sae_lens_kl.recipes import DEMO_MSE_RECIPE, DEMO_SIZES, KL_BATCH_SEQUENCES, QUICK_SIZES, MSERecipe
 from sae_lens_kl.report import History, write_report
 from sae_lens_kl.staging import staged_folder
-from sae_lens_kl.train import mse_phase, train_with_kl_phase
+from sae_lens_kl.train import mse_phase
+
+if TYPE_CHECKING:
+    from sae_lens_kl.experiments import Experiment
 
 CONTROL_NAMES = {"mse": "MSE-only control", "kl": "KL-only", "e2e+ds": "e2e+ds"}
-CONTROL_FOLDERS = {"mse": "mse_control"}
 
 
 def mse_cache_folder(runner_cfg: LanguageModelSAERunnerConfig[Any]) -> Path:
@@ -162,7 +163,23 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
     return DemoSetup(model, train_data, eval_data, recipe, runner_cfg, kl_tokens, options, evaluator)
 
 
+def demo_experiment(controls: list[str]) -> Experiment:
+    """The demo as an experiment: experiment A's KL+MSE arm and the controls asked for (default the
+    MSE-only continuation, the reference its paired difference is taken from)."""
+    from sae_lens_kl.experiments import EXPERIMENTS, Arm, Experiment
+
+    control_arms = tuple(Arm(CONTROL_NAMES.get(loss, loss), ({"loss": loss},)) for loss in controls)
+    return Experiment(
+        "sae_lens_kl demo: KL+MSE phase after MSE training, and its controls on the same tokens",
+        EXPERIMENTS["A"].paper,
+        (Arm("KL+MSE"), *control_arms),
+        reference=CONTROL_NAMES["mse"] if "mse" in controls else None,
+    )
+
+
 def demo(args: argparse.Namespace) -> None:
+    from sae_lens_kl.experiments import run_experiment
+
     unknown = [loss for loss in args.controls if loss not in LOSS_MODES]
     if unknown:
         raise SystemExit(f"--controls {','.join(unknown)}: not a loss; choose from {', '.join(LOSS_MODES)}.")
@@ -170,14 +187,9 @@ def demo(args: argparse.Namespace) -> None:
     assert out is not None
     setup = demo_setup(args)
     setup.check_fits(setup.runner_cfg.training_tokens + setup.kl_tokens)
-    model, train_data, eval_data, runner_cfg = (
-        setup.model,
-        setup.train_data,
-        setup.eval_data,
-        setup.runner_cfg,
-    )
-    hook, sinks, options, kl_tokens = args.hook, setup.sinks, setup.options, setup.kl_tokens
-    batch_size, context_size = options["batch_size"], args.context_size
+    model, train_data, runner_cfg = setup.model, setup.train_data, setup.runner_cfg
+    hook, sinks, kl_tokens = args.hook, setup.sinks, setup.kl_tokens
+    batch_size, context_size = setup.options["batch_size"], args.context_size
     print(
         f"MSE phase: SAELens runner, TopK k={args.k}, d_sae={args.d_sae} at {hook}, "
         f"{args.mse_tokens:,} tokens"
@@ -187,69 +199,37 @@ def demo(args: argparse.Namespace) -> None:
     total = args.mse_tokens + kl_tokens
     history = History()
     print(f"KL+MSE phase: {args.kl_steps} steps of {batch_size}x{context_size} tokens, lr {args.lr}")
-    result = train_with_kl_phase(
-        dataclasses.replace(runner_cfg, training_tokens=total),
-        model,
-        train_data,
-        kl_fraction=kl_tokens / total,
-        save_dir=out / "kl_mse",
-        mse_sae=mse_sae,
-        callbacks=[history],
+    # The KL+MSE arm and the controls on the same tokens from the same MSE-phase SAE: the MSE-only
+    # continuation (paper App. B) and any other objective asked for (KL-only, e2e+ds, ...).
+    result = run_experiment(
+        "demo",
+        setup,
+        lambda *_, **__: mse_sae,
+        out,
         overwrite=args.overwrite,
-        start_sae=mse_cache_folder(runner_cfg),
-        **setup.held_out(),
-        **options,
+        experiment=demo_experiment([] if args.no_control else args.controls),
+        callbacks={"KL+MSE": [history]},
+        start_sae=str(mse_cache_folder(runner_cfg)),
     )
-    runs = {"KL+MSE": result.sae.cfg.metadata.kl_finetune}
-    # Controls on the same tokens from the same MSE-phase SAE: MSE-only continuation (paper App. B),
-    # and any other objective asked for (KL-only, Braun et al.'s e2e+ds, ...).
-    controls: dict[str, SAE[Any]] = {}
-    for loss in [] if args.no_control else args.controls:
-        print(f"control: loss={loss} on the same tokens")
-        control = kl_finetune(
-            mse_sae,
-            model,
-            result.kl_data,
-            tokens=result.kl_tokens,
-            loss=loss,
-            save_dir=out / CONTROL_FOLDERS.get(loss, loss.replace("+", "_")),
-            overwrite=args.overwrite,
-            start_sae=mse_cache_folder(runner_cfg),
-            **setup.held_out(),
-            **options,
-        )
-        runs[CONTROL_NAMES.get(loss, loss)] = control.cfg.metadata.kl_finetune
-        controls[CONTROL_NAMES.get(loss, loss)] = control
-    evaluator = setup.evaluator
+    runs = {name: seeds[0][-1] for name, seeds in result["reports"].items()}
     extra: dict[str, Any] = {"mse_phase_cached": cached, "kl_tokens_share_of_run": kl_tokens / total}
-    control_name = CONTROL_NAMES["mse"]
-    if evaluator is not None:
-        # every run was evaluated on the same held-out sequences: paired intervals (stored results)
-        tuned = {"KL+MSE": result.sae, **controls}
-        extra["intervals"] = paired_intervals(
-            evaluator(mse_sae),
-            {name: evaluator(sae) for name, sae in tuned.items()},
-            control=control_name if control_name in tuned else None,
-        )
+    if result["intervals"] is not None:
+        # every run was evaluated on the same held-out sequences: paired intervals
+        extra["intervals"] = result["intervals"][setup.recipe.architecture]
     notes = [
         f"Model: {model.cfg.model_name}; SAE: TopK k={args.k}, d_sae={args.d_sae} at {hook}, MSE-trained "
         f"with SAELens's runner on {args.mse_tokens:,} tokens of {train_data}.",
         f"KL phase: {kl_tokens:,} tokens = {kl_tokens / total:.1%} of the run's {total:,}.",
         *_interval_notes(extra.get("intervals")),
-        f"Held-out evaluation: {args.eval_tokens:,} tokens of {eval_data}, never trained on.",
+        f"Held-out evaluation: {args.eval_tokens:,} tokens of {setup.eval_data}, never trained on.",
         SINK_NOTE.format(n=sinks),
         f"torch threads: {torch.get_num_threads()}.",
     ]
     written = write_report(
-        out,
-        "sae_lens_kl demo: KL+MSE phase after MSE training",
-        runs,
-        history,
-        notes,
-        extra,
+        out, "sae_lens_kl demo: KL+MSE phase after MSE training", runs, history, notes, extra
     )
     print((out / "report.md").read_text())
-    print("wrote", ", ".join(str(p) for p in written))
+    print("wrote", ", ".join(str(p) for p in written), "and experiment.json/.md/.png")
 
 
 def _interval_notes(intervals: dict[str, Any] | None) -> list[str]:
