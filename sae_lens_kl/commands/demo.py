@@ -48,6 +48,8 @@ def mse_cache_folder(runner_cfg: LanguageModelSAERunnerConfig[Any]) -> Path:
         "dead_feature_window": runner_cfg.dead_feature_window,
         "lr_decay_steps": runner_cfg.lr_decay_steps,
     }
+    if runner_cfg.sae.normalize_activations != "none":  # (a key field only then: older keys stay valid)
+        key_fields["norm_estimate_batches"] = runner_cfg.n_batches_for_norm_estimate
     key = hashlib.sha1(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return cache_root() / "mse_saes" / key
 
