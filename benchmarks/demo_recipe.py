@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--dead-window", type=int, default=None, help="Steps (default: 5 %% of the run).")
     parser.add_argument("--eval-tokens", type=int, default=DEMO_SIZES["eval_tokens"])
     parser.add_argument(
+        "--b-dec-init", default="zeros", choices=("zeros", "mean"), help="The decoder bias's start."
+    )
+    parser.add_argument(
         "--cache",
         action="store_true",
         help="Keep the SAE in the demo's MSE-phase cache (where `sae-lens-kl demo` with the same "
@@ -84,10 +87,10 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, lr_warm_up_steps=round(steps * args.warm_up))
     start = time.perf_counter()
     cached = False
-    if args.cache:
+    if args.cache and args.b_dec_init == "zeros":
         sae, cached = cached_mse_sae(cfg, model, corpus.train)
     else:
-        sae = mse_phase(cfg, model, corpus.train, args.tokens)
+        sae = mse_phase(cfg, model, corpus.train, args.tokens, b_dec_init=args.b_dec_init)
     train_s = time.perf_counter() - start
     result = evaluate(
         sae,

@@ -61,10 +61,18 @@ def mse_phase(
     data: DataSource,
     mse_tokens: int,
     checkpoint_dir: Path | None = None,
+    b_dec_init: str = "zeros",
 ) -> TrainingSAE[Any]:
     """SAELens's own runner: MSE on shuffled activations for `mse_tokens` tokens. With
     `checkpoint_dir`, the runner also writes its final checkpoint (Adam state included) under it
-    (`final_checkpoint` finds it)."""
+    (`final_checkpoint` finds it). `b_dec_init="mean"` starts the decoder bias at the mean of the
+    first training batch's activations instead of SAELens's zeros."""
+    if b_dec_init not in ("zeros", "mean"):
+        raise ValueError(f"b_dec_init={b_dec_init!r} is 'zeros' or 'mean'.")
+    if b_dec_init == "mean" and runner_cfg.sae.normalize_activations != "none":
+        raise ValueError(
+            "b_dec_init='mean' needs normalize_activations='none' (the mean is of raw activations)."
+        )
     dataset = as_hf_dataset(data)
     checkpoints = (
         {}
@@ -82,6 +90,13 @@ def mse_phase(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         runner = LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model)
+        if b_dec_init == "mean":
+            # sae-lens 6.54 starts b_dec at zero and has no option for it (v5's b_dec_init_method
+            # is gone): a residual stream with a large mean then reaches every latent's
+            # pre-activation alike (tested by benchmarks/demo_recipe.py --b-dec-init)
+            with torch.no_grad():
+                first = next(iter(runner.activations_store))
+                runner.sae.b_dec.copy_(first.to(runner.sae.b_dec.dtype).mean(0))
         return runner.run()
 
 

@@ -13,7 +13,7 @@ from conftest import make_sae, random_tokens, tiny_model
 from sae_lens.constants import TRAINER_STATE_FILENAME
 
 from sae_lens_kl import kl_finetune
-from sae_lens_kl.train import runner_config, train_with_kl_phase
+from sae_lens_kl.train import mse_phase, runner_config, train_with_kl_phase
 
 SEQ, BATCH_TOKENS, MSE_STEPS, KL_STEPS, KL_BATCH = 16, 64, 12, 3, 4
 KL_TOKENS = KL_STEPS * KL_BATCH * SEQ
@@ -108,3 +108,21 @@ def test_the_a1_recipe_refuses_what_it_cannot_continue(tmp_path) -> None:
         kl_finetune(
             sae, model, DATA, tokens=KL_TOKENS, adapter="linear", continue_optimizer_from=str(tmp_path)
         )
+
+
+def test_the_mse_phase_can_start_its_decoder_bias_at_the_activations_mean() -> None:
+    model = tiny_model()
+    # one step at an lr that cannot move it: b_dec is where it started
+    cfg = dataclasses.replace(_runner_cfg(model), lr=1e-12)
+    sae = mse_phase(cfg, model, DATA, BATCH_TOKENS, b_dec_init="mean")
+    _, cache = model.run_with_cache(DATA, names_filter="blocks.1.hook_resid_pre")
+    acts = cache["blocks.1.hook_resid_pre"].flatten(0, 1).double()
+    # the mean of one shuffled batch of BATCH_TOKENS rows: within 6 standard errors of the data's
+    tolerance = 6 * acts.std(0) / BATCH_TOKENS**0.5
+    assert sae.b_dec.detach().abs().max() > 0
+    assert ((sae.b_dec.detach().double() - acts.mean(0)).abs() <= tolerance).all()
+    with pytest.raises(ValueError, match="needs normalize_activations='none'"):
+        normalised = dataclasses.replace(
+            cfg, sae=dataclasses.replace(cfg.sae, normalize_activations="expected_average_only_in")
+        )
+        mse_phase(normalised, model, DATA, BATCH_TOKENS, b_dec_init="mean")
