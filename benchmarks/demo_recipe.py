@@ -87,8 +87,8 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, lr_warm_up_steps=round(steps * args.warm_up))
     start = time.perf_counter()
     cached = False
-    if args.cache and args.b_dec_init == "zeros":
-        sae, cached = cached_mse_sae(cfg, model, corpus.train)
+    if args.cache:
+        sae, cached = cached_mse_sae(cfg, model, corpus.train, args.b_dec_init)
     else:
         sae = mse_phase(cfg, model, corpus.train, args.tokens, b_dec_init=args.b_dec_init)
     train_s = time.perf_counter() - start

@@ -53,6 +53,8 @@ class DemoModel:
     """Tokens per sequence."""
     normalize_activations: Literal["none", "expected_average_only_in"] = DEMO_MSE_RECIPE.normalize_activations  # type: ignore[assignment]
     """The MSE phase's input normalisation (SAELens's; folded into the weights at the end)."""
+    b_dec_init: Literal["zeros", "mean"] = DEMO_MSE_RECIPE.b_dec_init  # type: ignore[assignment]
+    """Where the MSE phase's decoder bias starts: zeros (SAELens's) or the activations' mean."""
     data: str | None = None
     """Training text (default: Django's docs, from PyPI)."""
     eval_data: str | None = None

@@ -40,11 +40,16 @@ class MSERecipe:
     """SAELens's input normalisation during the MSE phase ('expected_average_only_in': inputs
     scaled to norm sqrt(d_in), the factor folded into the weights at the end, so the saved SAE
     reads raw activations)."""
+    b_dec_init: str = "zeros"
+    """Where the decoder bias starts: SAELens's zeros, or 'mean' (of the first training batch's
+    activations; train.mse_phase)."""
 
     def runner_config(self, model: Any, hook: str, dataset_name: str) -> LanguageModelSAERunnerConfig[Any]:
         from sae_lens_kl.train import runner_config
 
-        return runner_config(model, hook, dataset_name=dataset_name, **dataclasses.asdict(self))
+        settings = dataclasses.asdict(self)
+        del settings["b_dec_init"]  # not a runner setting: mse_phase applies it
+        return runner_config(model, hook, dataset_name=dataset_name, **settings)
 
 
 DEMO_MSE_RECIPE = MSERecipe()

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 CONTROL_NAMES = {"mse": "MSE-only control", "kl": "KL-only", "e2e+ds": "e2e+ds"}
 
 
-def mse_cache_folder(runner_cfg: LanguageModelSAERunnerConfig[Any]) -> Path:
+def mse_cache_folder(runner_cfg: LanguageModelSAERunnerConfig[Any], b_dec_init: str = "zeros") -> Path:
     """Where the MSE-phase SAE of this configuration is cached (a SAELens folder)."""
     key_fields = {
         "model": runner_cfg.model_name,
@@ -48,20 +48,23 @@ def mse_cache_folder(runner_cfg: LanguageModelSAERunnerConfig[Any]) -> Path:
         "dead_feature_window": runner_cfg.dead_feature_window,
         "lr_decay_steps": runner_cfg.lr_decay_steps,
     }
-    if runner_cfg.sae.normalize_activations != "none":  # (a key field only then: older keys stay valid)
+    # key fields only where they differ from SAELens's defaults: older keys stay valid
+    if runner_cfg.sae.normalize_activations != "none":
         key_fields["norm_estimate_batches"] = runner_cfg.n_batches_for_norm_estimate
+    if b_dec_init != "zeros":
+        key_fields["b_dec_init"] = b_dec_init
     key = hashlib.sha1(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return cache_root() / "mse_saes" / key
 
 
 def cached_mse_sae(
-    runner_cfg: LanguageModelSAERunnerConfig[Any], model: Any, data: Any
+    runner_cfg: LanguageModelSAERunnerConfig[Any], model: Any, data: Any, b_dec_init: str = "zeros"
 ) -> tuple[TrainingSAE[Any], bool]:
     """The MSE-phase SAE for this configuration, trained once and then read from the cache."""
-    folder = mse_cache_folder(runner_cfg)
+    folder = mse_cache_folder(runner_cfg, b_dec_init)
     if (folder / "cfg.json").is_file():
         return TrainingSAE.load_from_disk(folder, device=str(model.cfg.device)), True
-    sae = mse_phase(runner_cfg, model, data, runner_cfg.training_tokens)
+    sae = mse_phase(runner_cfg, model, data, runner_cfg.training_tokens, b_dec_init=b_dec_init)
     with staged_folder(folder) as staging:
         sae.save_model(staging)
     return sae, False
@@ -135,6 +138,7 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
         tokens=args.mse_tokens,
         context_size=args.context_size,
         normalize_activations=args.normalize_activations,
+        b_dec_init=args.b_dec_init,
     )
     context_size, batch_size, sinks = recipe.context_size, KL_BATCH_SEQUENCES, recipe.sink_positions
     # the SAE metadata's dataset_path: a local folder that `finetune` can read again
@@ -196,7 +200,7 @@ def demo(args: argparse.Namespace) -> None:
         f"MSE phase: SAELens runner, TopK k={args.k}, d_sae={args.d_sae} at {hook}, "
         f"{args.mse_tokens:,} tokens"
     )
-    mse_sae, cached = cached_mse_sae(runner_cfg, model, train_data)
+    mse_sae, cached = cached_mse_sae(runner_cfg, model, train_data, setup.recipe.b_dec_init)
     print("  (read from cache)" if cached else "  (trained and cached)")
     total = args.mse_tokens + kl_tokens
     history = History()
@@ -211,7 +215,7 @@ def demo(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         experiment=demo_experiment([] if args.no_control else args.controls),
         callbacks={"KL+MSE": [history]},
-        start_sae=str(mse_cache_folder(runner_cfg)),
+        start_sae=str(mse_cache_folder(runner_cfg, setup.recipe.b_dec_init)),
     )
     runs = {name: seeds[0][-1] for name, seeds in result["reports"].items()}
     extra: dict[str, Any] = {"mse_phase_cached": cached, "kl_tokens_share_of_run": kl_tokens / total}
@@ -270,7 +274,7 @@ def experiment(args: argparse.Namespace) -> None:
         print(
             f"MSE phase: {architecture}, {runner_cfg.training_tokens:,} tokens (cached after the first run)"
         )
-        return cached_mse_sae(runner_cfg, setup.model, setup.train_data)[0]
+        return cached_mse_sae(runner_cfg, setup.model, setup.train_data, setup.recipe.b_dec_init)[0]
 
     setup.check_fits(tokens_needed(setup, args.seeds))
     run_experiment(args.name, setup, mse_sae_for, out, overwrite=args.overwrite, seeds=args.seeds)
@@ -288,7 +292,7 @@ def sweep(args: argparse.Namespace) -> None:
     setup = demo_setup(args, quick=args.quick)
     batch_tokens = setup.options["batch_size"] * setup.runner_cfg.context_size
     setup.check_fits(setup.runner_cfg.training_tokens + max(args.steps) * batch_tokens)
-    mse_sae, cached = cached_mse_sae(setup.runner_cfg, setup.model, setup.train_data)
+    mse_sae, cached = cached_mse_sae(setup.runner_cfg, setup.model, setup.train_data, setup.recipe.b_dec_init)
     print(
         f"MSE phase {'read from cache' if cached else 'trained and cached'}; "
         f"sweeping lrs {args.lrs} x steps {args.steps}"
@@ -311,7 +315,8 @@ def sparsity(args: argparse.Namespace) -> None:
 
     def mse_sae_for_k(k: int) -> tuple[TrainingSAE[Any], float | None]:
         started = time.perf_counter()
-        sae, cached = cached_mse_sae(setup.runner_config_for("topk", k=k), setup.model, setup.train_data)
+        runner_cfg = setup.runner_config_for("topk", k=k)
+        sae, cached = cached_mse_sae(runner_cfg, setup.model, setup.train_data, setup.recipe.b_dec_init)
         return sae, None if cached else time.perf_counter() - started
 
     run_sparsity_sweep(
