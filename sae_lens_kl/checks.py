@@ -143,16 +143,22 @@ def check_optimizer_state(folder: Path, sae: SAE[Any]) -> None:
         )
 
 
-def _check_model_name(sae_model: str, model_name: str) -> None:
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names are one model: through TransformerLens's aliases (gpt2-small =
+    gpt2), and with or without the organisation (google/gemma-2-2b = gemma-2-2b)."""
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
     def canonical(name: str) -> str:
         try:
             return get_official_model_name(name).split("/")[-1].lower()
-        except ValueError:
+        except ValueError:  # not an official TransformerLens name (local models)
             return name.split("/")[-1].lower()
 
-    if canonical(sae_model) != canonical(model_name):
+    return canonical(a) == canonical(b)
+
+
+def _check_model_name(sae_model: str, model_name: str) -> None:
+    if not same_model(sae_model, model_name):
         raise ValueError(
             f"The SAE was trained on {sae_model!r} but the model is {model_name!r}. Pass "
             "the matching model, or check_model_name=False if they are the same weights."

@@ -14,6 +14,7 @@ import torch
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
+from sae_lens_kl.checks import same_model
 from sae_lens_kl.data import DataSource, _local_files, documents
 from sae_lens_kl.saebench.specs import KNOWN_EVALS, NEEDS_HUB, OFFLINE_EVALS, SAEBenchError, sae_bench_module
 
@@ -91,19 +92,6 @@ def check_width(saes: Mapping[str, SAE[Any]], model: HookedTransformer, hook: st
                 f"SAE {name!r} reads {sae.cfg.d_in} dimensions; {model.cfg.model_name} has {width} at "
                 f"{hook}: it belongs to another model."
             )
-
-
-def same_model(a: str, b: str) -> bool:
-    """Whether two model names are one model, through TransformerLens's aliases (gpt2-small = gpt2)."""
-    from transformer_lens.loading_from_pretrained import get_official_model_name
-
-    def official(name: str) -> str:
-        try:
-            return get_official_model_name(name).lower()
-        except ValueError:  # not an official TransformerLens name (local models)
-            return name.lower()
-
-    return official(a) == official(b)
 
 
 def check_configs(evals: Sequence[str], configs: Mapping[str, Mapping[str, Any]]) -> None:

@@ -17,7 +17,7 @@ import torch
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
-from sae_lens_kl.saebench.checks import same_model
+from sae_lens_kl.checks import same_model
 from sae_lens_kl.saebench.specs import MIN_WORDS_PER_LETTER, SAEBenchError
 
 
