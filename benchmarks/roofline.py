@@ -5,10 +5,11 @@ For the step at the GPT-2-small shape of bench_step.py (12 layers, d_model 768, 
 TopK SAE d_sae 12,288, k 64 at blocks.6.hook_resid_pre; batch 2 x 256 tokens), it counts the
 floating-point operations of each part the step runs (bench_step.phase_times: prefix, clean
 suffix, SAE forward, spliced suffix, the KL's three unembedding products, the backward pass,
-Adam), measures the machine's float32 GEMM rate at the step's own matrix shapes with the kernel
-the step uses (torch.nn.functional.linear, float32, as TransformerLens's and SAELens's layers) and
-its memory bandwidth (for Adam, which moves memory, not FLOPs), and prints each part's time as a
-multiple of its floor: FLOPs / the best GEMM rate measured (bytes / bandwidth for Adam).
+Adam), measures the machine's float32 GEMM rate at the step's own matrix shapes with the kernels
+the step uses (F.linear — MKL on CPU — for TransformerLens's blocks and SAELens's SAE; oneDNN's
+linear for the unembedding products) and its memory bandwidth (for Adam, which moves memory, not
+FLOPs), and prints each part's time as a multiple of its floor: FLOPs / the best GEMM rate
+measured at any shape with either library (bytes / bandwidth for Adam).
 
     python benchmarks/roofline.py --threads 2            # table
     python benchmarks/roofline.py --threads 2 --json     # plus one JSON object on the last line
@@ -35,6 +36,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from bench_step import D_MODEL, VOCAB, build_model, phase_times
+
+from sae_lens_kl.vocab import onednn_linear, onednn_linear_available
 
 N_LAYERS, D_SAE, K, LAYER = 12, 16 * D_MODEL, 64, 6
 
@@ -72,8 +75,10 @@ def median_seconds(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def gemm_rates(batch: int, seq: int, repeats: int) -> dict[str, float]:
-    """GFLOP/s of F.linear in float32 at the step's shapes (rows x in -> out)."""
+def gemm_rates(batch: int, seq: int, repeats: int) -> dict[str, dict[str, float]]:
+    """GFLOP/s of float32 products at the step's shapes (rows x in -> out), by library: F.linear
+    (MKL on CPU: TransformerLens's blocks and SAELens's SAE) and oneDNN's linear (the step's
+    unembedding products, vocab.onednn_linear), where torch has it."""
     n = batch * seq
     shapes = {
         "attention projection": (n, D_MODEL, D_MODEL),
@@ -82,13 +87,26 @@ def gemm_rates(batch: int, seq: int, repeats: int) -> dict[str, float]:
         "SAE encoder": (n, D_MODEL, D_SAE),
         "square 2048": (2048, 2048, 2048),
     }
-    rates = {}
+    libraries: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "F.linear": lambda x, weight: F.linear(x, weight)
+    }
+    rates: dict[str, dict[str, float]] = {}
     generator = torch.Generator().manual_seed(0)
     for name, (rows, inner, out) in shapes.items():
         x = torch.randn(rows, inner, generator=generator)
         weight = torch.randn(out, inner, generator=generator)
-        seconds = median_seconds(lambda x=x, weight=weight: F.linear(x, weight), repeats)
-        rates[name] = 2 * rows * inner * out / seconds / 1e9
+        chosen = dict(libraries)
+        if onednn_linear_available(weight):
+            chosen["oneDNN"] = lambda x, weight: onednn_linear(x, weight, None)
+        rates[name] = {
+            library: 2
+            * rows
+            * inner
+            * out
+            / median_seconds(lambda f=f, x=x, w=weight: f(x, w), repeats)
+            / 1e9
+            for library, f in chosen.items()
+        }
     return rates
 
 
@@ -126,7 +144,7 @@ def main() -> None:
     args.device = "cpu"
 
     rates = gemm_rates(args.batch, args.seq, args.repeats)
-    peak = max(rates.values())
+    peak = max(rate for by_library in rates.values() for rate in by_library.values())
     gb_per_s = bandwidth(args.repeats)
     model = build_model("cpu")
     measured = phase_times(args, model, LAYER)  # ms per part, median of --repeats
@@ -136,7 +154,11 @@ def main() -> None:
 
     cpu = cpu_model()
     print(f"{cpu}, {args.threads} threads, torch {torch.__version__}, batch {args.batch} x {args.seq} tokens")
-    print("float32 F.linear GFLOP/s: " + ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items()))
+    for name, by_library in rates.items():
+        print(
+            f"float32 GFLOP/s, {name}: " + ", ".join(f"{lib} {rate:.0f}" for lib, rate in by_library.items())
+        )
+    print(f"floor rate (best measured): {peak:.0f} GFLOP/s")
     print(f"memory bandwidth (in-place add): {gb_per_s:.1f} GB/s")
     print(f"{'part':<22}{'GFLOP':>8}{'ms':>9}{'floor ms':>10}{'x floor':>9}")
     for name, ms in measured.items():
