@@ -268,6 +268,7 @@ def _run_arm(
             mse_sae=mse_sae_for(arm.start, mse_tokens, seed=seed) if mse_tokens else None,
             overwrite=overwrite,
             callbacks=extra.get("callbacks", ()),
+            b_dec_init=setup.recipe.b_dec_init,
             **setup.held_out(),
             **{**setup.options, **same_steps, **seeded, **arm.stages[0]},
         )

@@ -67,8 +67,7 @@ def mse_phase(
     `checkpoint_dir`, the runner also writes its final checkpoint (Adam state included) under it
     (`final_checkpoint` finds it). `b_dec_init="mean"` starts the decoder bias at the mean of the
     first training batch's activations instead of SAELens's zeros."""
-    if b_dec_init not in ("zeros", "mean"):
-        raise ValueError(f"b_dec_init={b_dec_init!r} is 'zeros' or 'mean'.")
+    _check_b_dec_init(b_dec_init)
     if b_dec_init == "mean" and runner_cfg.sae.normalize_activations != "none":
         raise ValueError(
             "b_dec_init='mean' needs normalize_activations='none' (the mean is of raw activations)."
@@ -90,14 +89,23 @@ def mse_phase(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         runner = LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model)
-        if b_dec_init == "mean":
-            # sae-lens 6.54 starts b_dec at zero and has no option for it (v5's b_dec_init_method
-            # is gone): a residual stream with a large mean then reaches every latent's
-            # pre-activation alike (tested by benchmarks/demo_recipe.py --b-dec-init)
-            with torch.no_grad():
-                first = next(iter(runner.activations_store))
-                runner.sae.b_dec.copy_(first.to(runner.sae.b_dec.dtype).mean(0))
+        _start_b_dec(runner, b_dec_init)
         return runner.run()
+
+
+def _check_b_dec_init(b_dec_init: str) -> None:
+    if b_dec_init not in ("zeros", "mean"):
+        raise ValueError(f"b_dec_init={b_dec_init!r}: pass 'zeros' or 'mean'.")
+
+
+def _start_b_dec(runner: LanguageModelSAETrainingRunner, b_dec_init: str) -> None:
+    """b_dec at the mean of the runner's first training batch for b_dec_init='mean'. sae-lens 6.54
+    starts it at zero and has no option for it (v5's b_dec_init_method is gone): a residual stream
+    with a large mean then reaches every latent's pre-activation alike (docs/demo.md, Gemma)."""
+    if b_dec_init == "mean":
+        with torch.no_grad():
+            first = next(iter(runner.activations_store))
+            runner.sae.b_dec.copy_(first.to(runner.sae.b_dec.dtype).mean(0))
 
 
 def final_checkpoint(checkpoint_dir: Path) -> Path:
@@ -108,15 +116,19 @@ def final_checkpoint(checkpoint_dir: Path) -> Path:
 
 
 def fresh_sae(
-    runner_cfg: LanguageModelSAERunnerConfig[Any], model: HookedTransformer, data: DataSource
+    runner_cfg: LanguageModelSAERunnerConfig[Any],
+    model: HookedTransformer,
+    data: DataSource,
+    b_dec_init: str = "zeros",
 ) -> TrainingSAE[Any]:
-    """The SAE SAELens's runner would start from (initialised from runner_cfg.seed), with the
-    metadata it would record."""
+    """The SAE SAELens's runner would start from (initialised from runner_cfg.seed; b_dec as
+    `mse_phase` starts it), with the metadata it would record."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(runner_cfg.seed)
         runner = LanguageModelSAETrainingRunner(
             runner_cfg, override_dataset=as_hf_dataset(data), override_model=model
         )
+        _start_b_dec(runner, b_dec_init)
     # sae-lens 6.54 sets the metadata only inside run() and has no public seam for it
     # (tests/test_sae_lens_seams.py checks the fields)
     runner._set_sae_metadata()
@@ -134,6 +146,7 @@ def train_with_kl_phase(
     mse_sae: TrainingSAE[Any] | None = None,
     continue_optimizer: bool = False,
     callbacks: Sequence[StepCallback] = (),
+    b_dec_init: str = "zeros",
     **kl_options: Any,
 ) -> TrainResult:
     """Train an SAE with SAELens for (1 - kl_fraction) of `runner_cfg.training_tokens`, then
@@ -146,10 +159,12 @@ def train_with_kl_phase(
     phases (the KL phase continues the MSE phase's Adam state, at `runner_cfg.lr` unless `lr` is
     given), where the default starts the KL phase with a fresh Adam and its own decaying lr (the
     paper's recipe for fine-tuning a pretrained SAE). It needs the MSE phase trained here at a
-    constant lr (no `mse_sae`, no lr warm-up or decay in `runner_cfg`).
+    constant lr (no `mse_sae`, no lr warm-up or decay in `runner_cfg`). `b_dec_init`: where the
+    SAE trained here starts its decoder bias (`mse_phase`).
     """
     if not 0 < kl_fraction <= 1:
         raise ValueError(f"kl_fraction={kl_fraction} must lie in (0, 1].")
+    _check_b_dec_init(b_dec_init)
     total = runner_cfg.training_tokens
     kl_tokens = round(total * kl_fraction)
     mse_tokens = total - kl_tokens
@@ -157,7 +172,7 @@ def train_with_kl_phase(
         _check_continuable(runner_cfg, mse_sae, mse_tokens)
     with tempfile.TemporaryDirectory(prefix="mse-phase-") as checkpoint_dir:
         if continue_optimizer:
-            mse_sae = mse_phase(runner_cfg, model, data, mse_tokens, Path(checkpoint_dir))
+            mse_sae = mse_phase(runner_cfg, model, data, mse_tokens, Path(checkpoint_dir), b_dec_init)
             kl_options = {
                 "lr": runner_cfg.lr,
                 "lr_schedule": "constant",
@@ -175,6 +190,7 @@ def train_with_kl_phase(
             save_dir,
             callbacks,
             kl_options,
+            b_dec_init,
         )
 
 
@@ -213,11 +229,14 @@ def _kl_phase(
     save_dir: Path | None,
     callbacks: Sequence[StepCallback],
     kl_options: dict[str, Any],
+    b_dec_init: str = "zeros",
 ) -> TrainResult:
     """`kl_finetune` from `mse_sae` (or SAELens's initialisation) on the KL phase's tokens."""
     if mse_sae is None:
-        mse_sae = mse_phase(runner_cfg, model, data, mse_tokens) if mse_tokens > 0 else None
-    start = mse_sae if mse_sae is not None else fresh_sae(runner_cfg, model, data)
+        mse_sae = (
+            mse_phase(runner_cfg, model, data, mse_tokens, b_dec_init=b_dec_init) if mse_tokens > 0 else None
+        )
+    start = mse_sae if mse_sae is not None else fresh_sae(runner_cfg, model, data, b_dec_init)
     context_size = runner_cfg.context_size
     kl_sequences, stream = kl_phase_sequences(runner_cfg, model, data, mse_tokens, kl_tokens)
     n_seq = len(kl_sequences)
