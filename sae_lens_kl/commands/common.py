@@ -17,8 +17,8 @@ from sae_lens_kl.save_dir import holds_nothing
 
 SINK_NOTE = (
     "Positions excluded from SAE training, splicing and every metric: special tokens (BOS/EOS/PAD, "
-    "as SAELens excludes them) and the first {n} positions of each sequence, whose residual norms are "
-    "~100x the rest in SmolLM2 (an attention sink)."
+    "as SAELens excludes them) and the first {n} positions of each sequence (an attention sink: in "
+    "SmolLM2 their residual norms are ~100x the rest; in Gemma-3-270m only BOS's is)."
 )
 
 
