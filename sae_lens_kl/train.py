@@ -67,11 +67,7 @@ def mse_phase(
     `checkpoint_dir`, the runner also writes its final checkpoint (Adam state included) under it
     (`final_checkpoint` finds it). `b_dec_init="mean"` starts the decoder bias at the mean of the
     first training batch's activations instead of SAELens's zeros."""
-    _check_b_dec_init(b_dec_init)
-    if b_dec_init == "mean" and runner_cfg.sae.normalize_activations != "none":
-        raise ValueError(
-            "b_dec_init='mean' needs normalize_activations='none' (the mean is of raw activations)."
-        )
+    _check_b_dec_init(b_dec_init, runner_cfg)
     dataset = as_hf_dataset(data)
     checkpoints = (
         {}
@@ -93,9 +89,14 @@ def mse_phase(
         return runner.run()
 
 
-def _check_b_dec_init(b_dec_init: str) -> None:
+def _check_b_dec_init(b_dec_init: str, runner_cfg: LanguageModelSAERunnerConfig[Any]) -> None:
     if b_dec_init not in ("zeros", "mean"):
         raise ValueError(f"b_dec_init={b_dec_init!r}: pass 'zeros' or 'mean'.")
+    if b_dec_init == "mean" and runner_cfg.sae.normalize_activations != "none":
+        raise ValueError(
+            "b_dec_init='mean' needs normalize_activations='none' (the mean is of raw activations); "
+            "pass b_dec_init='zeros' with normalisation."
+        )
 
 
 def _start_b_dec(runner: LanguageModelSAETrainingRunner, b_dec_init: str) -> None:
@@ -123,6 +124,7 @@ def fresh_sae(
 ) -> TrainingSAE[Any]:
     """The SAE SAELens's runner would start from (initialised from runner_cfg.seed; b_dec as
     `mse_phase` starts it), with the metadata it would record."""
+    _check_b_dec_init(b_dec_init, runner_cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(runner_cfg.seed)
         runner = LanguageModelSAETrainingRunner(
@@ -164,7 +166,7 @@ def train_with_kl_phase(
     """
     if not 0 < kl_fraction <= 1:
         raise ValueError(f"kl_fraction={kl_fraction} must lie in (0, 1].")
-    _check_b_dec_init(b_dec_init)
+    _check_b_dec_init(b_dec_init, runner_cfg)
     total = runner_cfg.training_tokens
     kl_tokens = round(total * kl_fraction)
     mse_tokens = total - kl_tokens

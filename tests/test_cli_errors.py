@@ -282,3 +282,11 @@ def test_resume_without_out_saves_into_the_run_folder(
     assert code == 0
     assert (out / "sae_weights.safetensors").read_bytes() == finished  # the same run, resumed
     assert (out / "report.md").read_text().startswith("# sae_lens_kl finetune")
+
+
+def test_demo_mean_start_with_normalisation(capsys, tmp_path) -> None:
+    code, err = run(
+        capsys, "demo", "--normalize-activations", "expected_average_only_in", "--out", str(tmp_path / "o")
+    )
+    assert code == 2 and "pass --b-dec-init zeros with it" in err
+    assert not (tmp_path / "o").exists()

@@ -129,6 +129,11 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
     for name, value in (QUICK_SIZES if quick else DEMO_SIZES).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.b_dec_init == "mean" and args.normalize_activations != "none":
+        raise SystemExit(
+            "--b-dec-init mean (the default) starts b_dec at the raw activations' mean, which "
+            "--normalize-activations rescales; pass --b-dec-init zeros with it."
+        )
     model = load_model(args.model)
     train_data, eval_data = text_or_corpus(args.data, args.eval_data)
     recipe = dataclasses.replace(
