@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from bench_step import D_MODEL, VOCAB, build_model, phase_times
 
+from sae_lens_kl.compile_probe import cpu_name
 from sae_lens_kl.vocab import onednn_linear, onednn_linear_available
 
 N_LAYERS, D_SAE, K, LAYER = 12, 16 * D_MODEL, 64, 6
@@ -117,18 +117,6 @@ def bandwidth(repeats: int) -> float:
     return 3 * 4 * a.numel() / seconds / 1e9
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -152,7 +140,7 @@ def main() -> None:
     floors = {name: value / (peak * 1e9) * 1000 for name, value in flops.items()}
     floors["Adam"] = adam_bytes() / (gb_per_s * 1e9) * 1000
 
-    cpu = cpu_model()
+    cpu = cpu_name()
     print(f"{cpu}, {args.threads} threads, torch {torch.__version__}, batch {args.batch} x {args.seq} tokens")
     for name, by_library in rates.items():
         print(

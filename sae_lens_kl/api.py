@@ -23,6 +23,7 @@ from sae_lens_kl.checkpoints import (
     starting_saes,
 )
 from sae_lens_kl.checks import check_lockstep, optimizer_state
+from sae_lens_kl.compile_probe import decide as decide_compile
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
 from sae_lens_kl.data import DataSource
@@ -37,7 +38,7 @@ from sae_lens_kl.plan import Plan, make_plan
 from sae_lens_kl.replacement import ReplacementSet
 from sae_lens_kl.report import run_report, save_artifact
 from sae_lens_kl.runs import SpliceRunner
-from sae_lens_kl.splice import CompiledBlocks
+from sae_lens_kl.splice import frozen
 from sae_lens_kl.stability import weight_stability
 from sae_lens_kl.streams import check_evaluator, data_streams, evaluator_of
 from sae_lens_kl.trainer import (
@@ -158,19 +159,6 @@ def _resume_points(resume_from: str | os.PathLike[str] | None, count: int) -> li
     return common_checkpoints(owned.member_folders(Path(resume_from).expanduser(), count))  # type: ignore[arg-type]
 
 
-@contextmanager
-def frozen(model: HookedRootModule) -> Iterator[None]:
-    """No gradients for the LM's weights while the SAE trains; flags restored afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for parameter, _ in flags:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-
-
 @dataclass
 class _Job:
     """One SAE's fine-tune: its plan, trainer, controller and the 'before' evaluation."""
@@ -207,8 +195,17 @@ def _run(
         for method, training, plan in zip(methods, trainings, plans, strict=True)
     ]
     objective = objective_of(cfg)
-    # one compiled set of blocks serves every SAE (make_plan checked that compiling applies)
-    blocks = CompiledBlocks(model) if cfg.compile_blocks else None  # type: ignore[arg-type]
+    # one set of compiled blocks, or none, serves every SAE (compile_probe.decide says which)
+    blocks, compiling = decide_compile(
+        cfg.compile_blocks,
+        model,
+        first.site,
+        first.prefix_reuse,
+        cfg.batch_size // parallel.world_size,
+        first.context_size,
+        cfg.tokens // (cfg.batch_size * first.context_size),
+        parallel=parallel,
+    )
     # SAE i is "sae_<i>": its key in every batch's clean runs (and its folder among several)
     runners = {
         name: SpliceRunner(
@@ -264,11 +261,9 @@ def _run(
     with frozen(model), _wandb_run(cfg, first, parallel):
         fitter.fit()
     train_seconds = time.perf_counter() - train_started
-    extra = (
-        {}
-        if set_metrics is None
-        else {"replacement_model": set_metrics.after([job.trainer.sae for job in jobs])}
-    )
+    extra: dict[str, Any] = {"compile_blocks": compiling.as_dict()}
+    if set_metrics is not None:
+        extra["replacement_model"] = set_metrics.after([job.trainer.sae for job in jobs])
     tuned = [
         _finish(job, evaluator, train_seconds, time.perf_counter() - started, parallel, source, extra)
         for job, source in zip(jobs, start_sources, strict=True)

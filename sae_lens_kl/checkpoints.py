@@ -41,6 +41,9 @@ RESUME_MAY_CHANGE = (
     "checkpoint_every_tokens",
     "keep_checkpoints",
     "checkpoint_suffix",
+    # compiled blocks change the results only by float rounding; None (decided by a probe) resumes
+    # checkpoints written before it was the default (False)
+    "compile_blocks",
     "device",
     "distributed",
     "eval_batch_size",

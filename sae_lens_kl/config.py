@@ -207,13 +207,17 @@ class KLFinetuneConfig:
     """Run the layers before the SAE's block once and continue from there with start_at_layer. False
     (or a model without start_at_layer) runs two full hooked forwards per step."""
 
-    compile_blocks: bool = False
+    compile_blocks: bool | None = None
     """Run the model's blocks through torch.compile (inductor) in the training step; the block
     holding the SAE's hook, and any block with a hook registered, stays eager. Same results to float
-    rounding (SAE gradients within 4e-7 relative of eager); what it gains is measured by
-    benchmarks/bench_step.py --compile (docs/performance.md). Costs one compile per grad mode and
-    needs what inductor needs (a C++ compiler on CPU, Triton on GPU). Needs
-    prefix_reuse on a single-device HookedTransformer."""
+    rounding (SAE gradients within 4e-7 relative of eager). None: decided by measurement
+    (compile_probe.py): a short timed probe of one block, eager vs compiled, cached per model
+    shape, batch shape, torch version, device and threads, compiles when it saves at least 5 % of
+    the blocks' time and the run's steps repay the compile (with nothing cached, runs under 200
+    steps or whose blocks take under a minute eagerly are not probed); inductor failing in the
+    probe means eager. The decision and its figures are in the report (`compile_blocks`). True
+    needs what inductor needs (a C++ compiler on CPU, Triton on GPU), prefix_reuse and a
+    single-device HookedTransformer."""
 
     distributed: bool = False
     """Data parallelism over an initialised torch.distributed process group (torchrun, one process

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -283,3 +284,16 @@ def hook_width(model: HookedRootModule, site: HookSite) -> int:
     with torch.no_grad():
         model.run_with_hooks(probe, fwd_hooks=[(site.hook_name, measure)], **kwargs)
     return widths[0]
+
+
+@contextmanager
+def frozen(model: HookedRootModule) -> Iterator[None]:
+    """No gradients for the LM's weights while the SAE trains; flags restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
