@@ -298,6 +298,22 @@ def kl_phase_sequences(
 NORM_ESTIMATE_BATCHES = 50
 
 
+MIXING_BUFFER_SEQUENCES = 512
+"""Sequences whose activations SAELens's mixing buffer shuffles together in an MSE phase (the
+65,536 tokens its config reports for 32 batches of 16 prompts of 128). Measured on the demo's SAE
+(benchmarks/mixing_buffer.py): the 32 sequences that sae-lens 6.54.12 mixes for the same settings
+leave a 25 % [18, 31] larger held-out CE gap."""
+
+
+def mixing_buffer_sequences(tokens: int, context_size: int, sink_positions: int, batch_tokens: int) -> int:
+    """The mixing buffer's size in sequences: MIXING_BUFFER_SEQUENCES, or the run's own sequences
+    when fewer (a buffer larger than the run only reads tokens it never serves), and at least one
+    training batch."""
+    per_sequence = context_size - sink_positions
+    run_sequences = tokens // per_sequence
+    return max(min(MIXING_BUFFER_SEQUENCES, run_sequences), -(-batch_tokens // per_sequence))
+
+
 def runner_config(
     model: Any,
     hook: str,
@@ -347,7 +363,10 @@ def runner_config(
         training_tokens=tokens,
         train_batch_size_tokens=batch_tokens,
         store_batch_size_prompts=16,
-        n_batches_in_buffer=32,
+        # sae-lens 6.54.12's ActivationsStore sizes its mixing buffer as n_batches_in_buffer x
+        # (context - left-out positions) activations, not x store_batch_size_prompts as its own
+        # config's n_tokens_per_buffer (and 5.x's buffer) have it: so pass sequences
+        n_batches_in_buffer=mixing_buffer_sequences(tokens, context_size, sink_positions, batch_tokens),
         lr=lr,
         lr_decay_steps=round(steps * lr_decay_fraction),
         device=str(model.cfg.device),

@@ -184,3 +184,55 @@ def test_train_step_override_mirrors_this_sae_lens_release() -> None:
         "review KLFinetuneTrainer._train_step and _record_firing against it, then update "
         "MIRRORED_TRAIN_STEP."
     )
+
+
+def test_mixing_buffer_holds_n_batches_in_buffer_sequences() -> None:
+    """sae-lens 6.54's ActivationsStore shuffles n_batches_in_buffer x context activations (not x
+    store_batch_size_prompts, as its config's n_tokens_per_buffer says): runner_config passes the
+    sequences it wants mixed (train.mixing_buffer_sequences). Counted here as the LM batches read
+    before the first training batch is served."""
+    from datasets import Dataset
+    from sae_lens.training.activations_store import ActivationsStore
+
+    context, prompts, buffer_batches = 16, 2, 8
+    model = tiny_model()
+    dataset = Dataset.from_dict({"tokens": random_tokens(64, context, seed=1).tolist()})
+    store = ActivationsStore(
+        model=model,
+        dataset=dataset,
+        streaming=False,
+        hook_name="blocks.0.hook_resid_post",
+        hook_head_index=None,
+        context_size=context,
+        d_in=model.cfg.d_model,
+        n_batches_in_buffer=buffer_batches,
+        total_training_tokens=64 * context,
+        store_batch_size_prompts=prompts,
+        train_batch_size_tokens=context,
+        prepend_bos=False,
+        normalize_activations="none",
+        device=torch.device("cpu"),
+        dtype="float32",
+    )
+    reads = 0
+    read = store.get_raw_llm_batch
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return read(*args, **kwargs)
+
+    store.get_raw_llm_batch = counted  # type: ignore[method-assign]
+    next(store)
+    # buffer_batches sequences of `context` activations, read `prompts` sequences at a time
+    assert reads == buffer_batches // prompts
+
+
+def test_runner_config_mixes_the_recipes_sequences() -> None:
+    from sae_lens_kl.train import MIXING_BUFFER_SEQUENCES, mixing_buffer_sequences
+
+    # the demo's MSE phase: 184,320 tokens of 128 (2 left out), batches of 512 tokens
+    assert mixing_buffer_sequences(184_320, 128, 2, 512) == MIXING_BUFFER_SEQUENCES
+    # a run shorter than the buffer mixes its own sequences; never less than one training batch
+    assert mixing_buffer_sequences(2_048, 32, 0, 256) == 64
+    assert mixing_buffer_sequences(512, 32, 2, 512) == 18

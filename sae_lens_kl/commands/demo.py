@@ -53,6 +53,8 @@ def mse_cache_folder(runner_cfg: LanguageModelSAERunnerConfig[Any], b_dec_init: 
         key_fields["norm_estimate_batches"] = runner_cfg.n_batches_for_norm_estimate
     if b_dec_init != "zeros":
         key_fields["b_dec_init"] = b_dec_init
+    if runner_cfg.n_batches_in_buffer != 32:  # every recipe's value before it was keyed
+        key_fields["n_batches_in_buffer"] = runner_cfg.n_batches_in_buffer
     key = hashlib.sha1(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return cache_root() / "mse_saes" / key
 
