@@ -36,7 +36,7 @@ def test_train_with_kl_phase_on_the_real_model(smollm2, tmp_path) -> None:
         architecture="topk",
         d_sae=1152,
         k=16,
-        tokens=16 * 1024 + 4 * 4 * 64,
+        tokens=16 * 1024 + 8 * 4 * 64,
         context_size=64,
         lr=4e-3,
         batch_tokens=256,
@@ -47,17 +47,19 @@ def test_train_with_kl_phase_on_the_real_model(smollm2, tmp_path) -> None:
         cfg,
         smollm2,
         corpus.train,
-        kl_fraction=4 * 4 * 64 / cfg.training_tokens,
+        kl_fraction=8 * 4 * 64 / cfg.training_tokens,
         eval_data=corpus.eval,
         save_dir=tmp_path / "sae",
         batch_size=4,
-        lr=2e-3,
+        # 4 steps at 2e-3 (a fresh Adam at a large lr) raised the held-out KL 2 % on one MSE-phase SAE
+        # (docs/demo.md: such a start knocks an SAE out of its minimum); 8 at 1e-3 lowered it 6 %
+        lr=1e-3,
         eval_tokens=8 * 64,
         eval_batch_size=4,
         exclude_first_positions=2,
     )
     report = result.sae.cfg.metadata.kl_finetune
-    assert report["steps"] == 4 and report["training_tokens"] == 4 * 4 * 64
+    assert report["steps"] == 8 and report["training_tokens"] == 8 * 4 * 64
     before, after = report["before"], report["after"]
     # a real, MSE-trained SAE: it explains variance and costs CE when spliced in
     assert before["explained_variance"] > 0.3 and before["ce_gap"] > 0
