@@ -171,9 +171,16 @@ def _block_runs(model: HookedTransformer, batch: int, seq: int) -> tuple[Runs, R
     return forward, train, device
 
 
-def probe_block(model: HookedTransformer, blocks: CompiledBlocks, batch: int, seq: int) -> BlockTimes:
-    """Times the model's last block eagerly and through `blocks`' compiled wrapper."""
-    eager_forward, eager_train = _eager_seconds(model, batch, seq)
+def probe_block(
+    model: HookedTransformer,
+    blocks: CompiledBlocks,
+    batch: int,
+    seq: int,
+    eager: tuple[float, float] | None = None,
+) -> BlockTimes:
+    """Times the model's last block eagerly (unless `eager` already holds its (forward, train)
+    seconds) and through `blocks`' compiled wrapper."""
+    eager_forward, eager_train = eager or _eager_seconds(model, batch, seq)
     forward, train, device = _block_runs(model, batch, seq)
     compiled = blocks.compiled[len(model.blocks) - 1]
     with frozen(model):  # the run's grad mode, so the probe compiles the run's own graphs
@@ -198,7 +205,12 @@ def _cached_times(cache_file: Path, key: str) -> BlockTimes | None:
 
 
 def cached_probe(
-    model: HookedTransformer, blocks: CompiledBlocks, batch: int, seq: int, cache_file: Path
+    model: HookedTransformer,
+    blocks: CompiledBlocks,
+    batch: int,
+    seq: int,
+    cache_file: Path,
+    eager: tuple[float, float] | None = None,
 ) -> BlockTimes:
     """The cached timings of this model shape, else a new probe, cached unless inductor failed (a
     failure may be passing: out of memory, a toolchain being fixed) or the cache cannot be written."""
@@ -206,7 +218,7 @@ def cached_probe(
     cached = _cached_times(cache_file, key)
     if cached is not None:
         return cached
-    times = probe_block(model, blocks, batch, seq)
+    times = probe_block(model, blocks, batch, seq, eager)
     if times.error is None:
         _write_entry(cache_file, key, asdict(times))
     return times
@@ -269,13 +281,18 @@ def decide(
     `setting` True or False is the user's; make_plan already refused True where it cannot act.
     In a distributed run every rank follows rank 0's decision."""
     main = parallel is None or parallel.is_main
-    decision = (
-        _decision(setting, model, site, prefix_reuse, (batch, seq, steps), cache_file) if main else None
+    decision, probed = (
+        _decision(setting, model, site, prefix_reuse, (batch, seq, steps), cache_file)
+        if main
+        else (None, None)
     )
     if parallel is not None:
         decision = parallel.gather(decision)[0]
     assert decision is not None
-    return (CompiledBlocks(model) if decision.compile else None), decision
+    if not decision.compile:
+        return None, decision
+    # the probe's blocks carry its compiled graph; another rank compiles its own
+    return probed or CompiledBlocks(model), decision
 
 
 def _decision(
@@ -285,11 +302,12 @@ def _decision(
     prefix_reuse: bool,
     run: tuple[int, int, int],
     cache_file: Path | None,
-) -> CompileDecision:
-    """decide's decision on one process; `run`: (batch, seq, steps)."""
+) -> tuple[CompileDecision, CompiledBlocks | None]:
+    """decide's decision on one process, and the compiled blocks its probe used (None when it did
+    not probe); `run`: (batch, seq, steps)."""
     batch, seq, steps = run
     if setting is not None:
-        return CompileDecision(setting, str(setting), "set by the caller")
+        return CompileDecision(setting, str(setting), "set by the caller"), None
     device = next(model.parameters()).device
     if not (
         isinstance(model, HookedTransformer)
@@ -297,20 +315,22 @@ def _decision(
         and supports_prefix_reuse(model, site)
         and model.cfg.n_devices == 1
     ):
-        return CompileDecision(
-            False, "auto", "compiling needs prefix reuse on a single-device HookedTransformer"
-        )
+        why = "compiling needs prefix reuse on a single-device HookedTransformer"
+        return CompileDecision(False, "auto", why), None
     if missing := missing_compiler(device):
-        return CompileDecision(False, "auto", f"inductor cannot run: {missing}")
+        return CompileDecision(False, "auto", f"inductor cannot run: {missing}"), None
     cache_file = cache_file or cache_root() / PROBE_FILE
+    eager = None
     if _cached_times(cache_file, probe_key(model, batch, seq)) is None:
         if steps < PROBE_MIN_STEPS:
-            return CompileDecision(False, "auto", f"{steps} steps: too short to probe (< {PROBE_MIN_STEPS})")
-        forward, train = _eager_seconds(model, batch, seq)
-        eager = steps * _blocks_per_step(forward, train, model.cfg.n_layers, site.block or 0)
-        if eager < MIN_RUN_SECONDS:
-            why = f"the run's blocks take ~{eager:.0f} s eagerly: too short to repay a compile"
-            return CompileDecision(False, "auto", why)
-    times = cached_probe(model, CompiledBlocks(model), batch, seq, cache_file)
+            why = f"{steps} steps: too short to probe (< {PROBE_MIN_STEPS})"
+            return CompileDecision(False, "auto", why), None
+        eager = _eager_seconds(model, batch, seq)
+        run_seconds = steps * _blocks_per_step(*eager, model.cfg.n_layers, site.block or 0)
+        if run_seconds < MIN_RUN_SECONDS:
+            why = f"the run's blocks take ~{run_seconds:.0f} s eagerly: too short to repay a compile"
+            return CompileDecision(False, "auto", why), None
+    blocks = CompiledBlocks(model)
+    times = cached_probe(model, blocks, batch, seq, cache_file, eager)
     compile_pays, why = pays(times, steps, model.cfg.n_layers, site.block or 0)
-    return CompileDecision(compile_pays, "auto", why, times)
+    return CompileDecision(compile_pays, "auto", why, times), blocks
