@@ -23,6 +23,7 @@ from sae_lens_kl.options import (
     Common,
     DemoControls,
     DemoModel,
+    DemoOptimizer,
     DemoRun,
     EvalOptions,
     ExperimentOptions,
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "KL+MSE phase and an MSE-only control of the same length, evaluates all on held-out text, and "
         "writes report.json, report.md and PNG plots. Needs no hub access.",
         run,
+        DemoOptimizer,
         model,
         (None, DemoControls, None, {"controls": controls}),
         out="sae_lens_kl_demo",
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "writes sweep.json/.md/.png with paired 95 % intervals.",
         SweepOptions,
         run,
+        DemoOptimizer,
         model,
         out="sae_lens_kl_sweep",
         out_help=output("sae_lens_kl_sweep"),

@@ -62,6 +62,14 @@ class DemoModel:
 
 
 @dataclass
+class DemoOptimizer:
+    kl_optimizer: Literal["fresh", "continued"] = "fresh"
+    """The KL phase's Adam (every arm's): 'fresh' (a new one, as for fine-tuning a pretrained SAE)
+    or 'continued' (the MSE phase's moments and step count, cached with its SAE, at --lr decayed
+    to 0: the paper's A.1 runs carry one optimizer across both phases)."""
+
+
+@dataclass
 class DemoControls:
     controls: list[str] = field(default_factory=lambda: ["mse"], metadata={"comma": True})
     no_control: bool = False
@@ -85,6 +93,10 @@ class SweepOptions:
     """Comma-separated KL-phase lrs."""
     steps: list[int] = field(default_factory=lambda: [24, 48, 96], metadata={"comma": True})
     """Comma-separated step counts."""
+    eval_split: Literal["validation", "test"] = "validation"
+    """Held-out tokens every cell is evaluated on: 'validation', the --eval-tokens after the demo's
+    (a recipe chosen here is then reported by the demo on sequences it was not chosen on), or
+    'test', the demo's own (the sweeps before December 6)."""
     quick: bool = False
     """The experiments' minutes-long size."""
 

@@ -25,10 +25,18 @@ ARMS = {"KL+MSE": "kl+mse", "MSE-only": "mse"}
 
 
 def run_sweep(
-    setup: Any, mse_sae: SAE[Any], lrs: list[float], steps: list[int], out: Path, *, overwrite: bool
+    setup: Any,
+    mse_sae: SAE[Any],
+    lrs: list[float],
+    steps: list[int],
+    out: Path,
+    *,
+    overwrite: bool,
+    eval_split: str = "test",
 ) -> dict[str, Any]:
     """Every (lr, steps) cell on the demo `setup` (commands.demo.DemoSetup) from `mse_sae`; writes
-    sweep.json, sweep.md and sweep.png in `out`."""
+    sweep.json, sweep.md and sweep.png in `out`. `eval_split` names the held-out sequences the
+    setup's evaluator holds (recorded: 'validation' or the demo's 'test')."""
     if setup.evaluator is None:
         raise ValueError("The sweep compares held-out CE gaps: pass --eval-tokens > 0.")
     if any(lr <= 0 for lr in lrs) or any(n < 1 for n in steps):
@@ -88,6 +96,8 @@ def run_sweep(
             "mse_phase_tokens": runner_cfg.training_tokens,
             "batch": f"{batch_size} x {context_size} tokens",
             "held_out_sequences": intervals["n_sequences"],
+            "held_out_split": eval_split,
+            "kl_optimizer": "continued" if setup.options.get("continue_optimizer_from") else "fresh",
         },
         "cells": cells,
     }
@@ -143,7 +153,8 @@ def _markdown(result: dict[str, Any]) -> str:
         f"d_sae {settings['sae']['d_sae']}, MSE phase {settings['mse_phase_tokens']:,} tokens; batches of "
         f"{settings['batch']}. Starting SAE: CE gap {before['ce_gap']:.4f}, explained variance "
         f"{before['explained_variance']:.3f}, {before['dead_latents']} dead latents. Intervals: 95 % paired "
-        f"bootstrap over {settings['held_out_sequences']} held-out sequences.",
+        f"bootstrap over {settings['held_out_sequences']} held-out sequences ({settings['held_out_split']} "
+        f"split). KL-phase Adam: {settings['kl_optimizer']}.",
         "",
         "| lr | steps | KL share of run | KL+MSE closed [95 %] | MSE-only closed [95 %] | difference [95 %] "
         "| dead after (KL+MSE / MSE) | MSE after (KL+MSE / MSE) | s (KL+MSE / MSE) |",

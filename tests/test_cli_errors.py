@@ -290,3 +290,10 @@ def test_demo_mean_start_with_normalisation(capsys, tmp_path) -> None:
     )
     assert code == 2 and "pass --b-dec-init zeros with it" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_continued_optimizer_with_normalisation(capsys, tmp_path) -> None:
+    args = ["--normalize-activations", "expected_average_only_in", "--b-dec-init", "zeros"]
+    code, err = run(capsys, "demo", *args, "--kl-optimizer", "continued", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--kl-optimizer continued with --normalize-activations" in err
+    assert not (tmp_path / "o").exists()

@@ -101,6 +101,34 @@ def test_demo_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path, Pat
     assert again["runs"]["KL+MSE"]["after"] == report["runs"]["KL+MSE"]["after"]
 
 
+def test_demo_can_continue_the_mse_phase_optimizer(
+    tiny_lm_folder: Path, text_folders: tuple[Path, Path], tmp_path
+) -> None:
+    from sae_lens.constants import TRAINER_STATE_FILENAME
+
+    train_text, eval_text = text_folders
+    args = ["demo", "--model", str(tiny_lm_folder), "--hook", "blocks.1.hook_resid_post", "--d-sae", "64"]
+    args += ["--k", "4", "--context-size", "32", "--mse-tokens", "2048", "--kl-steps", "2", "--eval-tokens"]
+    args += ["256", "--data", str(train_text), "--eval-data", str(eval_text), "--lr", "1e-3"]
+
+    def kl_mse_run(*flags: str) -> dict:
+        assert main([*args, *flags, "--out", str(tmp_path / "demo"), "--overwrite"]) == 0
+        return json.loads((tmp_path / "demo" / "report.json").read_text())["runs"]["KL+MSE"]
+
+    fresh = kl_mse_run()
+    cache = Path(fresh["start_sae"])
+    assert (cache / TRAINER_STATE_FILENAME).is_file()  # the MSE phase's Adam is cached with its SAE
+    assert fresh["config"]["continue_optimizer_from"] is None
+    continued = kl_mse_run("--kl-optimizer", "continued")
+    assert continued["config"]["continue_optimizer_from"] == str(cache)
+    assert continued["after"] != fresh["after"]  # the same tokens and lr: the optimizer's moments differ
+    # an SAE cached without its Adam state (before December 6) is trained again for a continued run
+    (cache / TRAINER_STATE_FILENAME).unlink()
+    again = kl_mse_run("--kl-optimizer", "continued", "--no-control")
+    assert again["after"] == continued["after"]  # the same SAE and Adam, trained again
+    assert (cache / TRAINER_STATE_FILENAME).is_file()
+
+
 def test_train_seed_reaches_the_mse_phase(
     tiny_lm_folder: Path, text_folders: tuple[Path, Path], tmp_path
 ) -> None:
@@ -194,6 +222,7 @@ def test_the_sweep_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path
     args += ["--eval-tokens", "256", "--data", str(train_text), "--eval-data", str(eval_text)]
     assert main([*args, "--lrs", "1e-3,1e-2", "--steps", "1,2", "--out", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert result["settings"]["held_out_split"] == "validation"  # the default
     assert [(c["lr"], c["steps"]) for c in result["cells"]] == [(1e-3, 1), (1e-3, 2), (1e-2, 1), (1e-2, 2)]
     for cell in result["cells"]:
         assert cell["kl_tokens"] == cell["steps"] * 8 * 32
@@ -203,6 +232,27 @@ def test_the_sweep_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path
     for bad in (["--lrs", "0"], ["--steps", "100000"]):  # a step count the text cannot hold
         code = main([*args, *bad, "--out", str(tmp_path / "bad")])
         assert code == 2 and not (tmp_path / "bad").exists()
+
+
+def test_the_sweep_evaluates_on_the_held_out_tokens_after_the_demos(
+    tiny_lm_folder: Path, text_folders: tuple[Path, Path]
+) -> None:
+    from sae_lens_kl.cli import build_parser
+    from sae_lens_kl.commands.demo import demo_setup
+    from sae_lens_kl.data import held_out_sequences
+
+    train_text, eval_text = text_folders
+    args = ["sweep", "--model", str(tiny_lm_folder), "--hook", "blocks.1.hook_resid_pre"]
+    args += ["--context-size", "32", "--data", str(train_text), "--eval-data", str(eval_text)]
+    held = {}
+    for split in ("validation", "test"):
+        setup = demo_setup(build_parser().parse_args([*args, "--eval-tokens", "256", "--eval-split", split]))
+        held[split] = torch.cat(setup.evaluator.batches)
+    prepend_bos = bool(setup.runner_cfg.prepend_bos)
+    first = held_out_sequences(eval_text, setup.model, n_tokens=512, context_size=32, prepend_bos=prepend_bos)
+    assert torch.equal(held["test"], first[:8]) and torch.equal(held["validation"], first[8:])
+    with pytest.raises(SystemExit, match="--eval-split validation evaluates on the"):
+        demo_setup(build_parser().parse_args([*args, "--eval-tokens", "10000000"]))
 
 
 def test_the_sparsity_sweep_at_a_tiny_size(

@@ -8,23 +8,26 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from sae_lens import LanguageModelSAERunnerConfig, TrainingSAE
+from sae_lens.constants import TRAINER_STATE_FILENAME
 
 from sae_lens_kl.commands.common import SINK_NOTE, check_out, text_or_corpus
 from sae_lens_kl.config import KL_CHUNK_TOKENS, LOSS_MODES
-from sae_lens_kl.data import token_sequences
+from sae_lens_kl.data import DataError, held_out_sequences, token_sequences
 from sae_lens_kl.evaluation import HeldOutEvaluator
 from sae_lens_kl.intervals import format_interval
 from sae_lens_kl.models import cache_root, load_model
 from sae_lens_kl.recipes import DEMO_MSE_RECIPE, DEMO_SIZES, KL_BATCH_SEQUENCES, QUICK_SIZES, MSERecipe
 from sae_lens_kl.report import History, write_report
 from sae_lens_kl.staging import staged_folder
-from sae_lens_kl.train import mse_phase
+from sae_lens_kl.train import final_checkpoint, mse_phase
 
 if TYPE_CHECKING:
     from sae_lens_kl.experiments import Experiment
@@ -60,16 +63,40 @@ def mse_cache_folder(runner_cfg: LanguageModelSAERunnerConfig[Any], b_dec_init: 
 
 
 def cached_mse_sae(
-    runner_cfg: LanguageModelSAERunnerConfig[Any], model: Any, data: Any, b_dec_init: str = "zeros"
+    runner_cfg: LanguageModelSAERunnerConfig[Any],
+    model: Any,
+    data: Any,
+    b_dec_init: str = "zeros",
+    with_optimizer: bool = False,
 ) -> tuple[TrainingSAE[Any], bool]:
-    """The MSE-phase SAE for this configuration, trained once and then read from the cache."""
+    """The MSE-phase SAE for this configuration, trained once and then read from the cache. The
+    cache folder also keeps the MSE phase's final Adam state (SAELens's trainer_state.pt, a
+    `continue_optimizer_from` folder); `with_optimizer`: a cached SAE saved without it (before
+    December 6) is trained again."""
     folder = mse_cache_folder(runner_cfg, b_dec_init)
-    if (folder / "cfg.json").is_file():
+    if (folder / "cfg.json").is_file() and (
+        not with_optimizer or (folder / TRAINER_STATE_FILENAME).is_file()
+    ):
         return TrainingSAE.load_from_disk(folder, device=str(model.cfg.device)), True
-    sae = mse_phase(runner_cfg, model, data, runner_cfg.training_tokens, b_dec_init=b_dec_init)
-    with staged_folder(folder) as staging:
-        sae.save_model(staging)
+    with tempfile.TemporaryDirectory(prefix="mse-phase-") as checkpoints:
+        sae = mse_phase(runner_cfg, model, data, runner_cfg.training_tokens, Path(checkpoints), b_dec_init)
+        with staged_folder(folder) as staging:
+            sae.save_model(staging)
+            shutil.copy(final_checkpoint(Path(checkpoints)) / TRAINER_STATE_FILENAME, staging)
     return sae, False
+
+
+def demo_start(setup: DemoSetup, args: argparse.Namespace) -> tuple[TrainingSAE[Any], bool]:
+    """The cached MSE-phase SAE every arm of the demo or the sweep starts from (and whether it was
+    cached); with --kl-optimizer continued, every arm's fine-tune continues its Adam."""
+    continued = args.kl_optimizer == "continued"
+    runner_cfg, b_dec_init = setup.runner_cfg, setup.recipe.b_dec_init
+    sae, cached = cached_mse_sae(
+        runner_cfg, setup.model, setup.train_data, b_dec_init, with_optimizer=continued
+    )
+    if continued:
+        setup.options["continue_optimizer_from"] = str(mse_cache_folder(runner_cfg, b_dec_init))
+    return sae, cached
 
 
 @dataclasses.dataclass
@@ -136,6 +163,11 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
             "--b-dec-init mean (the default) starts b_dec at the raw activations' mean, which "
             "--normalize-activations rescales; pass --b-dec-init zeros with it."
         )
+    if getattr(args, "kl_optimizer", "fresh") == "continued" and args.normalize_activations != "none":
+        raise SystemExit(
+            "--kl-optimizer continued with --normalize-activations: the MSE phase's Adam moments are "
+            "for the normalised weights, which SAELens rescales at the end; use one or the other."
+        )
     model = load_model(args.model)
     train_data, eval_data = text_or_corpus(args.data, args.eval_data)
     recipe = dataclasses.replace(
@@ -162,7 +194,7 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
     evaluator = (
         HeldOutEvaluator.for_data(
             model,
-            eval_data,
+            _held_out(args, model, eval_data, context_size, bool(runner_cfg.prepend_bos)),
             n_tokens=args.eval_tokens,
             context_size=context_size,
             prepend_bos=bool(runner_cfg.prepend_bos),
@@ -174,6 +206,32 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
         else None
     )
     return DemoSetup(model, train_data, eval_data, recipe, runner_cfg, kl_tokens, options, evaluator)
+
+
+def _held_out(
+    args: argparse.Namespace, model: Any, eval_data: Any, context_size: int, prepend_bos: bool
+) -> Any:
+    """The held-out text every run is evaluated on: the first --eval-tokens of it (the demo's
+    report: 'test'), or, for --eval-split validation (the sweep's default), the same number of
+    tokens after those, so that the recipe the demo reports is not chosen on its own sequences."""
+    if getattr(args, "eval_split", "test") == "test":
+        return eval_data
+    n_test = -(-args.eval_tokens // context_size)
+    try:
+        both = held_out_sequences(
+            eval_data,
+            model,
+            n_tokens=2 * n_test * context_size,
+            context_size=context_size,
+            prepend_bos=prepend_bos,
+        )
+    except DataError:
+        raise SystemExit(
+            f"--eval-split validation evaluates on the {n_test} sequences after the demo's {n_test}, "
+            f"but the held-out text ({eval_data}) holds fewer than {2 * n_test} of {context_size} "
+            "tokens; pass fewer --eval-tokens, more --eval-data, or --eval-split test."
+        ) from None
+    return both[n_test:]
 
 
 def demo_experiment(controls: list[str]) -> Experiment:
@@ -207,7 +265,7 @@ def demo(args: argparse.Namespace) -> None:
         f"MSE phase: SAELens runner, TopK k={args.k}, d_sae={args.d_sae} at {hook}, "
         f"{args.mse_tokens:,} tokens"
     )
-    mse_sae, cached = cached_mse_sae(runner_cfg, model, train_data, setup.recipe.b_dec_init)
+    mse_sae, cached = demo_start(setup, args)
     print("  (read from cache)" if cached else "  (trained and cached)")
     total = args.mse_tokens + kl_tokens
     history = History()
@@ -299,12 +357,12 @@ def sweep(args: argparse.Namespace) -> None:
     setup = demo_setup(args, quick=args.quick)
     batch_tokens = setup.options["batch_size"] * setup.runner_cfg.context_size
     setup.check_fits(setup.runner_cfg.training_tokens + max(args.steps) * batch_tokens)
-    mse_sae, cached = cached_mse_sae(setup.runner_cfg, setup.model, setup.train_data, setup.recipe.b_dec_init)
+    mse_sae, cached = demo_start(setup, args)
     print(
         f"MSE phase {'read from cache' if cached else 'trained and cached'}; "
         f"sweeping lrs {args.lrs} x steps {args.steps}"
     )
-    run_sweep(setup, mse_sae, args.lrs, args.steps, out, overwrite=args.overwrite)
+    run_sweep(setup, mse_sae, args.lrs, args.steps, out, overwrite=args.overwrite, eval_split=args.eval_split)
     print((out / "sweep.md").read_text())
 
 
