@@ -94,9 +94,9 @@ class SweepOptions:
     steps: list[int] = field(default_factory=lambda: [24, 48, 96], metadata={"comma": True})
     """Comma-separated step counts."""
     eval_split: Literal["validation", "test"] = "validation"
-    """Held-out tokens every cell is evaluated on: 'validation', the --eval-tokens after the demo's
-    (a recipe chosen here is then reported by the demo on sequences it was not chosen on), or
-    'test', the demo's own (the sweeps before December 6)."""
+    """Held-out sequences every cell is evaluated on: 'validation', as many as the demo's, each
+    between two of them over the whole held-out text (a recipe chosen here is then reported by the
+    demo on sequences it was not chosen on), or 'test', the demo's own."""
     quick: bool = False
     """The experiments' minutes-long size."""
 

@@ -234,24 +234,30 @@ def test_the_sweep_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path
         assert code == 2 and not (tmp_path / "bad").exists()
 
 
-def test_the_sweep_evaluates_on_the_held_out_tokens_after_the_demos(
+def test_the_held_out_splits_alternate_over_the_whole_held_out_text(
     tiny_lm_folder: Path, text_folders: tuple[Path, Path]
 ) -> None:
     from sae_lens_kl.cli import build_parser
     from sae_lens_kl.commands.demo import demo_setup
-    from sae_lens_kl.data import held_out_sequences
+    from sae_lens_kl.data import token_sequences
 
     train_text, eval_text = text_folders
     args = ["sweep", "--model", str(tiny_lm_folder), "--hook", "blocks.1.hook_resid_pre"]
     args += ["--context-size", "32", "--data", str(train_text), "--eval-data", str(eval_text)]
     held = {}
     for split in ("validation", "test"):
-        setup = demo_setup(build_parser().parse_args([*args, "--eval-tokens", "256", "--eval-split", split]))
+        setup = demo_setup(build_parser().parse_args([*args, "--eval-tokens", "128", "--eval-split", split]))
         held[split] = torch.cat(setup.evaluator.batches)
-    prepend_bos = bool(setup.runner_cfg.prepend_bos)
-    first = held_out_sequences(eval_text, setup.model, n_tokens=512, context_size=32, prepend_bos=prepend_bos)
-    assert torch.equal(held["test"], first[:8]) and torch.equal(held["validation"], first[8:])
-    with pytest.raises(SystemExit, match="--eval-split validation evaluates on the"):
+    every = torch.stack(list(token_sequences(eval_text, setup.model, 32, bool(setup.runner_cfg.prepend_bos))))
+    assert len(every) > 8  # so that the 2 x 4 sequences are spread, not the first 8
+    position = {tuple(sequence.tolist()): index for index, sequence in enumerate(every)}
+    test, validation = (
+        [position[tuple(s.tolist())] for s in held[split]] for split in ("test", "validation")
+    )
+    assert len(test) == len(validation) == 4 and not set(test) & set(validation)
+    assert sorted(test + validation)[-1] >= len(every) * 3 // 4  # reaching the end of the text
+    assert all(t < v for t, v in zip(test, validation, strict=True))  # alternating
+    with pytest.raises(SystemExit, match="pass fewer --eval-tokens or more --eval-data"):
         demo_setup(build_parser().parse_args([*args, "--eval-tokens", "10000000"]))
 
 

@@ -20,7 +20,7 @@ from sae_lens.constants import TRAINER_STATE_FILENAME
 
 from sae_lens_kl.commands.common import SINK_NOTE, check_out, text_or_corpus
 from sae_lens_kl.config import KL_CHUNK_TOKENS, LOSS_MODES
-from sae_lens_kl.data import DataError, held_out_sequences, token_sequences
+from sae_lens_kl.data import token_sequences
 from sae_lens_kl.evaluation import HeldOutEvaluator
 from sae_lens_kl.intervals import format_interval
 from sae_lens_kl.models import cache_root, load_model
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from sae_lens_kl.experiments import Experiment
 
 CONTROL_NAMES = {"mse": "MSE-only control", "kl": "KL-only", "e2e+ds": "e2e+ds"}
+HELD_OUT_READ_FACTOR = 32
+"""The held-out sequences are spread over at most this many times the sequences they need (a
+large --eval-data is not read to its end)."""
 
 
 def mse_cache_folder(runner_cfg: LanguageModelSAERunnerConfig[Any], b_dec_init: str = "zeros") -> Path:
@@ -210,28 +213,24 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
 
 def _held_out(
     args: argparse.Namespace, model: Any, eval_data: Any, context_size: int, prepend_bos: bool
-) -> Any:
-    """The held-out text every run is evaluated on: the first --eval-tokens of it (the demo's
-    report: 'test'), or, for --eval-split validation (the sweep's default), the same number of
-    tokens after those, so that the recipe the demo reports is not chosen on its own sequences."""
-    if getattr(args, "eval_split", "test") == "test":
-        return eval_data
-    n_test = -(-args.eval_tokens // context_size)
-    try:
-        both = held_out_sequences(
-            eval_data,
-            model,
-            n_tokens=2 * n_test * context_size,
-            context_size=context_size,
-            prepend_bos=prepend_bos,
-        )
-    except DataError:
+) -> torch.Tensor:
+    """The held-out sequences every run is evaluated on: --eval-tokens of them, spread evenly over
+    the held-out text (its files are read in name order, so its first tokens would be a few files
+    of one kind), each between two of as many others, the validation split (`sweep --eval-split
+    validation`), so that the recipe the demo reports is not chosen on the demo's own sequences.
+    Reads at most HELD_OUT_READ_FACTOR times the sequences both splits need."""
+    n_split = -(-args.eval_tokens // context_size)
+    stream = token_sequences(eval_data, model, context_size, prepend_bos)
+    every = list(itertools.islice(stream, HELD_OUT_READ_FACTOR * 2 * n_split))
+    if len(every) < 2 * n_split:
         raise SystemExit(
-            f"--eval-split validation evaluates on the {n_test} sequences after the demo's {n_test}, "
-            f"but the held-out text ({eval_data}) holds fewer than {2 * n_test} of {context_size} "
-            "tokens; pass fewer --eval-tokens, more --eval-data, or --eval-split test."
-        ) from None
-    return both[n_test:]
+            f"The held-out text ({eval_data}) holds {len(every)} sequences of {context_size} tokens; "
+            f"--eval-tokens {args.eval_tokens:,} evaluates on {n_split} and keeps {n_split} others as "
+            "the sweep's validation split: pass fewer --eval-tokens or more --eval-data."
+        )
+    picks = [every[i * len(every) // (2 * n_split)] for i in range(2 * n_split)]
+    split = picks[1::2] if getattr(args, "eval_split", "test") == "validation" else picks[0::2]
+    return torch.stack(split)
 
 
 def demo_experiment(controls: list[str]) -> Experiment:
@@ -292,7 +291,8 @@ def demo(args: argparse.Namespace) -> None:
         f"with SAELens's runner on {args.mse_tokens:,} tokens of {train_data}.",
         f"KL phase: {kl_tokens:,} tokens = {kl_tokens / total:.1%} of the run's {total:,}.",
         *_interval_notes(extra.get("intervals")),
-        f"Held-out evaluation: {args.eval_tokens:,} tokens of {setup.eval_data}, never trained on.",
+        f"Held-out evaluation: {setup.evaluator.n_sequences if setup.evaluator else 0} sequences of "
+        f"{context_size} tokens spread evenly over {setup.eval_data}, never trained on.",
         SINK_NOTE.format(n=sinks),
         f"torch threads: {torch.get_num_threads()}.",
     ]
