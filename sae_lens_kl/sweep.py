@@ -85,6 +85,8 @@ def run_sweep(
                     "difference_interval": intervals["difference_from_control"]["KL+MSE"],
                 }
             )
+            closed = [cells[-1][arm]["fraction_ce_gap_closed"] for arm in ARMS]
+            cells[-1]["difference"] = None if None in closed else closed[0] - closed[1]
             print(_cell_line(cells[-1]))
     result = {
         "before": {k: v for k, v in before.to_dict().items() if k != "downstream_mse"},
@@ -136,7 +138,8 @@ def _cell_line(cell: dict[str, Any]) -> str:
     kl, mse, diff = cell["KL+MSE"], cell["MSE-only"], cell["difference_interval"]
     return (
         f"lr {cell['lr']:g} x {cell['steps']} steps: KL+MSE {_pct(kl['fraction_ce_gap_closed'])}, "
-        f"MSE-only {_pct(mse['fraction_ce_gap_closed'])}, difference {format_interval(diff)}"
+        f"MSE-only {_pct(mse['fraction_ce_gap_closed'])}, difference {_pct(cell['difference'])} "
+        f"{format_interval(diff)}"
     )
 
 
@@ -166,7 +169,7 @@ def _markdown(result: dict[str, Any]) -> str:
             f"| {cell['lr']:g} | {cell['steps']} | {cell['kl_share_of_run']:.1%} "
             f"| {_pct(kl['fraction_ce_gap_closed'])} {format_interval(kl['interval'])} "
             f"| {_pct(mse['fraction_ce_gap_closed'])} {format_interval(mse['interval'])} "
-            f"| {format_interval(cell['difference_interval'])} "
+            f"| {_pct(cell['difference'])} {format_interval(cell['difference_interval'])} "
             f"| {kl['dead_latents']} / {mse['dead_latents']} "
             f"| {kl['mse']:,.0f} / {mse['mse']:,.0f} | {kl['wall_seconds']:.0f} / {mse['wall_seconds']:.0f} |"
         )

@@ -122,7 +122,7 @@ def test_demo_can_continue_the_mse_phase_optimizer(
     continued = kl_mse_run("--kl-optimizer", "continued")
     assert continued["config"]["continue_optimizer_from"] == str(cache)
     assert continued["after"] != fresh["after"]  # the same tokens and lr: the optimizer's moments differ
-    # an SAE cached without its Adam state (before December 6) is trained again for a continued run
+    # an SAE cached without its Adam state (by an older version) is trained again for a continued run
     (cache / TRAINER_STATE_FILENAME).unlink()
     again = kl_mse_run("--kl-optimizer", "continued", "--no-control")
     assert again["after"] == continued["after"]  # the same SAE and Adam, trained again
@@ -228,6 +228,8 @@ def test_the_sweep_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path
         assert cell["kl_tokens"] == cell["steps"] * 8 * 32
         for arm in ("KL+MSE", "MSE-only"):
             assert cell[arm]["dead_latents"] >= 0 and cell[arm]["wall_seconds"] > 0
+        closed = [cell[arm]["fraction_ce_gap_closed"] for arm in ("KL+MSE", "MSE-only")]
+        assert cell["difference"] == (None if None in closed else closed[0] - closed[1])
     assert (tmp_path / "out" / "sweep.md").is_file() and (tmp_path / "out" / "sweep.png").is_file()
     for bad in (["--lrs", "0"], ["--steps", "100000"]):  # a step count the text cannot hold
         code = main([*args, *bad, "--out", str(tmp_path / "bad")])

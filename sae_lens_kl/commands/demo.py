@@ -74,8 +74,8 @@ def cached_mse_sae(
 ) -> tuple[TrainingSAE[Any], bool]:
     """The MSE-phase SAE for this configuration, trained once and then read from the cache. The
     cache folder also keeps the MSE phase's final Adam state (SAELens's trainer_state.pt, a
-    `continue_optimizer_from` folder); `with_optimizer`: a cached SAE saved without it (before
-    December 6) is trained again."""
+    `continue_optimizer_from` folder); `with_optimizer`: a cached SAE saved without it (by a
+    version before --kl-optimizer) is trained again."""
     folder = mse_cache_folder(runner_cfg, b_dec_init)
     if (folder / "cfg.json").is_file() and (
         not with_optimizer or (folder / TRAINER_STATE_FILENAME).is_file()
