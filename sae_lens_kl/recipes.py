@@ -28,7 +28,8 @@ class MSERecipe:
     batch_tokens: int = 512
     # SmolLM2's first positions are an attention sink (residual norms ~100x the rest)
     sink_positions: int = 2
-    # The last 20 % of steps decay the lr to lr / 10 (SAELens's default lr_end). Held-out
+    # The last 20 % of steps decay the lr linearly to 0 (sae-lens 6.54.12 with its constant
+    # scheduler decays from lr to 0; its lr_end, lr / 10, applies to cosine annealing only). Held-out
     # explained variance / dead latents of 4608 (benchmarks/demo_recipe.py, the demo, the
     # sparsity sweep; b_dec from zeros): k=32 without decay 0.754 / 159, k=32 0.772 / 287,
     # k=64 0.822 / 25, k=128 0.869 / 24; k=64 with b_dec from the mean 0.832 / 6.

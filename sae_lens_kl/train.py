@@ -339,7 +339,8 @@ def runner_config(
     `dead_feature_window`: steps without firing after which a latent counts as dead (and TopK's
     aux-k loss revives it); default 5 % of the run's steps, since SAELens's 1,000 steps exceed a
     short run and leave the aux-k loss at 0 throughout. `lr_decay_fraction`: the last fraction of
-    the steps decays the lr linearly to SAELens's default lr_end, lr / 10 (its lr_decay_steps).
+    the steps decays the lr linearly to 0 (SAELens's lr_decay_steps; with its constant scheduler
+    sae-lens 6.54.12 decays from lr to 0, its lr_end applying to cosine annealing only).
     `normalize_activations`: SAELens's SAE input normalisation ('none' or
     'expected_average_only_in', whose factor SAELens folds into the weights after training)."""
     steps = tokens // batch_tokens
