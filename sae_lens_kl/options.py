@@ -65,8 +65,9 @@ class DemoModel:
 class DemoOptimizer:
     kl_optimizer: Literal["fresh", "continued"] = "fresh"
     """The KL phase's Adam (every arm's): 'fresh' (a new one, as for fine-tuning a pretrained SAE)
-    or 'continued' (the MSE phase's moments and step count, cached with its SAE, at --lr decayed
-    to 0: the paper's A.1 runs carry one optimizer across both phases)."""
+    or 'continued' (the MSE phase's moments and step count, cached with its SAE, as the paper's
+    A.1 runs carry one Adam across both phases; unlike A.1's constant lr, the lr still starts at
+    --lr and decays to 0, as the demo's MSE phase's did)."""
 
 
 @dataclass
@@ -95,8 +96,9 @@ class SweepOptions:
     """Comma-separated step counts."""
     eval_split: Literal["validation", "test"] = "validation"
     """Held-out sequences every cell is evaluated on: 'validation', as many as the demo's, each
-    between two of them over the whole held-out text (a recipe chosen here is then reported by the
-    demo on sequences it was not chosen on), or 'test', the demo's own."""
+    between two of them over the whole held-out text (with the demo's --eval-tokens, --context-size
+    and --eval-data, a recipe chosen here is then reported by the demo on sequences it was not
+    chosen on; other sizes pick from another grid), or 'test', the demo's own."""
     quick: bool = False
     """The experiments' minutes-long size."""
 

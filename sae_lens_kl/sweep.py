@@ -32,11 +32,9 @@ def run_sweep(
     out: Path,
     *,
     overwrite: bool,
-    eval_split: str = "test",
 ) -> dict[str, Any]:
     """Every (lr, steps) cell on the demo `setup` (commands.demo.DemoSetup) from `mse_sae`; writes
-    sweep.json, sweep.md and sweep.png in `out`. `eval_split` names the held-out sequences the
-    setup's evaluator holds (recorded: 'validation' or the demo's 'test')."""
+    sweep.json, sweep.md and sweep.png in `out`."""
     if setup.evaluator is None:
         raise ValueError("The sweep compares held-out CE gaps: pass --eval-tokens > 0.")
     if any(lr <= 0 for lr in lrs) or any(n < 1 for n in steps):
@@ -98,7 +96,7 @@ def run_sweep(
             "mse_phase_tokens": runner_cfg.training_tokens,
             "batch": f"{batch_size} x {context_size} tokens",
             "held_out_sequences": intervals["n_sequences"],
-            "held_out_split": eval_split,
+            "held_out_split": setup.eval_split,
             "kl_optimizer": "continued" if setup.options.get("continue_optimizer_from") else "fresh",
         },
         "cells": cells,

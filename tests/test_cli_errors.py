@@ -297,3 +297,9 @@ def test_demo_continued_optimizer_with_normalisation(capsys, tmp_path) -> None:
     code, err = run(capsys, "demo", *args, "--kl-optimizer", "continued", "--out", str(tmp_path / "o"))
     assert code == 2 and "--kl-optimizer continued with --normalize-activations" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_negative_eval_tokens(capsys, tmp_path) -> None:
+    code, err = run(capsys, "demo", "--eval-tokens", "-5", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--eval-tokens -5 must be >= 0" in err
+    assert not (tmp_path / "o").exists()

@@ -113,20 +113,32 @@ def test_demo_can_continue_the_mse_phase_optimizer(
 
     def kl_mse_run(*flags: str) -> dict:
         assert main([*args, *flags, "--out", str(tmp_path / "demo"), "--overwrite"]) == 0
-        return json.loads((tmp_path / "demo" / "report.json").read_text())["runs"]["KL+MSE"]
+        report = json.loads((tmp_path / "demo" / "report.json").read_text())
+        return {**report["runs"]["KL+MSE"], "mse_phase_cached": report["mse_phase_cached"]}
 
     fresh = kl_mse_run()
     cache = Path(fresh["start_sae"])
     assert (cache / TRAINER_STATE_FILENAME).is_file()  # the MSE phase's Adam is cached with its SAE
     assert fresh["config"]["continue_optimizer_from"] is None
     continued = kl_mse_run("--kl-optimizer", "continued")
-    assert continued["config"]["continue_optimizer_from"] == str(cache)
+    assert continued["mse_phase_cached"] and continued["config"]["continue_optimizer_from"] == str(cache)
     assert continued["after"] != fresh["after"]  # the same tokens and lr: the optimizer's moments differ
     # an SAE cached without its Adam state (by an older version) is trained again for a continued run
     (cache / TRAINER_STATE_FILENAME).unlink()
+    weights = (cache / "sae_weights.safetensors").read_bytes()
     again = kl_mse_run("--kl-optimizer", "continued", "--no-control")
-    assert again["after"] == continued["after"]  # the same SAE and Adam, trained again
-    assert (cache / TRAINER_STATE_FILENAME).is_file()
+    assert not again["mse_phase_cached"]  # trained again, to the same weights, which stay cached
+    assert again["after"] == continued["after"]
+    assert (cache / "sae_weights.safetensors").read_bytes() == weights
+    # ... but a cached SAE that training again does not reproduce is never replaced
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(cache / "sae_weights.safetensors")
+    save_file({**tensors, "W_enc": tensors["W_enc"] * 1.5}, cache / "sae_weights.safetensors")
+    (cache / TRAINER_STATE_FILENAME).unlink()
+    changed = (cache / "sae_weights.safetensors").read_bytes()
+    assert main([*args, "--kl-optimizer", "continued", "--out", str(tmp_path / "other")]) == 2
+    assert (cache / "sae_weights.safetensors").read_bytes() == changed
 
 
 def test_train_seed_reaches_the_mse_phase(
@@ -230,6 +242,8 @@ def test_the_sweep_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path
             assert cell[arm]["dead_latents"] >= 0 and cell[arm]["wall_seconds"] > 0
         closed = [cell[arm]["fraction_ce_gap_closed"] for arm in ("KL+MSE", "MSE-only")]
         assert cell["difference"] == (None if None in closed else closed[0] - closed[1])
+        if cell["difference"] is not None:  # the table shows it beside its interval
+            assert f"| {cell['difference']:+.1%} [" in (tmp_path / "out" / "sweep.md").read_text()
     assert (tmp_path / "out" / "sweep.md").is_file() and (tmp_path / "out" / "sweep.png").is_file()
     for bad in (["--lrs", "0"], ["--steps", "100000"]):  # a step count the text cannot hold
         code = main([*args, *bad, "--out", str(tmp_path / "bad")])

@@ -77,16 +77,27 @@ def cached_mse_sae(
     `continue_optimizer_from` folder); `with_optimizer`: a cached SAE saved without it (by a
     version before --kl-optimizer) is trained again."""
     folder = mse_cache_folder(runner_cfg, b_dec_init)
-    if (folder / "cfg.json").is_file() and (
-        not with_optimizer or (folder / TRAINER_STATE_FILENAME).is_file()
-    ):
+    cached = (folder / "cfg.json").is_file()
+    if cached and (not with_optimizer or (folder / TRAINER_STATE_FILENAME).is_file()):
         return TrainingSAE.load_from_disk(folder, device=str(model.cfg.device)), True
     with tempfile.TemporaryDirectory(prefix="mse-phase-") as checkpoints:
         sae = mse_phase(runner_cfg, model, data, runner_cfg.training_tokens, Path(checkpoints), b_dec_init)
+        if cached and not _same_weights(sae, TrainingSAE.load_from_disk(folder, device=str(sae.device))):
+            # results already measured from the cached SAE must keep their start
+            raise SystemExit(
+                f"The cached MSE-phase SAE in {folder} was saved without its Adam state, and training it "
+                "again here gives other weights (another machine's rounding?), so its Adam state cannot "
+                "be recovered; use --kl-optimizer fresh, or delete that folder to train and cache anew."
+            )
         with staged_folder(folder) as staging:
             sae.save_model(staging)
             shutil.copy(final_checkpoint(Path(checkpoints)) / TRAINER_STATE_FILENAME, staging)
     return sae, False
+
+
+def _same_weights(a: TrainingSAE[Any], b: TrainingSAE[Any]) -> bool:
+    ours, theirs = a.state_dict(), b.state_dict()
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def demo_start(setup: DemoSetup, args: argparse.Namespace) -> tuple[TrainingSAE[Any], bool]:
@@ -116,6 +127,9 @@ class DemoSetup:
     kl_tokens: int
     options: dict[str, Any]
     evaluator: HeldOutEvaluator | None
+    eval_split: str = "test"
+    """Which held-out sequences the evaluator holds: the demo's ('test') or the sweep's
+    ('validation', the sequences between the demo's)."""
 
     @property
     def sinks(self) -> int:
@@ -166,6 +180,8 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
             "--b-dec-init mean (the default) starts b_dec at the raw activations' mean, which "
             "--normalize-activations rescales; pass --b-dec-init zeros with it."
         )
+    if args.eval_tokens < 0:
+        raise SystemExit(f"--eval-tokens {args.eval_tokens} must be >= 0 (0: no held-out evaluation).")
     if getattr(args, "kl_optimizer", "fresh") == "continued" and args.normalize_activations != "none":
         raise SystemExit(
             "--kl-optimizer continued with --normalize-activations: the MSE phase's Adam moments are "
@@ -208,7 +224,10 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
         if args.eval_tokens
         else None
     )
-    return DemoSetup(model, train_data, eval_data, recipe, runner_cfg, kl_tokens, options, evaluator)
+    eval_split = getattr(args, "eval_split", "test")
+    return DemoSetup(
+        model, train_data, eval_data, recipe, runner_cfg, kl_tokens, options, evaluator, eval_split
+    )
 
 
 def _held_out(
@@ -230,6 +249,8 @@ def _held_out(
         )
     picks = [every[i * len(every) // (2 * n_split)] for i in range(2 * n_split)]
     split = picks[1::2] if getattr(args, "eval_split", "test") == "validation" else picks[0::2]
+    if len(every) == HELD_OUT_READ_FACTOR * 2 * n_split:
+        print(f"Held-out sequences spread over the first {len(every):,} of {eval_data}'s.")
     return torch.stack(split)
 
 
@@ -291,8 +312,14 @@ def demo(args: argparse.Namespace) -> None:
         f"with SAELens's runner on {args.mse_tokens:,} tokens of {train_data}.",
         f"KL phase: {kl_tokens:,} tokens = {kl_tokens / total:.1%} of the run's {total:,}.",
         *_interval_notes(extra.get("intervals")),
-        f"Held-out evaluation: {setup.evaluator.n_sequences if setup.evaluator else 0} sequences of "
-        f"{context_size} tokens spread evenly over {setup.eval_data}, never trained on.",
+        *(
+            [
+                f"Held-out evaluation: {setup.evaluator.n_sequences} sequences of {context_size} tokens "
+                f"spread evenly over {setup.eval_data}, never trained on."
+            ]
+            if setup.evaluator is not None
+            else []
+        ),
         SINK_NOTE.format(n=sinks),
         f"torch threads: {torch.get_num_threads()}.",
     ]
@@ -362,7 +389,7 @@ def sweep(args: argparse.Namespace) -> None:
         f"MSE phase {'read from cache' if cached else 'trained and cached'}; "
         f"sweeping lrs {args.lrs} x steps {args.steps}"
     )
-    run_sweep(setup, mse_sae, args.lrs, args.steps, out, overwrite=args.overwrite, eval_split=args.eval_split)
+    run_sweep(setup, mse_sae, args.lrs, args.steps, out, overwrite=args.overwrite)
     print((out / "sweep.md").read_text())
 
 
