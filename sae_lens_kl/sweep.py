@@ -25,13 +25,7 @@ ARMS = {"KL+MSE": "kl+mse", "MSE-only": "mse"}
 
 
 def run_sweep(
-    setup: Any,
-    mse_sae: SAE[Any],
-    lrs: list[float],
-    steps: list[int],
-    out: Path,
-    *,
-    overwrite: bool,
+    setup: Any, mse_sae: SAE[Any], lrs: list[float], steps: list[int], out: Path, *, overwrite: bool
 ) -> dict[str, Any]:
     """Every (lr, steps) cell on the demo `setup` (commands.demo.DemoSetup) from `mse_sae`; writes
     sweep.json, sweep.md and sweep.png in `out`."""

@@ -18,6 +18,7 @@ import torch
 from sae_lens import LanguageModelSAERunnerConfig, TrainingSAE
 from sae_lens.constants import TRAINER_STATE_FILENAME
 
+from sae_lens_kl.checkpoints import sae_fingerprint
 from sae_lens_kl.commands.common import SINK_NOTE, check_out, text_or_corpus
 from sae_lens_kl.config import KL_CHUNK_TOKENS, LOSS_MODES
 from sae_lens_kl.data import token_sequences
@@ -82,7 +83,7 @@ def cached_mse_sae(
         return TrainingSAE.load_from_disk(folder, device=str(model.cfg.device)), True
     with tempfile.TemporaryDirectory(prefix="mse-phase-") as checkpoints:
         sae = mse_phase(runner_cfg, model, data, runner_cfg.training_tokens, Path(checkpoints), b_dec_init)
-        if cached and not _same_weights(sae, TrainingSAE.load_from_disk(folder, device=str(sae.device))):
+        if cached and sae_fingerprint(sae) != sae_fingerprint(TrainingSAE.load_from_disk(folder)):
             # results already measured from the cached SAE must keep their start
             raise SystemExit(
                 f"The cached MSE-phase SAE in {folder} was saved without its Adam state, and training it "
@@ -93,11 +94,6 @@ def cached_mse_sae(
             sae.save_model(staging)
             shutil.copy(final_checkpoint(Path(checkpoints)) / TRAINER_STATE_FILENAME, staging)
     return sae, False
-
-
-def _same_weights(a: TrainingSAE[Any], b: TrainingSAE[Any]) -> bool:
-    ours, theirs = a.state_dict(), b.state_dict()
-    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def demo_start(setup: DemoSetup, args: argparse.Namespace) -> tuple[TrainingSAE[Any], bool]:
@@ -210,10 +206,11 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
         "kl_chunk_tokens": KL_CHUNK_TOKENS,
     }
     kl_tokens = args.kl_steps * batch_size * context_size
+    eval_split = getattr(args, "eval_split", "test")  # only the sweep has --eval-split
     evaluator = (
         HeldOutEvaluator.for_data(
             model,
-            _held_out(args, model, eval_data, context_size, bool(runner_cfg.prepend_bos)),
+            _held_out(args, eval_split, model, eval_data, context_size, bool(runner_cfg.prepend_bos)),
             n_tokens=args.eval_tokens,
             context_size=context_size,
             prepend_bos=bool(runner_cfg.prepend_bos),
@@ -224,14 +221,18 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
         if args.eval_tokens
         else None
     )
-    eval_split = getattr(args, "eval_split", "test")
     return DemoSetup(
         model, train_data, eval_data, recipe, runner_cfg, kl_tokens, options, evaluator, eval_split
     )
 
 
 def _held_out(
-    args: argparse.Namespace, model: Any, eval_data: Any, context_size: int, prepend_bos: bool
+    args: argparse.Namespace,
+    eval_split: str,
+    model: Any,
+    eval_data: Any,
+    context_size: int,
+    prepend_bos: bool,
 ) -> torch.Tensor:
     """The held-out sequences every run is evaluated on: --eval-tokens of them, spread evenly over
     the held-out text (its files are read in name order, so its first tokens would be a few files
@@ -248,7 +249,7 @@ def _held_out(
             "the sweep's validation split: pass fewer --eval-tokens or more --eval-data."
         )
     picks = [every[i * len(every) // (2 * n_split)] for i in range(2 * n_split)]
-    split = picks[1::2] if getattr(args, "eval_split", "test") == "validation" else picks[0::2]
+    split = picks[1::2] if eval_split == "validation" else picks[0::2]
     if len(every) == HELD_OUT_READ_FACTOR * 2 * n_split:
         print(f"Held-out sequences spread over the first {len(every):,} of {eval_data}'s.")
     return torch.stack(split)
