@@ -38,7 +38,6 @@ from sae_lens_kl.options import (
 from sae_lens_kl.recipes import (
     DEMO_MSE_RECIPE,
     DEMO_SIZES,
-    KL_BATCH_SEQUENCES,
     QUICK_SIZES,
 )
 
@@ -89,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sizes = {
-        "kl_steps": f"KL-phase steps of {KL_BATCH_SEQUENCES} sequences (default: {DEMO_SIZES['kl_steps']}).",
+        "kl_steps": f"KL-phase steps of --kl-batch sequences (default: {DEMO_SIZES['kl_steps']}).",
         "mse_tokens": f"MSE-phase training tokens (default: {DEMO_SIZES['mse_tokens']:,}).",
         "eval_tokens": f"Held-out evaluation tokens (default: {DEMO_SIZES['eval_tokens']:,}).",
         "d_sae": f"TopK SAE latents (default: {DEMO_SIZES['d_sae']}).",

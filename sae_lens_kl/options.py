@@ -9,7 +9,7 @@ from typing import Literal
 
 from sae_lens_kl.config import AttributionMethod, ExperimentName, TrainingArchitecture
 from sae_lens_kl.flags import positive_int
-from sae_lens_kl.recipes import DEMO_HOOK, DEMO_KL_LR, DEMO_MSE_RECIPE, DEMO_SIZES
+from sae_lens_kl.recipes import DEMO_HOOK, DEMO_KL_LR, DEMO_MSE_RECIPE, DEMO_SIZES, KL_BATCH_SEQUENCES
 
 
 @dataclass
@@ -36,6 +36,9 @@ class DemoRun:
     lr: float = DEMO_KL_LR
     """KL-phase learning rate (chosen with `sae-lens-kl sweep`; the paper's 5e-5 is for ~12k steps)."""
     kl_steps: int | None = None
+    kl_batch: int = field(default=KL_BATCH_SEQUENCES, metadata={"parse": positive_int})
+    """Sequences per KL-phase step (Adam moves ~lr per step whatever the batch, so at equal tokens
+    smaller batches move the SAE further; chosen with `sae-lens-kl sweep`)."""
     mse_tokens: int | None = None
     eval_tokens: int | None = None
 

@@ -232,12 +232,14 @@ def test_the_sweep_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path
     args = ["sweep", "--model", str(tiny_lm_folder), "--hook", "blocks.1.hook_resid_pre", "--quick"]
     args += ["--d-sae", "64", "--k", "4", "--context-size", "32", "--mse-tokens", "2048"]
     args += ["--eval-tokens", "256", "--data", str(train_text), "--eval-data", str(eval_text)]
-    assert main([*args, "--lrs", "1e-3,1e-2", "--steps", "1,2", "--out", str(tmp_path / "out")]) == 0
+    cells = ["--lrs", "1e-3,1e-2", "--steps", "1,2", "--kl-batch", "4"]
+    assert main([*args, *cells, "--out", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert result["settings"]["held_out_split"] == "validation"  # the default
+    assert result["settings"]["batch"] == "4 x 32 tokens"
     assert [(c["lr"], c["steps"]) for c in result["cells"]] == [(1e-3, 1), (1e-3, 2), (1e-2, 1), (1e-2, 2)]
     for cell in result["cells"]:
-        assert cell["kl_tokens"] == cell["steps"] * 8 * 32
+        assert cell["kl_tokens"] == cell["steps"] * 4 * 32
         for arm in ("KL+MSE", "MSE-only"):
             assert cell[arm]["dead_latents"] >= 0 and cell[arm]["wall_seconds"] > 0
         closed = [cell[arm]["fraction_ce_gap_closed"] for arm in ("KL+MSE", "MSE-only")]
@@ -248,6 +250,9 @@ def test_the_sweep_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path
     for bad in (["--lrs", "0"], ["--steps", "100000"]):  # a step count the text cannot hold
         code = main([*args, *bad, "--out", str(tmp_path / "bad")])
         assert code == 2 and not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit) as usage_error:  # argparse's usage error, before any work
+        main([*args, "--kl-batch", "0", "--out", str(tmp_path / "bad")])
+    assert usage_error.value.code == 2 and not (tmp_path / "bad").exists()
 
 
 def test_the_held_out_splits_alternate_over_the_whole_held_out_text(

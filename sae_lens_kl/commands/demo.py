@@ -25,7 +25,7 @@ from sae_lens_kl.data import token_sequences
 from sae_lens_kl.evaluation import HeldOutEvaluator
 from sae_lens_kl.intervals import format_interval
 from sae_lens_kl.models import cache_root, load_model
-from sae_lens_kl.recipes import DEMO_MSE_RECIPE, DEMO_SIZES, KL_BATCH_SEQUENCES, QUICK_SIZES, MSERecipe
+from sae_lens_kl.recipes import DEMO_MSE_RECIPE, DEMO_SIZES, QUICK_SIZES, MSERecipe
 from sae_lens_kl.report import History, write_report
 from sae_lens_kl.staging import staged_folder
 from sae_lens_kl.train import final_checkpoint, mse_phase
@@ -194,7 +194,7 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
         normalize_activations=args.normalize_activations,
         b_dec_init=args.b_dec_init,
     )
-    context_size, batch_size, sinks = recipe.context_size, KL_BATCH_SEQUENCES, recipe.sink_positions
+    context_size, batch_size, sinks = recipe.context_size, args.kl_batch, recipe.sink_positions
     # the SAE metadata's dataset_path: a local folder that `finetune` can read again
     runner_cfg = recipe.runner_config(model, args.hook, dataset_name=str(train_data))
     options = {
