@@ -190,6 +190,10 @@ def test_each_experiment_at_a_tiny_size(
         if arm.kl_fraction is None:  # every arm from the same MSE-phase SAE of its architecture
             share = len(arm.stages) if arm.split_budget else 1  # a two-stage arm splits the budget
             assert reports[0]["training_tokens"] == 2 * 8 * 32 // share
+        if arm.one_optimizer:  # A.1: one constant lr; the KL phase continues the MSE phase's Adam
+            config = reports[0]["config"]
+            assert config["lr_schedule"] == "constant"
+            assert (config["continue_optimizer_from"] is not None) == (arm.kl_fraction < 1)
         if row["fraction_of_ce_gap_closed"] is not None:  # (a tiny random model may have no gap)
             low, high = row["fraction_interval"]  # paired, on the shared held-out sequences
             assert low <= row["fraction_of_ce_gap_closed"] <= high

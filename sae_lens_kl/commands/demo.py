@@ -136,12 +136,17 @@ class DemoSetup:
         return {"evaluator": self.evaluator} if self.evaluator is not None else {"eval_data": self.eval_data}
 
     def runner_config_for(
-        self, architecture: str, tokens: int | None = None, seed: int = 0, k: float | None = None
+        self,
+        architecture: str,
+        tokens: int | None = None,
+        seed: int = 0,
+        k: float | None = None,
+        constant_lr: bool = False,
     ) -> LanguageModelSAERunnerConfig[Any]:
         """The MSE phase's config for another architecture (same width, data, lr), length, seed
-        (added to the demo's runner seed) or TopK k."""
+        (added to the demo's runner seed), TopK k, or at a constant lr (no final decay)."""
         recipe = self.recipe
-        if (architecture, tokens, seed, k) == (recipe.architecture, None, 0, None):
+        if (architecture, tokens, seed, k, constant_lr) == (recipe.architecture, None, 0, None, False):
             return self.runner_cfg
         recipe = dataclasses.replace(
             recipe,
@@ -149,6 +154,7 @@ class DemoSetup:
             tokens=tokens or recipe.tokens,
             seed=recipe.seed + seed,
             k=recipe.k if k is None else k,
+            lr_decay_fraction=0.0 if constant_lr else recipe.lr_decay_fraction,
         )
         return recipe.runner_config(self.model, self.runner_cfg.hook_name, self.runner_cfg.dataset_path)
 
