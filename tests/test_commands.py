@@ -10,6 +10,7 @@ import torch
 from sae_lens import SAE
 
 from sae_lens_kl.cli import main
+from sae_lens_kl.recipes import KL_BATCH_SEQUENCES
 
 TRAIN_SIZES = [
     "--hook", "blocks.1.hook_resid_pre", "--architecture", "topk", "--k", "4", "--d-sae", "64",
@@ -90,7 +91,7 @@ def test_demo_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path, Pat
     assert len({json.dumps(run["before"], sort_keys=True) for run in report["runs"].values()}) == 1
     assert report["mse_phase_cached"] is False
     for run in report["runs"].values():
-        assert run["training_tokens"] == 2 * 8 * 32
+        assert run["training_tokens"] == 2 * KL_BATCH_SEQUENCES * 32
     # ... which each report names, so `sae-lens-kl saebench --sae after=<run folder>` finds it
     (start,) = {run["start_sae"] for run in report["runs"].values()}
     assert SAE.load_from_disk(start).cfg.d_sae == 64
@@ -189,7 +190,7 @@ def test_each_experiment_at_a_tiny_size(
         assert len(reports) == len(arm.stages) and row["train_seconds"] > 0
         if arm.kl_fraction is None:  # every arm from the same MSE-phase SAE of its architecture
             share = len(arm.stages) if arm.split_budget else 1  # a two-stage arm splits the budget
-            assert reports[0]["training_tokens"] == 2 * 8 * 32 // share
+            assert reports[0]["training_tokens"] == 2 * KL_BATCH_SEQUENCES * 32 // share
         if arm.one_optimizer:  # A.1: one constant lr; the KL phase continues the MSE phase's Adam
             config = reports[0]["config"]
             assert config["lr_schedule"] == "constant"
@@ -295,7 +296,7 @@ def test_the_sparsity_sweep_at_a_tiny_size(
     args += ["--eval-tokens", "256", "--data", str(train_text), "--eval-data", str(eval_text)]
     assert main([*args, "--ks", "2,4", "--end-to-end", "--out", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "sparsity.json").read_text())
-    # 20 % of the run: 2048 * 0.2 / 0.8 = 512 tokens, two batches of 8 x 32
+    # 20 % of the run: 2048 * 0.2 / 0.8 = 512 tokens, whole batches of KL_BATCH_SEQUENCES x 32
     assert result["settings"]["kl_tokens"] == 512
     assert [row["k"] for row in result["rows"]] == [2, 4]
     for row in result["rows"]:
