@@ -37,8 +37,9 @@ class DemoRun:
     """KL-phase learning rate (chosen with `sae-lens-kl sweep`; the paper's 5e-5 is for ~12k steps)."""
     kl_steps: int | None = None
     kl_batch: int = field(default=KL_BATCH_SEQUENCES, metadata={"parse": positive_int})
-    """Sequences per KL-phase step (Adam moves ~lr per step whatever the batch, so at equal tokens
-    smaller batches move the SAE further; chosen with `sae-lens-kl sweep`)."""
+    """Sequences per KL-phase step (Adam's step is scaled by the gradient's running RMS, so its size
+    depends little on the batch: at equal tokens, smaller batches take more steps and, measured on
+    the demo, move the SAE further; chosen with `sae-lens-kl sweep`)."""
     mse_tokens: int | None = None
     eval_tokens: int | None = None
 
@@ -93,10 +94,11 @@ class ExperimentOptions:
 
 @dataclass
 class SweepOptions:
-    lrs: list[float] = field(default_factory=lambda: [5e-5, 1e-4, 2e-4, 5e-4], metadata={"comma": True})
+    lrs: list[float] = field(default_factory=lambda: [1e-4, 2e-4, 4e-4], metadata={"comma": True})
     """Comma-separated KL-phase lrs."""
-    steps: list[int] = field(default_factory=lambda: [24, 48, 96], metadata={"comma": True})
-    """Comma-separated step counts."""
+    steps: list[int] = field(default_factory=lambda: [48, 96, 192], metadata={"comma": True})
+    """Comma-separated step counts (of --kl-batch sequences: at the default 2, 192 steps are the
+    demo's 49,152 tokens)."""
     eval_split: Literal["validation", "test"] = "validation"
     """Held-out sequences every cell is evaluated on: 'validation', as many as the demo's, each
     between two of them over the whole held-out text (with the demo's --eval-tokens, --context-size

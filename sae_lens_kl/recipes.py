@@ -62,8 +62,8 @@ DEMO_HOOK = "blocks.15.hook_resid_post"
 # The KL phase: 192 steps of 2 sequences at lr 4e-4, chosen on the validation split (docs/demo.md)
 # among lr x batch cells of the same 49,152 tokens: at k=32, 8 x 48 at 2e-4 +9.0 points over the
 # MSE-only control [+6.3, +11.6], 2 x 192 at 2e-4 +13.0 [+9.8, +16.1], at 4e-4 +13.1 [+9.0, +17.2].
-# Adam moves each weight ~lr per step whatever the batch, so smaller batches move the SAE further
-# per token; the paper's 5e-5 is for ~12k steps.
+# Adam's step is scaled by the gradient's running RMS, so its size depends little on the batch and
+# smaller batches moved the SAE further per token; the paper's 5e-5 is for ~12k steps.
 DEMO_KL_LR = 4e-4
 KL_BATCH_SEQUENCES = 2
 """Sequences per KL step in the demo, the experiments and the sweeps (`--kl-batch`)."""

@@ -71,7 +71,7 @@ def run_sparsity_sweep(
                 save_dir=out / f"k{k}" / "end_to_end",
                 overwrite=overwrite,
                 evaluator=setup.evaluator,
-                # the MSE phase's lr and batches (as experiment F): training from scratch
+                # the MSE phase's lr (decaying as its own) and batches: training from scratch
                 **{
                     **setup.options,
                     "lr": total_cfg.lr,

@@ -299,6 +299,14 @@ def test_demo_continued_optimizer_with_normalisation(capsys, tmp_path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+def test_experiment_f_with_normalisation(capsys, tmp_path) -> None:
+    # F's short arm continues the MSE phase's Adam (A.1): refused before the model loads
+    args = ["--normalize-activations", "expected_average_only_in", "--b-dec-init", "zeros"]
+    code, err = run(capsys, "experiment", "F", *args, "--out", str(tmp_path / "o"))
+    assert code == 2 and "drop --normalize-activations for it" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_demo_negative_eval_tokens(capsys, tmp_path) -> None:
     code, err = run(capsys, "demo", "--eval-tokens", "-5", "--out", str(tmp_path / "o"))
     assert code == 2 and "--eval-tokens -5 must be >= 0" in err

@@ -363,6 +363,14 @@ def experiment(args: argparse.Namespace) -> None:
 
     if args.seeds < 1:
         raise SystemExit(f"--seeds {args.seeds} must be at least 1.")
+    from sae_lens_kl.experiments import EXPERIMENTS
+
+    if args.normalize_activations != "none" and any(a.one_optimizer for a in EXPERIMENTS[args.name].arms):
+        raise SystemExit(
+            f"Experiment {args.name} carries the MSE phase's Adam into the KL phase (the paper's A.1), "
+            "whose moments are for the normalised weights SAELens rescales at the end; drop "
+            "--normalize-activations for it."
+        )
 
     out = check_out(args.out or f"sae_lens_kl_experiment_{args.name}", args.overwrite)
     assert out is not None
