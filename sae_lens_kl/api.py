@@ -38,7 +38,7 @@ from sae_lens_kl.plan import Plan, make_plan
 from sae_lens_kl.replacement import ReplacementSet
 from sae_lens_kl.report import run_report, save_artifact
 from sae_lens_kl.runs import SpliceRunner
-from sae_lens_kl.splice import frozen
+from sae_lens_kl.splice import frozen, linear_layout
 from sae_lens_kl.stability import weight_stability
 from sae_lens_kl.streams import check_evaluator, data_streams, evaluator_of
 from sae_lens_kl.trainer import (
@@ -258,7 +258,7 @@ def _run(
     plain = all(type(method) is SAEFinetune for method in methods)
     set_metrics = ReplacementSet.of(saes, model, evaluator, cfg, parallel, plain)
     train_started = time.perf_counter()
-    with frozen(model), _wandb_run(cfg, first, parallel):
+    with frozen(model), linear_layout(model), _wandb_run(cfg, first, parallel):
         fitter.fit()
     train_seconds = time.perf_counter() - train_started
     extra: dict[str, Any] = {"compile_blocks": compiling.as_dict()}

@@ -23,7 +23,7 @@ from sae_lens_kl.eval_result import EvalResult, merged_variance, result_of
 from sae_lens_kl.kl import ce_and_kl_per_token, clean_statistics_and_ce, cross_entropy_per_token, kl_per_token
 from sae_lens_kl.parallel import DataParallel
 from sae_lens_kl.runs import CleanRun, SpliceRunner, position_mask
-from sae_lens_kl.splice import HookSite, later_residual_hooks, sae_sites
+from sae_lens_kl.splice import HookSite, later_residual_hooks, linear_layout, sae_sites
 from sae_lens_kl.transcoders import reconstruct
 from sae_lens_kl.vocab import VocabProjection, kl_dtype
 
@@ -245,9 +245,19 @@ class HeldOutEvaluator:
         spliced_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
         spliced_from_start: bool = False,
     ) -> EvalResult:
-        """`spliced_hooks`: what else the spliced model has (LoRA on the LM); the clean model runs
-        without them. `spliced_from_start`: they act before the SAE's block too (LoRA on every
-        block), so the SAE encodes the adapted activation and its MSE is against that."""
+        """The evaluation of `sae`. `spliced_hooks`: what else the spliced model has (LoRA on the
+        LM); the clean model runs without them. `spliced_from_start`: they act before the SAE's
+        block too (LoRA on every block), so the SAE encodes the adapted activation and its MSE is
+        against that."""
+        with linear_layout(self.model):
+            return self._evaluate(sae, spliced_hooks, spliced_from_start)
+
+    def _evaluate(
+        self,
+        sae: SAE[Any],
+        spliced_hooks: Sequence[tuple[str, Callable[..., Any]]],
+        spliced_from_start: bool,
+    ) -> EvalResult:
         if isinstance(sae, TrainingSAE):
             sae = to_inference_sae(sae)
         model = self.model

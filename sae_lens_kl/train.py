@@ -27,6 +27,7 @@ from transformer_lens import HookedTransformer
 from sae_lens_kl.api import kl_finetune
 from sae_lens_kl.config import EVAL_TOKENS
 from sae_lens_kl.data import DataError, DataSource, documents, take, token_sequences
+from sae_lens_kl.splice import linear_layout
 from sae_lens_kl.trainer import StepCallback
 
 
@@ -82,7 +83,7 @@ def mse_phase(
     )
     # The runner's SAE initialisation and activation shuffling draw from torch's global generator:
     # seed it for them, and leave the caller's state as it was.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), linear_layout(model):
         torch.manual_seed(cfg.seed)
         runner = LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model)
         _start_b_dec(runner, b_dec_init)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import D_HEAD, D_MODEL, N_HEADS, random_tokens, tiny_model
 
-from sae_lens_kl.splice import HookSite, hook_width, run_prefix, run_to_output
+from sae_lens_kl.splice import HookSite, hook_width, linear_layout, run_prefix, run_to_output
 from sae_lens_kl.vocab import VocabProjection
 
 HOOKS = [
@@ -90,3 +90,43 @@ def test_softcapped_logits_match_the_model() -> None:
     torch.testing.assert_close(
         projection.logits(out.flatten(0, 1)), logits.flatten(0, 1), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("llama", [False, True])
+def test_linear_layout_avoids_transformer_lens_weight_copies_bit_for_bit(llama: bool) -> None:
+    """Inside `linear_layout` TransformerLens's per-forward `W.T.contiguous()` of a gated MLP's
+    weights is a view (no copy), the forward is bit-identical (the same values reach the same
+    F.linear in the same layout), and on exit every weight has its contiguous layout and its
+    values back, also after a nested use."""
+    overrides = (
+        {
+            "normalization_type": "RMS",
+            "positional_embedding_type": "rotary",
+            "rotary_dim": 8,
+            "gated_mlp": True,
+            "act_fn": "silu",
+            "n_key_value_heads": 2,
+        }
+        if llama
+        else {}
+    )
+    model = tiny_model(**overrides)
+    tokens = random_tokens(2)
+    weights = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    with torch.no_grad():
+        expected = model(tokens)
+        with linear_layout(model):
+            relaid = [name for name, parameter in model.named_parameters() if not parameter.is_contiguous()]
+            with linear_layout(model):
+                inner = model(tokens)
+            assert not any(model.get_parameter(name).is_contiguous() for name in relaid)
+            if llama:
+                gate = model.blocks[0].mlp.W_gate
+                assert gate.T.contiguous().data_ptr() == gate.data_ptr()
+            got = model(tokens)
+    assert "unembed.W_U" in relaid and "blocks.0.attn.W_O" in relaid
+    assert ("blocks.0.attn._W_K" in relaid) == llama and ("blocks.0.mlp.W_gate" in relaid) == llama
+    assert torch.equal(got, expected) and torch.equal(inner, expected)
+    for name, parameter in model.named_parameters():
+        assert parameter.is_contiguous(), name
+        assert torch.equal(parameter, weights[name]), name
