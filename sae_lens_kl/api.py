@@ -26,7 +26,7 @@ from sae_lens_kl.checks import check_lockstep, optimizer_state
 from sae_lens_kl.compile_probe import decide as decide_compile
 from sae_lens_kl.config import KLFinetuneConfig
 from sae_lens_kl.controller import SparsityController
-from sae_lens_kl.data import DataSource
+from sae_lens_kl.data import DataSource, describe
 from sae_lens_kl.eval_result import EvalResult
 from sae_lens_kl.evaluation import HeldOutEvaluator, special_token_ids
 from sae_lens_kl.joint import JointMemberTrainer, JointReplacementStep, check_joint
@@ -365,6 +365,7 @@ def _finish(
         wall_seconds=wall_seconds,
     )
     report["weight_stability"] = weight_stability(job.start, tuned)
+    report["data"] = {"source": describe(job.plan.data), "fingerprint": job.plan.fingerprints["data"]}
     report["start_sae"] = start_source
     report.update(extra)
     tuned.cfg.metadata.kl_finetune = report

@@ -44,7 +44,7 @@ from sae_lens_kl.config import FALLBACK_CONTEXT_SIZE, KL_CHUNK_TOKENS
 from sae_lens_kl.data import DataSource, take, token_sequences
 from sae_lens_kl.kl import CleanStatistics, clean_statistics
 from sae_lens_kl.runs import CleanRun, SpliceRunner
-from sae_lens_kl.splice import HookSite
+from sae_lens_kl.splice import HookSite, linear_layout
 from sae_lens_kl.staging import staged_files
 
 FORMAT_VERSION = 2
@@ -122,7 +122,7 @@ def build_cache(
             for parts in pending.values():
                 parts.clear()
 
-        with torch.no_grad():
+        with torch.no_grad(), linear_layout(model):
             for batch in tqdm(sequences.split(batch_size), desc="Caching clean pass"):
                 run = runner.clean_run(batch)
                 assert run.prefix is not None and run.final is not None

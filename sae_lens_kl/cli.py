@@ -22,6 +22,7 @@ from sae_lens_kl.options import (
     CircuitsOptions,
     Common,
     DemoControls,
+    DemoKLSource,
     DemoModel,
     DemoOptimizer,
     DemoRun,
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         DemoOptimizer,
         model,
         (None, DemoControls, None, {"controls": controls}),
+        DemoKLSource,
         out="sae_lens_kl_demo",
         out_help=output("sae_lens_kl_demo"),
     )

@@ -304,8 +304,8 @@ def _run_arm(
         sae = kl_finetune(
             sae,
             setup.model,
-            stage_data,
-            tokens=len(stage_data) * stage_data.shape[1],
+            setup.kl_source(stage_data, stage),
+            tokens=stage_data.numel(),
             **setup.held_out(),
             save_dir=folder if len(arm.stages) == 1 else folder / f"stage_{index + 1}",
             overwrite=overwrite,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from sae_lens import SAE
 
+from sae_lens_kl.cache import CleanPassCache
 from sae_lens_kl.cli import main
 from sae_lens_kl.recipes import KL_BATCH_SEQUENCES
 
@@ -92,6 +93,14 @@ def test_demo_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path, Pat
     assert report["mse_phase_cached"] is False
     for run in report["runs"].values():
         assert run["training_tokens"] == 2 * KL_BATCH_SEQUENCES * 32
+    # every arm (none reads after the SAE's hook) trained from one clean-pass cache of the KL tokens
+    assert report["kl_clean_pass"] == "clean-pass cache"
+    (cache_json,) = (tmp_path / "cache" / "clean_passes").glob("*/cache.json")
+    cache = CleanPassCache(cache_json.parent)
+    assert cache.n_sequences == 2 * KL_BATCH_SEQUENCES and cache.hook_name == "blocks.1.hook_resid_post"
+    for run in report["runs"].values():
+        assert run["data"]["source"] == f"CleanPassCache {cache.path}"
+    built = cache_json.stat().st_mtime_ns
     # ... which each report names, so `sae-lens-kl saebench --sae after=<run folder>` finds it
     (start,) = {run["start_sae"] for run in report["runs"].values()}
     assert SAE.load_from_disk(start).cfg.d_sae == 64
@@ -100,6 +109,12 @@ def test_demo_at_a_tiny_size(tiny_lm_folder: Path, text_folders: tuple[Path, Pat
     again = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert again["mse_phase_cached"] is True
     assert again["runs"]["KL+MSE"]["after"] == report["runs"]["KL+MSE"]["after"]
+    assert cache_json.stat().st_mtime_ns == built  # ... from the clean-pass cache the first run built
+    # --no-kl-cache: the clean pass at every step, from the tokens
+    assert main([*args, "--out", str(tmp_path / "online"), "--no-control", "--no-kl-cache"]) == 0
+    online = json.loads((tmp_path / "online" / "report.json").read_text())
+    assert online["kl_clean_pass"] == "every step"
+    assert online["runs"]["KL+MSE"]["data"]["source"] == f"token tensor {(2 * KL_BATCH_SEQUENCES, 32)}"
 
 
 def test_demo_can_continue_the_mse_phase_optimizer(

@@ -18,12 +18,14 @@ import torch
 from sae_lens import LanguageModelSAERunnerConfig, TrainingSAE
 from sae_lens.constants import TRAINER_STATE_FILENAME
 
+from sae_lens_kl.cache import CACHE_FILENAME, FORMAT_VERSION, CleanPassCache, build_cache
 from sae_lens_kl.checkpoints import sae_fingerprint
 from sae_lens_kl.commands.common import SINK_NOTE, check_out, text_or_corpus
 from sae_lens_kl.config import KL_CHUNK_TOKENS, LOSS_MODES
 from sae_lens_kl.data import token_sequences
 from sae_lens_kl.evaluation import HeldOutEvaluator
 from sae_lens_kl.intervals import format_interval
+from sae_lens_kl.losses import OBJECTIVES
 from sae_lens_kl.models import cache_root, load_model
 from sae_lens_kl.recipes import DEMO_MSE_RECIPE, DEMO_SIZES, QUICK_SIZES, MSERecipe
 from sae_lens_kl.report import History, write_report
@@ -126,6 +128,9 @@ class DemoSetup:
     eval_split: str = "test"
     """Which held-out sequences the evaluator holds: the demo's ('test') or the sweep's
     ('validation', the sequences between the demo's)."""
+    kl_cache: bool = False
+    """Whether fine-tunes whose loss reads nothing after the SAE's hook train from a clean-pass
+    cache of their KL-phase tokens (`kl_source`) instead of running the clean pass every step."""
 
     @property
     def sinks(self) -> int:
@@ -157,6 +162,42 @@ class DemoSetup:
             lr_decay_fraction=0.0 if constant_lr else recipe.lr_decay_fraction,
         )
         return recipe.runner_config(self.model, self.runner_cfg.hook_name, self.runner_cfg.dataset_path)
+
+    def kl_source(self, sequences: torch.Tensor, stage: dict[str, Any]) -> torch.Tensor | CleanPassCache:
+        """What a fine-tune stage with options `stage` reads its KL-phase `sequences` from: with
+        `kl_cache`, and when the stage sets nothing but a loss that reads nothing after the SAE's
+        hook, their clean-pass cache (cache.py: the residual entering the SAE's block, the SAE's
+        input and the clean next-token distribution's statistics, so that a KL step runs only the
+        spliced suffix and an MSE-only step only the SAE; the same KL and gradients to float
+        rounding), built on first use in the cache folder and read by every later run on the
+        same tokens; otherwise the sequences themselves."""
+        loss = stage.get("loss", "kl+mse")
+        if not self.kl_cache or set(stage) - {"loss"} or OBJECTIVES[loss].takes_downstream_hooks:
+            return sequences
+        model, hook = self.model, self.runner_cfg.hook_name
+        key_fields = {
+            "format": FORMAT_VERSION,
+            "model": [model.cfg.model_name, model.cfg.d_model, model.cfg.n_layers, str(model.cfg.dtype)],
+            "hook": hook,
+            "bos": bool(self.runner_cfg.prepend_bos),
+            "tokens": hashlib.sha1(sequences.numpy().tobytes()).hexdigest(),
+            "shape": list(sequences.shape),
+        }
+        key = hashlib.sha1(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+        folder = cache_root() / "clean_passes" / key
+        if (folder / CACHE_FILENAME).is_file():
+            return CleanPassCache(folder)
+        return build_cache(
+            model,
+            sequences,
+            hook,
+            folder,
+            tokens=sequences.numel(),
+            context_size=sequences.shape[1],
+            prepend_bos=bool(self.runner_cfg.prepend_bos),
+            chunk_tokens=self.options["kl_chunk_tokens"],
+            overwrite=True,  # an interrupted build's folder (no cache.json)
+        )
 
     def check_fits(self, tokens: int) -> None:
         """Refuse, before any training, a run that reads more training tokens than the data holds
@@ -285,6 +326,7 @@ def demo(args: argparse.Namespace) -> None:
     assert out is not None
     setup = demo_setup(args)
     setup.check_fits(setup.runner_cfg.training_tokens + setup.kl_tokens)
+    setup.kl_cache = not args.no_kl_cache
     model, train_data, runner_cfg = setup.model, setup.train_data, setup.runner_cfg
     hook, sinks, kl_tokens = args.hook, setup.sinks, setup.kl_tokens
     batch_size, context_size = setup.options["batch_size"], args.context_size
@@ -310,7 +352,11 @@ def demo(args: argparse.Namespace) -> None:
         start_sae=str(mse_cache_folder(runner_cfg, setup.recipe.b_dec_init)),
     )
     runs = {name: seeds[0][-1] for name, seeds in result["reports"].items()}
-    extra: dict[str, Any] = {"mse_phase_cached": cached, "kl_tokens_share_of_run": kl_tokens / total}
+    extra: dict[str, Any] = {
+        "mse_phase_cached": cached,
+        "kl_tokens_share_of_run": kl_tokens / total,
+        "kl_clean_pass": "clean-pass cache" if setup.kl_cache else "every step",
+    }
     if result["intervals"] is not None:
         # every run was evaluated on the same held-out sequences: paired intervals
         extra["intervals"] = result["intervals"][setup.recipe.architecture]
@@ -318,6 +364,12 @@ def demo(args: argparse.Namespace) -> None:
         f"Model: {model.cfg.model_name}; SAE: TopK k={args.k}, d_sae={args.d_sae} at {hook}, MSE-trained "
         f"with SAELens's runner on {args.mse_tokens:,} tokens of {train_data}.",
         f"KL phase: {kl_tokens:,} tokens = {kl_tokens / total:.1%} of the run's {total:,}.",
+        (
+            f"KL phase's clean pass: read from a clean-pass cache under {cache_root() / 'clean_passes'} "
+            "(built by the first run on these tokens; --no-kl-cache runs it at every step)."
+            if setup.kl_cache
+            else "KL phase's clean pass: run at every step (--no-kl-cache)."
+        ),
         *_interval_notes(extra.get("intervals")),
         *(
             [
