@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         (None, ExperimentOptions, None, {"quick": quick}),
         run,
         model,
+        DemoKLSource,
         out=None,
         out_help=output("sae_lens_kl_experiment_<name>"),
     )

@@ -190,6 +190,9 @@ def run_experiment(
             "kl_tokens": setup.kl_tokens,
             "seeds": seeds,
             "options": setup.options,
+            # arms whose stages set only a loss that reads nothing after the SAE's hook train from
+            # a clean-pass cache of their tokens (DemoSetup.kl_source; each report names its data)
+            "kl_clean_pass_cache": setup.kl_cache,
         },
         "arms": rows,
         # per arm: one list of stage reports per seed

@@ -84,11 +84,12 @@ class DemoControls:
 @dataclass
 class DemoKLSource:
     no_kl_cache: bool = False
-    """Run every arm's clean pass at every KL step, as the sweep and the experiments do, instead
-    of reading the KL phase's tokens from a clean-pass cache (the residual entering the SAE's
-    block, the SAE's input and the clean distribution's statistics: the same KL and gradients to
-    float rounding), built by the first run (~340 MB in the cache folder at the demo's size) and
-    read by the KL+MSE arm and the controls that read nothing after the SAE's hook."""
+    """Run the clean pass at every KL step, as the sweep does, instead of reading the KL phase's
+    tokens from a clean-pass cache (the residual entering the SAE's block, the SAE's input and the
+    clean distribution's statistics: the same KL and gradients to float rounding), built by the
+    first run on those tokens (~340 MB per 49,152 tokens in the cache folder) and read by every
+    arm that changes only the loss, to one that reads nothing after the SAE's hook (adapters,
+    LoRA and e2e+ds arms run the clean pass at every step)."""
 
 
 @dataclass

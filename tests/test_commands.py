@@ -11,6 +11,7 @@ from sae_lens import SAE
 
 from sae_lens_kl.cache import CleanPassCache
 from sae_lens_kl.cli import main
+from sae_lens_kl.losses import OBJECTIVES
 from sae_lens_kl.recipes import KL_BATCH_SEQUENCES
 
 TRAIN_SIZES = [
@@ -206,6 +207,12 @@ def test_each_experiment_at_a_tiny_size(
         if arm.kl_fraction is None:  # every arm from the same MSE-phase SAE of its architecture
             share = len(arm.stages) if arm.split_budget else 1  # a two-stage arm splits the budget
             assert reports[0]["training_tokens"] == 2 * KL_BATCH_SEQUENCES * 32 // share
+            # arms that change only the loss, to one that reads nothing after the hook, train from the
+            # clean-pass cache of the KL tokens; the others (adapters, LoRA, e2e+ds) from the tokens
+            for stage, report in zip(arm.stages, reports, strict=True):
+                loss = stage.get("loss", "kl+mse")
+                cached = set(stage) <= {"loss"} and not OBJECTIVES[loss].takes_downstream_hooks
+                assert report["data"]["source"].startswith("CleanPassCache" if cached else "token tensor")
         if arm.one_optimizer:  # A.1: one constant lr; the KL phase continues the MSE phase's Adam
             config = reports[0]["config"]
             assert config["lr_schedule"] == "constant"

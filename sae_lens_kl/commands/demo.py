@@ -436,6 +436,7 @@ def experiment(args: argparse.Namespace) -> None:
         return cached_mse_sae(runner_cfg, setup.model, setup.train_data, setup.recipe.b_dec_init)[0]
 
     setup.check_fits(tokens_needed(setup, args.seeds))
+    setup.kl_cache = not args.no_kl_cache
     run_experiment(args.name, setup, mse_sae_for, out, overwrite=args.overwrite, seeds=args.seeds)
     print((out / "experiment.md").read_text())
     print(f"wrote {out / 'experiment.json'}, {out / 'experiment.md'}, {out / 'experiment.png'}")
