@@ -1,11 +1,12 @@
-"""What `splice.linear_layout` saves: TransformerLens 3.9.0 copies every gated-MLP weight, the
-attention's W_Q/K/V/O and the unembedding into another layout at every forward; inside
-`linear_layout` those copies are views. Measured on the demo's model (the offline SmolLM2-135M)
-at the demo's KL batch (2 x 128 tokens, random token ids: speed does not depend on them), the
-three passes of an online KL step: the clean forward (no grad), the spliced suffix from the SAE's
-block forward and its backward to the activation (the LM frozen). Each pass alternates the usual
-layout and `linear_layout` after a warm-up (median of --repeats), and their outputs and gradients
-are checked bit for bit first (the script exits if they differ).
+"""What `splice.linear_layout` saves: TransformerLens 3.9.0 copies every gated-MLP weight and the
+attention's W_Q/K/V/O into another layout at every forward; inside `linear_layout` those copies
+are views. Measured on the demo's model (the offline SmolLM2-135M) at the demo's KL batch (2 x 128
+tokens, random token ids: speed does not depend on them), the two passes of an online KL step
+that run the LM's blocks: the clean forward to the final norm (no grad; the logits are
+VocabProjection's, untouched) and the spliced suffix from the SAE's block, forward and backward
+to the activation (the LM frozen). Each pass alternates the usual layout and `linear_layout`
+after a warm-up (median of --repeats); outputs and gradients are first checked bit for bit (the
+script exits if they differ).
 
     python benchmarks/linear_layout.py --threads 2
     python benchmarks/linear_layout.py --threads 2 --batch 8    # the demo's batch before December 5
@@ -45,9 +46,9 @@ def main() -> None:
         prefix = run_prefix(model, tokens, site)
         acts = run_to_output(model, tokens, prefix, site)[1]
 
-    def clean() -> torch.Tensor:
+    def clean() -> torch.Tensor:  # as the fine-tune's clean pass: to the final norm (no unembedding)
         with torch.no_grad():
-            return model(tokens)
+            return run_to_output(model, tokens, run_prefix(model, tokens, site), site)[0]
 
     def spliced() -> torch.Tensor:
         replaced = acts.clone().requires_grad_(True)

@@ -16,6 +16,7 @@ from transformer_lens.hook_points import HookedRootModule
 
 from sae_lens_kl import save_dir as owned
 from sae_lens_kl.architectures import SPARSITY_COEFFICIENT
+from sae_lens_kl.cache import CleanPassCache
 from sae_lens_kl.checkpoints import (
     CHECKPOINTS_DIRNAME,
     common_checkpoints,
@@ -146,7 +147,9 @@ def kl_finetune(
     # one writer per save_dir, from here (every check passed) to the artifact
     top = plans[0].save_dir
     writer_lock = owned.exclusive(top) if top is not None and parallel.is_main else nullcontext()
-    with writer_lock, torch.random.fork_rng(devices=cuda_devices):
+    # the LM's weights in the layout TransformerLens copies them into (splice.linear_layout) from
+    # before the runners hold the unembedding and the compile probe times the blocks
+    with writer_lock, torch.random.fork_rng(devices=cuda_devices), linear_layout(model):
         tuned = _run(saes, model, plans, eval_data, evaluator, callbacks, overwrite, parallel, starts)
     return tuned[0] if isinstance(sae, SAE) else tuned
 
@@ -258,7 +261,7 @@ def _run(
     plain = all(type(method) is SAEFinetune for method in methods)
     set_metrics = ReplacementSet.of(saes, model, evaluator, cfg, parallel, plain)
     train_started = time.perf_counter()
-    with frozen(model), linear_layout(model), _wandb_run(cfg, first, parallel):
+    with frozen(model), _wandb_run(cfg, first, parallel):
         fitter.fit()
     train_seconds = time.perf_counter() - train_started
     extra: dict[str, Any] = {"compile_blocks": compiling.as_dict()}
@@ -270,6 +273,12 @@ def _run(
     ]
     parallel.barrier()  # every rank returns once rank 0 has written the artifacts
     return tuned
+
+
+def _source(data: DataSource) -> str:
+    """The report's name for the data: describe()'s, with a clean-pass cache's folder."""
+    path = getattr(data, "path", None)
+    return f"{describe(data)} {path}" if isinstance(data, CleanPassCache) else describe(data)
 
 
 def _prepare(
@@ -365,7 +374,7 @@ def _finish(
         wall_seconds=wall_seconds,
     )
     report["weight_stability"] = weight_stability(job.start, tuned)
-    report["data"] = {"source": describe(job.plan.data), "fingerprint": job.plan.fingerprints["data"]}
+    report["data"] = {"source": _source(job.plan.data), "fingerprint": job.plan.fingerprints["data"]}
     report["start_sae"] = start_source
     report.update(extra)
     tuned.cfg.metadata.kl_finetune = report

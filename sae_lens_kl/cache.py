@@ -83,6 +83,40 @@ def build_cache(
 ) -> CleanPassCache:
     """Run `model` once over the first `tokens` tokens of `data` and store the clean pass
     (`chunk_tokens`: tokens per vocabulary-sized chunk when forming the clean statistics)."""
+    # the LM's weights in the layout TransformerLens copies them into, before the runner holds
+    # the unembedding (splice.linear_layout)
+    with linear_layout(model):
+        return _build_cache(
+            model,
+            data,
+            hook_name,
+            out_dir,
+            tokens=tokens,
+            context_size=context_size,
+            prepend_bos=prepend_bos,
+            hook_head_index=hook_head_index,
+            batch_size=batch_size,
+            shard_sequences=shard_sequences,
+            chunk_tokens=chunk_tokens,
+            overwrite=overwrite,
+        )
+
+
+def _build_cache(
+    model: HookedTransformer,
+    data: DataSource,
+    hook_name: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    tokens: int,
+    context_size: int = FALLBACK_CONTEXT_SIZE,
+    prepend_bos: bool = True,
+    hook_head_index: int | None = None,
+    batch_size: int = 8,
+    shard_sequences: int = 256,
+    chunk_tokens: int = KL_CHUNK_TOKENS,
+    overwrite: bool = False,
+) -> CleanPassCache:
     site = HookSite.for_model(model, hook_name, hook_head_index)
     if not isinstance(model, HookedTransformer) or site.block is None:
         raise ValueError("A clean-pass cache needs a HookedTransformer and a hook inside a block.")
@@ -122,7 +156,7 @@ def build_cache(
             for parts in pending.values():
                 parts.clear()
 
-        with torch.no_grad(), linear_layout(model):
+        with torch.no_grad():
             for batch in tqdm(sequences.split(batch_size), desc="Caching clean pass"):
                 run = runner.clean_run(batch)
                 assert run.prefix is not None and run.final is not None

@@ -34,8 +34,7 @@ def describe(data: DataSource) -> str:
         return f"token tensor {tuple(data.shape)}"
     if isinstance(data, (list, tuple)):
         return f"{len(data)} items"
-    path = getattr(data, "path", None)  # a clean-pass cache
-    return f"{type(data).__name__} {path}" if isinstance(path, Path) else type(data).__name__
+    return type(data).__name__
 
 
 def check_data_kind(data: Any) -> None:

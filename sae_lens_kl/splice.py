@@ -19,7 +19,7 @@ import torch
 from sae_lens import SAE
 from torch.utils.checkpoint import checkpoint
 from transformer_lens import HookedTransformer
-from transformer_lens.components import AbstractAttention, GatedMLP, Unembed
+from transformer_lens.components import AbstractAttention, GatedMLP
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
 from sae_lens_kl.transcoders import is_transcoder
@@ -305,14 +305,14 @@ def _read_orders(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     forward before its F.linear, each with the order in which that copy reads its dimensions:
     GatedMLP's `W.T.contiguous()`, attention's W_Q/K/V rearranged to [(head d_head), d_model] and
     W_O to [d_model, (head d_head)] (simple_attn_linear; only on the F.linear paths: not with
-    split q/k/v inputs, attn_in or per-head results), Unembed's `W_U.T.contiguous()`."""
+    split q/k/v inputs, attn_in or per-head results). Not the unembedding (Unembed copies W_U too,
+    but this package's runs stop before it and form logits with `VocabProjection`, whose products
+    keep W_U's own layout)."""
     cfg = getattr(module, "cfg", None)
     if cfg is None or getattr(cfg, "load_in_4bit", False):
         return {}
     if isinstance(module, GatedMLP):
         return {"W_gate": (1, 0), "W_in": (1, 0), "W_out": (1, 0)}
-    if isinstance(module, Unembed):
-        return {"W_U": (1, 0)}
     if isinstance(module, AbstractAttention):
         orders: dict[str, tuple[int, ...]] = {}
         if not (cfg.use_split_qkv_input or cfg.use_attn_in):
@@ -327,24 +327,22 @@ def _read_orders(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 def linear_layout(model: HookedRootModule) -> Iterator[None]:
     """While in the block, the LM's weights that TransformerLens 3.9.0 re-lays out at every forward
     (`_read_orders`) are stored in the layout it makes, so that its copy is a no-op view: at the
-    demo's 2 x 128-token KL step those copies were ~16 % of the step (docs/performance.md). The
+    demo's 2 x 128-token KL step those copies were ~16 % of the step (benchmarks/linear_layout.py). The
     same values reach the same F.linear in the same layout, so every forward is bit-identical; on
     exit each weight gets its usual contiguous layout back (values never change). Nested uses
     leave the outer one's layout alone."""
     relaid: list[torch.nn.Parameter] = []
-    for module in model.modules():
-        for name, order in _read_orders(module).items():
-            parameter = module._parameters.get(name)
-            if (
-                parameter is None
-                or not parameter.is_floating_point()
-                or parameter.permute(order).is_contiguous()
-            ):
-                continue
-            back = tuple(sorted(range(len(order)), key=order.__getitem__))
-            parameter.data = parameter.data.permute(order).contiguous().permute(back)
-            relaid.append(parameter)
-    try:
+    try:  # a failure while laying out (out of memory) restores what was laid out already
+        for module in model.modules():
+            for name, order in _read_orders(module).items():
+                parameter = module._parameters.get(name)
+                if parameter is None or not parameter.is_floating_point():
+                    continue
+                if parameter.permute(order).is_contiguous():  # already laid out (a nested use)
+                    continue
+                back = tuple(sorted(range(len(order)), key=order.__getitem__))
+                parameter.data = parameter.data.permute(order).contiguous().permute(back)
+                relaid.append(parameter)
         yield
     finally:
         for parameter in relaid:

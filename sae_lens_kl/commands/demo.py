@@ -187,6 +187,7 @@ class DemoSetup:
         folder = cache_root() / "clean_passes" / key
         if (folder / CACHE_FILENAME).is_file():
             return CleanPassCache(folder)
+        shutil.rmtree(folder, ignore_errors=True)  # an interrupted build's shards (no cache.json)
         return build_cache(
             model,
             sequences,
@@ -196,7 +197,6 @@ class DemoSetup:
             context_size=sequences.shape[1],
             prepend_bos=bool(self.runner_cfg.prepend_bos),
             chunk_tokens=self.options["kl_chunk_tokens"],
-            overwrite=True,  # an interrupted build's folder (no cache.json)
         )
 
     def check_fits(self, tokens: int) -> None:
