@@ -175,9 +175,14 @@ class DemoSetup:
         if not self.kl_cache or set(stage) - {"loss"} or OBJECTIVES[loss].takes_downstream_hooks:
             return sequences
         model, hook = self.model, self.runner_cfg.hook_name
+        # two local models of one name and shape (checkpoints of one run) differ in their weights
+        weights = hashlib.sha1()
+        for parameter in model.parameters():
+            weights.update(parameter.detach().flatten()[:64].cpu().numpy().tobytes())
         key_fields = {
             "format": FORMAT_VERSION,
             "model": [model.cfg.model_name, model.cfg.d_model, model.cfg.n_layers, str(model.cfg.dtype)],
+            "weights": weights.hexdigest(),
             "hook": hook,
             "bos": bool(self.runner_cfg.prepend_bos),
             "tokens": hashlib.sha1(sequences.numpy().tobytes()).hexdigest(),
