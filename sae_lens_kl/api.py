@@ -147,8 +147,8 @@ def kl_finetune(
     # one writer per save_dir, from here (every check passed) to the artifact
     top = plans[0].save_dir
     writer_lock = owned.exclusive(top) if top is not None and parallel.is_main else nullcontext()
-    # the LM's weights in the layout TransformerLens copies them into (splice.linear_layout) from
-    # before the runners hold the unembedding and the compile probe times the blocks
+    # the LM's weights in the layout TransformerLens copies them into (splice.linear_layout), from
+    # before the compile probe times the blocks to the evaluation after
     with writer_lock, torch.random.fork_rng(devices=cuda_devices), linear_layout(model):
         tuned = _run(saes, model, plans, eval_data, evaluator, callbacks, overwrite, parallel, starts)
     return tuned[0] if isinstance(sae, SAE) else tuned
@@ -277,8 +277,7 @@ def _run(
 
 def _source(data: DataSource) -> str:
     """The report's name for the data: describe()'s, with a clean-pass cache's folder."""
-    path = getattr(data, "path", None)
-    return f"{describe(data)} {path}" if isinstance(data, CleanPassCache) else describe(data)
+    return f"{describe(data)} {data.path}" if isinstance(data, CleanPassCache) else describe(data)
 
 
 def _prepare(

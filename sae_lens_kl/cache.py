@@ -95,71 +95,69 @@ def build_cache(
     sequences = take(token_sequences(data, model, context_size, prepend_bos), n_seq)
     if sequences is None:
         raise ValueError(f"The data holds fewer than {n_seq} sequences of {context_size} tokens.")
-    # the LM's weights in the layout TransformerLens copies them into, before the runner holds
-    # the unembedding (splice.linear_layout)
-    with linear_layout(model):
-        runner = SpliceRunner(model, site)
-        probe_width = runner.clean_run(sequences[:1, :2]).acts.shape[-1]
-        statistics = runner.projection.supports_statistics
-        size = estimate_bytes(model, site, probe_width, n_seq * context_size, statistics)
-        print(
-            f"clean-pass cache: {n_seq} sequences x {context_size} tokens at {hook_name}, about "
-            f"{size / 2**30:.2f} GiB on disk in {out}"
-        )
+    runner = SpliceRunner(model, site)
+    probe_width = runner.clean_run(sequences[:1, :2]).acts.shape[-1]
+    statistics = runner.projection.supports_statistics
+    size = estimate_bytes(model, site, probe_width, n_seq * context_size, statistics)
+    print(
+        f"clean-pass cache: {n_seq} sequences x {context_size} tokens at {hook_name}, about "
+        f"{size / 2**30:.2f} GiB on disk in {out}"
+    )
 
-        shards: list[str] = []
-        # cache.json is renamed into place last: a folder without it is never read as a cache.
-        with staged_files(out, last=CACHE_FILENAME) as staging:
-            clean_fields = STATISTICS_FIELDS if statistics else ("final",)
-            pending: dict[str, list[torch.Tensor]] = {
-                name: [] for name in ("tokens", "residual", "acts", *clean_fields)
-            }
+    shards: list[str] = []
+    # cache.json is renamed into place last: a folder without it is never read as a cache.
+    with staged_files(out, last=CACHE_FILENAME) as staging:
+        clean_fields = STATISTICS_FIELDS if statistics else ("final",)
+        pending: dict[str, list[torch.Tensor]] = {
+            name: [] for name in ("tokens", "residual", "acts", *clean_fields)
+        }
 
-            def flush() -> None:
-                if not pending["tokens"]:
-                    return
-                tensors = {name: torch.cat(parts).contiguous() for name, parts in pending.items() if parts}
-                name = f"shard_{len(shards):05d}.safetensors"
-                save_file(tensors, staging / name)
-                shards.append(name)
-                for parts in pending.values():
-                    parts.clear()
+        def flush() -> None:
+            if not pending["tokens"]:
+                return
+            tensors = {name: torch.cat(parts).contiguous() for name, parts in pending.items() if parts}
+            name = f"shard_{len(shards):05d}.safetensors"
+            save_file(tensors, staging / name)
+            shards.append(name)
+            for parts in pending.values():
+                parts.clear()
 
-            with torch.no_grad():
-                for batch in tqdm(sequences.split(batch_size), desc="Caching clean pass"):
-                    run = runner.clean_run(batch)
-                    assert run.prefix is not None and run.final is not None
-                    pending["tokens"].append(run.tokens.cpu())
-                    pending["residual"].append(run.prefix.residual.cpu())
-                    if _stores_acts(hook_name):
-                        pending["acts"].append(run.acts.cpu())
-                    if statistics:
-                        stats = clean_statistics(run.final, runner.projection, chunk_tokens)
-                        pending["clean_unembed_mean"].append(stats.unembed_mean.cpu())
-                        pending["clean_bias_mean"].append(stats.bias_mean.cpu())
-                        pending["clean_neg_entropy"].append(stats.neg_entropy.cpu())
-                    else:
-                        pending["final"].append(run.final.cpu())
-                    if sum(len(t) for t in pending["tokens"]) >= shard_sequences:
-                        flush()
-                flush()
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "model_name": model.cfg.model_name,
-                "hook_name": hook_name,
-                "hook_head_index": hook_head_index,
-                "block": site.block,
-                "context_size": context_size,
-                "prepend_bos": prepend_bos,
-                "dtype": str(model.cfg.dtype).removeprefix("torch."),
-                "d_model": model.cfg.d_model,
-                "d_in": probe_width,
-                "clean_distribution": "statistics" if statistics else "final",
-                "n_sequences": n_seq,
-                "shards": shards,
-            }
-            (staging / CACHE_FILENAME).write_text(json.dumps(meta, indent=2))
-        return CleanPassCache(out)
+        # the LM's weights in the layout TransformerLens copies them into (splice.linear_layout)
+        with torch.no_grad(), linear_layout(model):
+            for batch in tqdm(sequences.split(batch_size), desc="Caching clean pass"):
+                run = runner.clean_run(batch)
+                assert run.prefix is not None and run.final is not None
+                pending["tokens"].append(run.tokens.cpu())
+                pending["residual"].append(run.prefix.residual.cpu())
+                if _stores_acts(hook_name):
+                    pending["acts"].append(run.acts.cpu())
+                if statistics:
+                    stats = clean_statistics(run.final, runner.projection, chunk_tokens)
+                    pending["clean_unembed_mean"].append(stats.unembed_mean.cpu())
+                    pending["clean_bias_mean"].append(stats.bias_mean.cpu())
+                    pending["clean_neg_entropy"].append(stats.neg_entropy.cpu())
+                else:
+                    pending["final"].append(run.final.cpu())
+                if sum(len(t) for t in pending["tokens"]) >= shard_sequences:
+                    flush()
+            flush()
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model_name": model.cfg.model_name,
+            "hook_name": hook_name,
+            "hook_head_index": hook_head_index,
+            "block": site.block,
+            "context_size": context_size,
+            "prepend_bos": prepend_bos,
+            "dtype": str(model.cfg.dtype).removeprefix("torch."),
+            "d_model": model.cfg.d_model,
+            "d_in": probe_width,
+            "clean_distribution": "statistics" if statistics else "final",
+            "n_sequences": n_seq,
+            "shards": shards,
+        }
+        (staging / CACHE_FILENAME).write_text(json.dumps(meta, indent=2))
+    return CleanPassCache(out)
 
 
 class CleanPassCache:
