@@ -67,12 +67,12 @@ def main() -> None:
             "ce_gap": round(result.ce_gap, 4),
             "mse": round(result.mse, 1),
         }
-        print(
-            json.dumps(
-                {"threads": torch.get_num_threads(), "eval_tokens": args.eval_tokens, "runs": rows}, indent=1
-            ),
-            flush=True,
-        )
+    print(
+        json.dumps(
+            {"threads": torch.get_num_threads(), "eval_tokens": args.eval_tokens, "runs": rows}, indent=1
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
