@@ -332,6 +332,7 @@ def runner_config(
     dead_feature_window: int | None = None,
     lr_decay_fraction: float = 0.0,
     normalize_activations: str = "none",
+    l1_coefficient: float | None = None,
 ) -> LanguageModelSAERunnerConfig[Any]:
     """A SAELens runner config for an SAE of `architecture` at `hook` of `model`, with the settings
     this package's MSE phases use: BOS per sequence, special tokens and the first `sink_positions`
@@ -343,7 +344,9 @@ def runner_config(
     the steps decays the lr linearly to 0 (SAELens's lr_decay_steps; with its constant scheduler
     sae-lens 6.54.12 decays from lr to 0, its lr_end applying to cosine annealing only).
     `normalize_activations`: SAELens's SAE input normalisation ('none' or
-    'expected_average_only_in', whose factor SAELens folds into the weights after training)."""
+    'expected_average_only_in', whose factor SAELens folds into the weights after training).
+    `l1_coefficient`: the L1 penalty of an architecture that has one (SAELens's standard SAE; None:
+    SAELens's default); an architecture without one (TopK) ignores it."""
     steps = tokens // batch_tokens
     _, sae_cfg_cls = get_sae_training_class(architecture)
     sae_fields: dict[str, Any] = {
@@ -354,6 +357,8 @@ def runner_config(
     if "topk" in architecture:
         # TopK and AbsTopK take an integer k, the batch variants a mean k per row
         sae_fields["k"] = int(k) if architecture in ("topk", "abstopk") else k
+    if l1_coefficient is not None and "l1_coefficient" in {f.name for f in dataclasses.fields(sae_cfg_cls)}:
+        sae_fields["l1_coefficient"] = l1_coefficient
     return LanguageModelSAERunnerConfig(
         sae=sae_cfg_cls(**sae_fields),
         model_name=model.cfg.model_name,

@@ -236,3 +236,16 @@ def test_runner_config_mixes_the_recipes_sequences() -> None:
     # a run shorter than the buffer mixes its own sequences; never less than one training batch
     assert mixing_buffer_sequences(2_048, 32, 0, 256) == 64
     assert mixing_buffer_sequences(512, 32, 2, 512) == 18
+
+
+def test_the_recipes_l1_coefficient_reaches_saelens_where_the_architecture_has_one() -> None:
+    import dataclasses
+
+    from sae_lens_kl.recipes import DEMO_MSE_RECIPE
+
+    model = tiny_model()
+    for architecture, expected in (("standard", 7.5), ("topk", None)):
+        recipe = dataclasses.replace(DEMO_MSE_RECIPE, architecture=architecture, l1_coefficient=7.5)
+        cfg = recipe.runner_config(model, "blocks.0.hook_resid_pre", dataset_name="unused")
+        # SAELens's standard SAE takes the recipe's penalty (not its default 1.0); TopK has none
+        assert getattr(cfg.sae, "l1_coefficient", None) == expected
