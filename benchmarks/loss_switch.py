@@ -48,7 +48,7 @@ def main() -> None:
     folder = mse_cache_folder(runner_cfg, setup.recipe.b_dec_init)
     tokens = args.batch * runner_cfg.context_size
     batch, _ = kl_phase_sequences(
-        runner_cfg, setup.model, setup.train_data, runner_cfg.training_tokens, tokens
+        runner_cfg, setup.model, setup.train_data, runner_cfg.training_tokens, tokens, setup.recipe.b_dec_init
     )
 
     def one_step(loss: str, adam: str, lr: float) -> Any:

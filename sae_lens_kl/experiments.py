@@ -207,9 +207,9 @@ def run_experiment(
 
 
 def tokens_needed(setup: Any, seeds: int) -> int:
-    """Training tokens an experiment reads: the MSE phase's and, after them, one KL-phase block
-    per seed."""
-    return setup.runner_cfg.training_tokens + seeds * setup.kl_tokens
+    """Training tokens an experiment reads after every sequence the MSE phase reads: one KL-phase
+    block per seed."""
+    return seeds * setup.kl_tokens
 
 
 def _add_intervals(
@@ -297,8 +297,10 @@ def _run_arm(
         runner_cfg,
         setup.model,
         setup.train_data,
-        runner_cfg.training_tokens + seed * setup.kl_tokens,
+        runner_cfg.training_tokens,
         setup.kl_tokens,
+        setup.recipe.b_dec_init,
+        skip_tokens=seed * setup.kl_tokens,
     )
     reports = []
     parts = kl_data.chunk(len(arm.stages)) if arm.split_budget else [kl_data] * len(arm.stages)

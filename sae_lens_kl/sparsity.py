@@ -54,7 +54,12 @@ def run_sparsity_sweep(
         runner_cfg = setup.runner_config_for("topk", k=k)
         mse_sae, mse_seconds = mse_sae_for_k(k)
         kl_data, _ = kl_phase_sequences(
-            runner_cfg, setup.model, setup.train_data, runner_cfg.training_tokens, kl_tokens
+            runner_cfg,
+            setup.model,
+            setup.train_data,
+            runner_cfg.training_tokens,
+            kl_tokens,
+            setup.recipe.b_dec_init,
         )
         print(f"k={k}: KL+MSE and the MSE-only control")
         afters, arm_seconds = kl_and_control(setup, mse_sae, kl_data, out / f"k{k}", overwrite=overwrite)

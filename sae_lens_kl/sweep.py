@@ -42,6 +42,7 @@ def run_sweep(
         setup.train_data,
         runner_cfg.training_tokens,
         max(steps) * batch_size * context_size,
+        setup.recipe.b_dec_init,
     )
     before = setup.evaluator(mse_sae)
     cells = []

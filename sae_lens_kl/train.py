@@ -22,6 +22,7 @@ from sae_lens import (
 )
 from sae_lens.constants import TRAINER_STATE_FILENAME
 from sae_lens.registry import get_sae_training_class
+from sae_lens.util import get_special_token_ids
 from transformer_lens import HookedTransformer
 
 from sae_lens_kl.api import kl_finetune
@@ -241,7 +242,7 @@ def _kl_phase(
         )
     start = mse_sae if mse_sae is not None else fresh_sae(runner_cfg, model, data, b_dec_init)
     context_size = runner_cfg.context_size
-    kl_sequences, stream = kl_phase_sequences(runner_cfg, model, data, mse_tokens, kl_tokens)
+    kl_sequences, stream = kl_phase_sequences(runner_cfg, model, data, mse_tokens, kl_tokens, b_dec_init)
     n_seq = len(kl_sequences)
     if eval_data is None and kl_options.get("evaluator") is None:
         # Held out: the sequences after the KL phase's, never trained on by either phase.
@@ -278,22 +279,73 @@ def kl_phase_sequences(
     data: DataSource,
     mse_tokens: int,
     kl_tokens: int,
+    b_dec_init: str = "zeros",
+    skip_tokens: int = 0,
 ) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
-    """The KL phase's token sequences [n, context_size]: those after the sequences an MSE phase of
-    `mse_tokens` consumed (SAELens's store packs sequences the same way; its read-ahead buffer makes
-    the boundary approximate), and the stream of the sequences after them."""
+    """The KL phase's token sequences [n, context_size]: those after every sequence an MSE phase of
+    `mse_tokens` (SAELens's runner, `mse_phase` with `b_dec_init`) reads (`mse_phase_sequences`),
+    so that the KL phase trains on no token the MSE phase saw, and after `skip_tokens` more (an
+    earlier seed's KL phase); and the stream of the sequences after them."""
     context_size = runner_cfg.context_size
-    skip = -(-mse_tokens // context_size)
+    skip = mse_phase_sequences(runner_cfg, model, data, mse_tokens, b_dec_init) if mse_tokens > 0 else 0
+    skip = None if skip is None else skip - (-skip_tokens // context_size)
     n_seq = -(-kl_tokens // context_size)
     stream = token_sequences(data, model, context_size, runner_cfg.prepend_bos)
-    kl_sequences = take(itertools.islice(stream, skip, None), n_seq)
+    kl_sequences = None if skip is None else take(itertools.islice(stream, skip, None), n_seq)
     if kl_sequences is None:
+        needed = "more" if skip is None else f"{skip + n_seq}"
         raise DataError(
-            f"The training data has fewer than {skip + n_seq} sequences of {context_size} "
-            "tokens, needed for the MSE phase and the KL phase after it; pass more data or "
-            "lower training_tokens."
+            f"The training data has fewer than {needed} sequences of {context_size} tokens, needed for "
+            "the MSE phase (with what its mixing buffer reads ahead) and the KL phase after it; pass "
+            "more data or lower training_tokens."
         )
     return kl_sequences, stream
+
+
+def mse_phase_sequences(
+    runner_cfg: LanguageModelSAERunnerConfig[Any],
+    model: HookedTransformer,
+    data: DataSource,
+    mse_tokens: int,
+    b_dec_init: str = "zeros",
+) -> int | None:
+    """How many token sequences SAELens's store reads in an MSE phase of `mse_tokens` tokens
+    (`mse_phase`), or None when the data holds fewer (SAELens would start a second epoch).
+
+    More than the phase trains on: sae-lens 6.54.12's mixing buffer (`mixing_buffer`) reads
+    `store_batch_size_prompts` sequences at a time, keeps each one's activations inside
+    `seqpos_slice` that are not special tokens, and once it holds `n_batches_in_buffer` x the
+    training context activations shuffles them, serves all but `activations_mixing_fraction` of
+    them in whole batches and keeps the rest; the phase draws one batch per step, one more for
+    b_dec_init='mean' and the norm estimate's with normalize_activations. Read ahead, the demo's
+    MSE phase reads 1,808 sequences for 1,440 sequences' worth of steps; a KL phase starting at
+    the 1,441st (as before December 6) trained on 42 % of its activations a second time.
+    """
+    context_size = runner_cfg.context_size
+    kept_positions = slice(*runner_cfg.seqpos_slice)
+    training_context = len(range(context_size)[kept_positions])
+    excluded = runner_cfg.exclude_special_tokens
+    if excluded is True:
+        excluded = get_special_token_ids(model.tokenizer)  # type: ignore[arg-type]
+    excluded_ids = torch.tensor(list(excluded) if excluded else [], dtype=torch.long)
+    buffer = runner_cfg.n_batches_in_buffer * training_context
+    mixing = int(buffer * runner_cfg.activations_mixing_fraction)
+    batch = runner_cfg.train_batch_size_tokens
+    batches = -(-mse_tokens // batch) + (b_dec_init == "mean")
+    if runner_cfg.sae.normalize_activations in ("expected_average_only_in", "covariance_whitening"):
+        batches += runner_cfg.n_batches_for_norm_estimate
+    stream = token_sequences(data, model, context_size, runner_cfg.prepend_bos)
+    held = served = read = 0
+    while served < batches:
+        loaded = list(itertools.islice(stream, runner_cfg.store_batch_size_prompts))
+        if len(loaded) < runner_cfg.store_batch_size_prompts:
+            return None
+        read += len(loaded)
+        held += sum(int((~torch.isin(tokens[kept_positions], excluded_ids)).sum()) for tokens in loaded)
+        if held >= buffer:
+            serving = max(1, (held - mixing) // batch)
+            held, served = held - serving * batch, served + serving
+    return read
 
 
 NORM_ESTIMATE_BATCHES = 50

@@ -5,7 +5,9 @@ lr (the paper's A.1 runs)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +15,13 @@ from conftest import make_sae, random_tokens, tiny_model
 from sae_lens.constants import TRAINER_STATE_FILENAME
 
 from sae_lens_kl import kl_finetune
-from sae_lens_kl.train import mse_phase, runner_config, train_with_kl_phase
+from sae_lens_kl.train import (
+    kl_phase_sequences,
+    mse_phase,
+    mse_phase_sequences,
+    runner_config,
+    train_with_kl_phase,
+)
 
 SEQ, BATCH_TOKENS, MSE_STEPS, KL_STEPS, KL_BATCH = 16, 64, 12, 3, 4
 KL_TOKENS = KL_STEPS * KL_BATCH * SEQ
@@ -126,3 +134,89 @@ def test_the_mse_phase_can_start_its_decoder_bias_at_the_activations_mean() -> N
             cfg, sae=dataclasses.replace(cfg.sae, normalize_activations="expected_average_only_in")
         )
         mse_phase(normalised, model, DATA, BATCH_TOKENS, b_dec_init="mean")
+
+
+def _count_sequences_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that SAELens's ActivationsStore.get_batch_tokens (the real one, called through)
+    appends each batch's sequence count to."""
+    from sae_lens.training.activations_store import ActivationsStore
+
+    counts: list[int] = []
+    read = ActivationsStore.get_batch_tokens
+
+    def counted(self: ActivationsStore, *args: Any, **kwargs: Any) -> torch.Tensor:
+        tokens = read(self, *args, **kwargs)
+        counts.append(len(tokens))
+        return tokens
+
+    monkeypatch.setattr(ActivationsStore, "get_batch_tokens", counted)
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("b_dec_init", "normalize", "sinks"),
+    [("zeros", "none", 0), ("mean", "none", 2), ("zeros", "expected_average_only_in", 1)],
+)
+def test_mse_phase_sequences_is_what_saelens_reads(
+    b_dec_init: str, normalize: str, sinks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_model()
+    cfg = dataclasses.replace(
+        runner_config(
+            model,
+            "blocks.1.hook_resid_pre",
+            architecture="topk",
+            d_sae=64,
+            k=4,
+            tokens=MSE_STEPS * BATCH_TOKENS,
+            context_size=SEQ,
+            lr=1e-3,
+            batch_tokens=BATCH_TOKENS,
+            sink_positions=sinks,
+            dataset_name="tokens",
+            normalize_activations=normalize,
+        ),
+        n_batches_for_norm_estimate=3,
+        store_batch_size_prompts=3,
+    )
+    counts = _count_sequences_read(monkeypatch)
+    mse_phase(cfg, model, DATA, cfg.training_tokens, b_dec_init=b_dec_init)
+    expected = mse_phase_sequences(cfg, model, DATA, cfg.training_tokens, b_dec_init)
+    # the mixing buffer reads ahead of the steps' sequences: the count must follow it exactly
+    assert expected == sum(counts) > cfg.training_tokens // (SEQ - sinks)
+
+
+def test_the_kl_phase_starts_after_every_sequence_the_mse_phase_read(
+    tiny_lm_folder: Path, text_folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sae_lens_kl.data import token_sequences
+    from sae_lens_kl.models import load_model
+
+    model = load_model(str(tiny_lm_folder))
+    train_text = text_folders[0]
+    cfg = runner_config(
+        model,
+        "blocks.1.hook_resid_pre",
+        architecture="topk",
+        d_sae=64,
+        k=4,
+        tokens=MSE_STEPS * BATCH_TOKENS,
+        context_size=SEQ,
+        lr=1e-3,
+        batch_tokens=BATCH_TOKENS,
+        sink_positions=0,
+        dataset_name=str(train_text),
+    )
+    counts = _count_sequences_read(monkeypatch)
+    mse_phase(cfg, model, train_text, cfg.training_tokens, b_dec_init="mean")
+    read = sum(counts)
+    sequences = torch.stack(list(itertools.islice(token_sequences(train_text, model, SEQ, True), read + 8)))
+    # documents joined by BOS, which SAELens leaves out of the buffer: the count follows that too
+    assert (sequences[:read, 1:] == model.tokenizer.bos_token_id).any()
+    assert mse_phase_sequences(cfg, model, train_text, cfg.training_tokens, "mean") == read
+    kl, _ = kl_phase_sequences(cfg, model, train_text, cfg.training_tokens, 4 * SEQ, "mean")
+    assert torch.equal(kl, sequences[read : read + 4])
+    second, _ = kl_phase_sequences(
+        cfg, model, train_text, cfg.training_tokens, 4 * SEQ, "mean", skip_tokens=4 * SEQ
+    )
+    assert torch.equal(second, sequences[read + 4 : read + 8])

@@ -30,7 +30,7 @@ from sae_lens_kl.models import cache_root, load_model
 from sae_lens_kl.recipes import DEMO_MSE_RECIPE, DEMO_SIZES, QUICK_SIZES, MSERecipe
 from sae_lens_kl.report import History, write_report
 from sae_lens_kl.staging import staged_folder
-from sae_lens_kl.train import final_checkpoint, mse_phase
+from sae_lens_kl.train import final_checkpoint, mse_phase, mse_phase_sequences
 
 if TYPE_CHECKING:
     from sae_lens_kl.experiments import Experiment
@@ -204,17 +204,24 @@ class DemoSetup:
             chunk_tokens=self.options["kl_chunk_tokens"],
         )
 
-    def check_fits(self, tokens: int) -> None:
-        """Refuse, before any training, a run that reads more training tokens than the data holds
-        (as whole sequences of the run's context)."""
-        context = self.runner_cfg.context_size
-        needed = -(-tokens // context)
-        stream = token_sequences(self.train_data, self.model, context, self.runner_cfg.prepend_bos)
-        if next(itertools.islice(stream, needed - 1, None), None) is None:
+    def check_fits(self, kl_tokens: int) -> None:
+        """Refuse, before any training, a run whose MSE phase (with what its mixing buffer reads
+        ahead, train.mse_phase_sequences) and `kl_tokens` after it, as whole sequences of the
+        run's context, need more training tokens than the data holds."""
+        cfg = self.runner_cfg
+        context = cfg.context_size
+        mse_sequences = mse_phase_sequences(
+            cfg, self.model, self.train_data, cfg.training_tokens, self.recipe.b_dec_init
+        )
+        needed = None if mse_sequences is None else mse_sequences - (-kl_tokens // context)
+        stream = token_sequences(self.train_data, self.model, context, cfg.prepend_bos)
+        if needed is None or next(itertools.islice(stream, needed - 1, None), None) is None:
             raise SystemExit(
-                f"The training data ({self.train_data}) holds fewer than the {needed:,} sequences of "
-                f"{context} tokens ({tokens:,} tokens) this run reads; pass more --data, or fewer "
-                "--mse-tokens, --kl-steps, --steps or --seeds."
+                f"The training data ({self.train_data}) holds fewer than the "
+                f"{'' if needed is None else f'{needed:,} '}sequences of {context} tokens this run "
+                f"reads (the MSE phase's {cfg.training_tokens:,} tokens, with what its mixing buffer "
+                f"reads ahead, then {kl_tokens:,}); pass more --data, or fewer --mse-tokens, "
+                "--kl-steps, --steps or --seeds."
             )
 
 
@@ -330,7 +337,7 @@ def demo(args: argparse.Namespace) -> None:
     out = check_out(args.out, args.overwrite)
     assert out is not None
     setup = demo_setup(args)
-    setup.check_fits(setup.runner_cfg.training_tokens + setup.kl_tokens)
+    setup.check_fits(setup.kl_tokens)
     setup.kl_cache = not args.no_kl_cache
     model, train_data, runner_cfg = setup.model, setup.train_data, setup.runner_cfg
     hook, sinks, kl_tokens = args.hook, setup.sinks, setup.kl_tokens
@@ -456,7 +463,7 @@ def sweep(args: argparse.Namespace) -> None:
     assert out is not None
     setup = demo_setup(args, quick=args.quick)
     batch_tokens = setup.options["batch_size"] * setup.runner_cfg.context_size
-    setup.check_fits(setup.runner_cfg.training_tokens + max(args.steps) * batch_tokens)
+    setup.check_fits(max(args.steps) * batch_tokens)
     mse_sae, cached = demo_start(setup, args)
     print(
         f"MSE phase {'read from cache' if cached else 'trained and cached'}; "
@@ -476,7 +483,7 @@ def sparsity(args: argparse.Namespace) -> None:
     setup = demo_setup(args, quick=args.quick)
     if max(args.ks) > setup.runner_cfg.sae.d_sae:
         raise SystemExit(f"--ks {args.ks}: each k must be at most d_sae {setup.runner_cfg.sae.d_sae}.")
-    setup.check_fits(setup.runner_cfg.training_tokens + kl_phase_tokens(setup, args.kl_share))
+    setup.check_fits(kl_phase_tokens(setup, args.kl_share))
 
     def mse_sae_for_k(k: int) -> tuple[TrainingSAE[Any], float | None]:
         started = time.perf_counter()
