@@ -317,9 +317,10 @@ def mse_phase_sequences(
     `seqpos_slice` that are not special tokens, and once it holds `n_batches_in_buffer` x the
     training context activations shuffles them, serves all but `activations_mixing_fraction` of
     them in whole batches and keeps the rest; the phase draws one batch per step, one more for
-    b_dec_init='mean' and the norm estimate's with normalize_activations. Read ahead, the demo's
-    MSE phase reads 1,808 sequences for 1,440 sequences' worth of steps; a KL phase starting at
-    the 1,441st (as before December 6) trained on 42 % of its activations a second time.
+    b_dec_init='mean' and the norm estimate's with normalize_activations. The demo's MSE phase
+    reads 1,808 sequences of 128 tokens where its 184,320 tokens fill 1,440: a KL phase starting
+    at the 1,441st (as before December 6) had about 42 % of its activations trained on by the
+    MSE phase (docs/experiments.md).
     """
     context_size = runner_cfg.context_size
     kept_positions = slice(*runner_cfg.seqpos_slice)
