@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         "SAELens training run whose last --kl-fraction of tokens is the KL+MSE phase.",
         "Runs SAELens's LanguageModelSAETrainingRunner (MSE on shuffled activations) for "
-        "(1 - kl_fraction) of --training-tokens, then the KL+MSE phase on the following tokens. "
+        "(1 - kl_fraction) of --training-tokens, then the KL+MSE phase on the tokens after every "
+        "sequence the MSE phase read. "
         "--kl-fraction 1 trains end to end.",
         TrainOptions,
         out=None,

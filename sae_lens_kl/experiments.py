@@ -145,7 +145,7 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run every arm of experiment `name` on the demo `setup` (commands.demo.DemoSetup), `seeds` times;
     `mse_sae_for(architecture, tokens=None, seed=0)` gives the cached MSE-phase SAE. Seed s trains
-    every fine-tune arm on the s-th block of KL-phase tokens after the MSE phase's, with
+    every fine-tune arm on the s-th block of KL-phase tokens after every sequence the MSE phase reads, with
     `init_seed=s` (LoRA and adapter initialisation); arms trained from scratch also seed their MSE
     phase's initialisation and shuffling with it. Writes experiment.json/.md/.png in `out`.
     `experiment`: run this one under `name` instead of EXPERIMENTS[name] (the demo's);
@@ -292,7 +292,7 @@ def _run_arm(
         return [result.sae.cfg.metadata.kl_finetune]
     sae = mse_sae_for(arm.start)
     runner_cfg = setup.runner_config_for(arm.start)
-    # seed s reads the s-th block of tokens after the MSE phase's
+    # seed s reads the s-th block of tokens after every sequence the MSE phase read
     kl_data, _ = kl_phase_sequences(
         runner_cfg,
         setup.model,

@@ -35,7 +35,7 @@ def run_sweep(
         raise ValueError(f"lrs {lrs} must be > 0 and steps {steps} >= 1.")
     batch_size, context_size = setup.options["batch_size"], setup.runner_cfg.context_size
     runner_cfg = setup.runner_cfg
-    # the longest cell's tokens, right after the MSE phase's; shorter cells take their first part
+    # the longest cell's tokens, after every sequence the MSE phase read; shorter cells take their first part
     kl_data, _ = kl_phase_sequences(
         runner_cfg,
         setup.model,

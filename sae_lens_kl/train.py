@@ -293,10 +293,10 @@ def kl_phase_sequences(
     stream = token_sequences(data, model, context_size, runner_cfg.prepend_bos)
     kl_sequences = None if skip is None else take(itertools.islice(stream, skip, None), n_seq)
     if kl_sequences is None:
-        needed = "more" if skip is None else f"{skip + n_seq}"
+        needed = "the" if skip is None else f"the {skip + n_seq:,}"
         raise DataError(
-            f"The training data has fewer than {needed} sequences of {context_size} tokens, needed for "
-            "the MSE phase (with what its mixing buffer reads ahead) and the KL phase after it; pass "
+            f"The training data holds fewer than {needed} sequences of {context_size} tokens that the "
+            "MSE phase (with what its mixing buffer reads ahead) and the KL phase after it read; pass "
             "more data or lower training_tokens."
         )
     return kl_sequences, stream
@@ -320,8 +320,28 @@ def mse_phase_sequences(
     b_dec_init='mean' and the norm estimate's with normalize_activations. The demo's MSE phase
     reads 1,808 sequences of 128 tokens where its 184,320 tokens fill 1,440: a KL phase starting
     at the 1,441st (as before December 6) had about 42 % of its activations trained on by the
-    MSE phase (docs/experiments.md).
+    MSE phase (docs/experiments.md). Exact for text, and for token rows that are already
+    sequences of `context_size` (BOS first with prepend_bos), which SAELens reads as they are and
+    `token_sequences` leaves as they are; other token rows SAELens cuts where `token_sequences`
+    packs, so the count is then approximate.
     """
+    unreplayed = {
+        name: getattr(runner_cfg, name)
+        for name, default in (
+            ("use_cached_activations", False),
+            ("use_chat_formatting", False),
+            ("disable_concat_sequences", False),
+            ("sequence_separator_token", "bos"),
+            ("prefetch_llm_batches", False),
+        )
+        if getattr(runner_cfg, name, default) != default
+    }
+    if unreplayed:
+        raise ValueError(
+            f"The MSE phase's config sets {unreplayed}, which change what SAELens's store reads in ways "
+            "mse_phase_sequences does not replay (so where a KL phase after it may start); use "
+            "SAELens's defaults for them (train.runner_config does)."
+        )
     context_size = runner_cfg.context_size
     kept_positions = slice(*runner_cfg.seqpos_slice)
     training_context = len(range(context_size)[kept_positions])

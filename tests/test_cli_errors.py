@@ -311,3 +311,16 @@ def test_demo_negative_eval_tokens(capsys, tmp_path) -> None:
     code, err = run(capsys, "demo", "--eval-tokens", "-5", "--out", str(tmp_path / "o"))
     assert code == 2 and "--eval-tokens -5 must be >= 0" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_experiment_whose_seeds_the_data_cannot_hold(
+    capsys, tmp_path, tiny_lm_folder: Path, text_folders: tuple[Path, Path]
+) -> None:
+    train_text, eval_text = text_folders
+    args = ["experiment", "A", "--model", str(tiny_lm_folder), "--hook", "blocks.1.hook_resid_pre"]
+    args += ["--d-sae", "64", "--k", "4", "--context-size", "32", "--mse-tokens", "2048", "--kl-steps", "2"]
+    args += ["--eval-tokens", "256", "--data", str(train_text), "--eval-data", str(eval_text), "--quick"]
+    # refused before the MSE phase, counting what its mixing buffer reads ahead of its tokens
+    code, err = run(capsys, *args, "--seeds", "500", "--out", str(tmp_path / "out"))
+    assert code == 2 and "holds fewer than the" in err and "what its mixing buffer reads ahead" in err
+    assert not list(tmp_path.glob("out/*"))

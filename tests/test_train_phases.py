@@ -154,36 +154,50 @@ def _count_sequences_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("b_dec_init", "normalize", "sinks"),
-    [("zeros", "none", 0), ("mean", "none", 2), ("zeros", "expected_average_only_in", 1)],
+    ("tokens", "b_dec_init", "normalize", "sinks"),
+    [
+        (MSE_STEPS * BATCH_TOKENS, "zeros", "none", 0),
+        (MSE_STEPS * BATCH_TOKENS, "mean", "none", 0),
+        (MSE_STEPS * BATCH_TOKENS, "zeros", "expected_average_only_in", 0),
+        (MSE_STEPS * BATCH_TOKENS + BATCH_TOKENS // 2, "zeros", "none", 2),
+    ],
 )
 def test_mse_phase_sequences_is_what_saelens_reads(
-    b_dec_init: str, normalize: str, sinks: int, monkeypatch: pytest.MonkeyPatch
+    tokens: int, b_dec_init: str, normalize: str, sinks: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = tiny_model()
-    cfg = dataclasses.replace(
-        runner_config(
+
+    def config(normalize: str) -> Any:
+        cfg = runner_config(
             model,
             "blocks.1.hook_resid_pre",
             architecture="topk",
             d_sae=64,
             k=4,
-            tokens=MSE_STEPS * BATCH_TOKENS,
+            tokens=tokens,
             context_size=SEQ,
             lr=1e-3,
             batch_tokens=BATCH_TOKENS,
             sink_positions=sinks,
             dataset_name="tokens",
             normalize_activations=normalize,
-        ),
-        n_batches_for_norm_estimate=3,
-        store_batch_size_prompts=3,
-    )
+        )
+        return dataclasses.replace(cfg, n_batches_for_norm_estimate=7, store_batch_size_prompts=3)
+
+    cfg = config(normalize)
     counts = _count_sequences_read(monkeypatch)
-    mse_phase(cfg, model, DATA, cfg.training_tokens, b_dec_init=b_dec_init)
-    expected = mse_phase_sequences(cfg, model, DATA, cfg.training_tokens, b_dec_init)
+    mse_phase(cfg, model, DATA, tokens, b_dec_init=b_dec_init)
+    expected = mse_phase_sequences(cfg, model, DATA, tokens, b_dec_init)
     # the mixing buffer reads ahead of the steps' sequences: the count must follow it exactly
-    assert expected == sum(counts) > cfg.training_tokens // (SEQ - sinks)
+    assert expected == sum(counts) > tokens // (SEQ - sinks)
+    # each case's sizes tell apart the batches it adds: leaving one out would count otherwise
+    if b_dec_init == "mean":  # the batch b_dec's mean is taken from
+        assert mse_phase_sequences(cfg, model, DATA, tokens, "zeros") != expected
+    if normalize != "none":  # the norm estimate's batches
+        assert mse_phase_sequences(config("none"), model, DATA, tokens, b_dec_init) != expected
+    if tokens % BATCH_TOKENS:  # a last, partial batch is a step too
+        floor = tokens // BATCH_TOKENS * BATCH_TOKENS
+        assert mse_phase_sequences(cfg, model, DATA, floor, b_dec_init) != expected
 
 
 def test_the_kl_phase_starts_after_every_sequence_the_mse_phase_read(
@@ -220,3 +234,10 @@ def test_the_kl_phase_starts_after_every_sequence_the_mse_phase_read(
         cfg, model, train_text, cfg.training_tokens, 4 * SEQ, "mean", skip_tokens=4 * SEQ
     )
     assert torch.equal(second, sequences[read + 4 : read + 8])
+
+
+def test_mse_phase_sequences_refuses_store_settings_it_does_not_replay() -> None:
+    model = tiny_model()
+    cfg = dataclasses.replace(_runner_cfg(model), disable_concat_sequences=True)
+    with pytest.raises(ValueError, match="disable_concat_sequences"):
+        mse_phase_sequences(cfg, model, DATA, MSE_STEPS * BATCH_TOKENS)

@@ -218,7 +218,7 @@ class DemoSetup:
         if needed is None or next(itertools.islice(stream, needed - 1, None), None) is None:
             raise SystemExit(
                 f"The training data ({self.train_data}) holds fewer than the "
-                f"{'' if needed is None else f'{needed:,} '}sequences of {context} tokens this run "
+                f"{'' if needed is None else f'{needed:,} '}sequences of {context} tokens that this run "
                 f"reads (the MSE phase's {cfg.training_tokens:,} tokens, with what its mixing buffer "
                 f"reads ahead, then {kl_tokens:,}); pass more --data, or fewer --mse-tokens, "
                 "--kl-steps, --steps or --seeds."
