@@ -319,7 +319,7 @@ def mse_phase_sequences(
     them in whole batches and keeps the rest; the phase draws one batch per step, one more for
     b_dec_init='mean' and the norm estimate's with normalize_activations. The demo's MSE phase
     reads 1,808 sequences of 128 tokens where its 184,320 tokens fill 1,440: a KL phase starting
-    at the 1,441st (as before December 6) had about 42 % of its activations trained on by the
+    at sequence 1,440 (as before December 6) had about 42 % of its activations trained on by the
     MSE phase (docs/experiments.md). Exact for text, and for token rows that are already
     sequences of `context_size` (BOS first with prepend_bos), which SAELens reads as they are and
     `token_sequences` leaves as they are; other token rows SAELens cuts where `token_sequences`
