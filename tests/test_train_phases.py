@@ -28,20 +28,29 @@ KL_TOKENS = KL_STEPS * KL_BATCH * SEQ
 DATA = random_tokens(160, seq=SEQ)
 
 
-def _runner_cfg(model, lr_decay_fraction: float = 0.0):
+def _runner_cfg(
+    model,
+    lr_decay_fraction: float = 0.0,
+    *,
+    tokens: int = MSE_STEPS * BATCH_TOKENS + KL_TOKENS,
+    sinks: int = 0,
+    dataset_name: str = "tokens",
+    normalize: str = "none",
+):
     return runner_config(
         model,
         "blocks.1.hook_resid_pre",
         architecture="topk",
         d_sae=64,
         k=4,
-        tokens=MSE_STEPS * BATCH_TOKENS + KL_TOKENS,
+        tokens=tokens,
         context_size=SEQ,
         lr=1e-3,
         batch_tokens=BATCH_TOKENS,
-        sink_positions=0,
-        dataset_name="tokens",
+        sink_positions=sinks,
+        dataset_name=dataset_name,
         lr_decay_fraction=lr_decay_fraction,
+        normalize_activations=normalize,
     )
 
 
@@ -168,20 +177,7 @@ def test_mse_phase_sequences_is_what_saelens_reads(
     model = tiny_model()
 
     def config(normalize: str) -> Any:
-        cfg = runner_config(
-            model,
-            "blocks.1.hook_resid_pre",
-            architecture="topk",
-            d_sae=64,
-            k=4,
-            tokens=tokens,
-            context_size=SEQ,
-            lr=1e-3,
-            batch_tokens=BATCH_TOKENS,
-            sink_positions=sinks,
-            dataset_name="tokens",
-            normalize_activations=normalize,
-        )
+        cfg = _runner_cfg(model, tokens=tokens, sinks=sinks, normalize=normalize)
         return dataclasses.replace(cfg, n_batches_for_norm_estimate=7, store_batch_size_prompts=3)
 
     cfg = config(normalize)
@@ -208,19 +204,7 @@ def test_the_kl_phase_starts_after_every_sequence_the_mse_phase_read(
 
     model = load_model(str(tiny_lm_folder))
     train_text = text_folders[0]
-    cfg = runner_config(
-        model,
-        "blocks.1.hook_resid_pre",
-        architecture="topk",
-        d_sae=64,
-        k=4,
-        tokens=MSE_STEPS * BATCH_TOKENS,
-        context_size=SEQ,
-        lr=1e-3,
-        batch_tokens=BATCH_TOKENS,
-        sink_positions=0,
-        dataset_name=str(train_text),
-    )
+    cfg = _runner_cfg(model, tokens=MSE_STEPS * BATCH_TOKENS, dataset_name=str(train_text))
     counts = _count_sequences_read(monkeypatch)
     mse_phase(cfg, model, train_text, cfg.training_tokens, b_dec_init="mean")
     read = sum(counts)
