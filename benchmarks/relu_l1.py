@@ -1,8 +1,8 @@
 """The ReLU (L1) SAE the demo's MSE recipe makes, by L1 coefficient: the start of experiment E's
 ReLU arm at the demo's sparsity (L0 near the TopK SAE's k=32).
 
-At SAELens's default `l1_coefficient` (1.0) the demo's MSE recipe left SAELens's standard SAE
-dense (L0 ~1,000 of 4,608); the recipe's coefficient (`MSERecipe.l1_coefficient`, 20) was chosen
+At SAELens's default `l1_coefficient` (1.0) the demo's earlier MSE recipes left SAELens's
+standard SAE dense (L0 ~1,000 of 4,608); the recipe's coefficient (`MSERecipe.l1_coefficient`, 20) was chosen
 from this script's numbers. It trains the recipe's MSE phase (SAELens's runner, the demo's tokens;
 cached in the demo's MSE-phase cache, keyed by the coefficient) at each coefficient given and
 evaluates each SAE on the first --eval-tokens of Django's held-out text.
