@@ -40,9 +40,10 @@ class MSERecipe:
     dead_feature_window: int | None = None
     """Steps; None: 5 % of the run's steps (train.runner_config)."""
     seed: int = 42
-    # SAELens's standard (ReLU) SAE, experiment E's second arm: at SAELens's default 1.0 the earlier
-    # recipes left it dense (L0 ~1,000 of 4,608); 20 gives L0 44 (K/d_model 7.6 %, just above the paper's 1-7 %)
-    # at explained variance 0.71, 5 gives L0 229 (benchmarks/relu_l1.py, December 6). TopK has none.
+    # SAELens's standard (ReLU) SAE, experiment E's second arm: at SAELens's default 1.0 the
+    # earlier recipes left it dense (L0 ~1,000 of 4,608); 20 gives L0 44 (K/d_model 7.6 %, just
+    # above the paper's 1-7 %) at explained variance 0.71, 5 gives L0 229 (benchmarks/relu_l1.py,
+    # December 6). TopK has none.
     l1_coefficient: float = 20.0
     normalize_activations: str = "none"
     """SAELens's input normalisation during the MSE phase ('expected_average_only_in': inputs
