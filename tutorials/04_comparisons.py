@@ -36,11 +36,13 @@ corpus = django_docs()
 # The demo's MSE recipe (sae_lens_kl.recipes), smaller and without its final lr decay.
 recipe = replace(DEMO_MSE_RECIPE, d_sae=2304, k=32, tokens=MSE_TOKENS, lr_decay_fraction=0.0)
 runner_cfg = recipe.runner_config(model, HOOK, dataset_name="django-docs")
-sae = mse_phase(runner_cfg, model, corpus.train, MSE_TOKENS)
+sae = mse_phase(runner_cfg, model, corpus.train, MSE_TOKENS, b_dec_init=recipe.b_dec_init)
 
 # 2. The fine-tune's tokens: the text right after what the MSE phase read (the paper's recipe is a
 #    short phase at the end of training).
-kl_tokens, _ = kl_phase_sequences(runner_cfg, model, corpus.train, MSE_TOKENS, KL_STEPS * 8 * CONTEXT)
+kl_tokens, _ = kl_phase_sequences(
+    runner_cfg, model, corpus.train, MSE_TOKENS, KL_STEPS * 8 * CONTEXT, recipe.b_dec_init
+)
 
 # 3. One evaluator on held-out text for every method: the held-out clean pass, the zero-ablation
 #    baseline and the starting SAE's numbers are computed once, not once per method.

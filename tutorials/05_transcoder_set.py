@@ -44,6 +44,9 @@ COMMON = {"batch_size": 8, "context_size": CONTEXT, "exclude_first_positions": 2
 model = load_model("smollm2")
 corpus = django_docs()
 held_out = take(token_sequences(corpus.eval, model, CONTEXT, True), -(-EVAL_TOKENS // CONTEXT))
+# The MSE phase reads the first sequences of the training text, the fine-tunes the ones after them.
+train_sequences = token_sequences(corpus.train, model, CONTEXT, True)
+mse_text, kl_text = take(train_sequences, -(-MSE_TOKENS // CONTEXT)), take(train_sequences, KL_STEPS * 8)
 
 
 def transcoder(layer: int) -> Transcoder:
@@ -71,9 +74,9 @@ started = time.perf_counter()
 mse_set = kl_finetune(
     [transcoder(layer) for layer in range(LAYERS)],
     model,
-    corpus.train,
+    mse_text,
     loss="mse",
-    tokens=MSE_TOKENS,
+    tokens=mse_text.numel(),
     lr=2e-3,
     sparsity_coefficient=0.3,
     sparsity_controller="off",
@@ -91,9 +94,9 @@ for mode in ("independent", "joint"):
     finetuned[mode] = kl_finetune(
         mse_set,
         model,
-        corpus.train,
+        kl_text,
         replacement=mode,
-        tokens=KL_STEPS * 8 * CONTEXT,
+        tokens=kl_text.numel(),
         lr=2e-4,
         eval_tokens=0,  # both are evaluated below, as replacement models, on held-out files
         save_dir=f"tutorial_transcoder_set_runs/{mode}",

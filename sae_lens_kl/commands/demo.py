@@ -11,6 +11,7 @@ import json
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -242,8 +243,11 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
             "--kl-optimizer continued with --normalize-activations: the MSE phase's Adam moments are "
             "for the normalised weights, which SAELens rescales at the end; use one or the other."
         )
-    model = load_model(args.model)
-    train_data, eval_data = text_or_corpus(args.data, args.eval_data)
+    # A first run fetches the corpus (pip, in its own process) while the model is dequantised.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        texts = pool.submit(text_or_corpus, args.data, args.eval_data)
+        model = load_model(args.model)
+        train_data, eval_data = texts.result()
     recipe = dataclasses.replace(
         DEMO_MSE_RECIPE,
         d_sae=args.d_sae,
