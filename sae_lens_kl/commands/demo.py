@@ -11,7 +11,6 @@ import json
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -243,11 +242,8 @@ def demo_setup(args: argparse.Namespace, quick: bool = False) -> DemoSetup:
             "--kl-optimizer continued with --normalize-activations: the MSE phase's Adam moments are "
             "for the normalised weights, which SAELens rescales at the end; use one or the other."
         )
-    # A first run fetches the corpus (pip, in its own process) while the model is dequantised.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        texts = pool.submit(text_or_corpus, args.data, args.eval_data)
-        model = load_model(args.model)
-        train_data, eval_data = texts.result()
+    model = load_model(args.model)
+    train_data, eval_data = text_or_corpus(args.data, args.eval_data)
     recipe = dataclasses.replace(
         DEMO_MSE_RECIPE,
         d_sae=args.d_sae,
